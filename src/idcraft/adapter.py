@@ -1,0 +1,203 @@
+"""An IP-Adapter: projection + per-layer image key/value weights, and how it attaches to a UNet.
+
+:class:`IPAdapter` owns the trainable parts (``image_proj`` and one :class:`~idcraft.injection.IPAttnProcessor`
+per cross-attention layer, keyed by the official layer index). It converts to and from the official
+checkpoint layout, checks that it fits a given UNet and image encoder before anything runs, and attaches
+to / detaches from a UNet (and ControlNets) without touching their weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .checkpoints import AdapterCheckpoint, load_checkpoint
+from .errors import CheckpointError, IncompatibleAdapterError
+from .injection import (
+    IPAttnProcessor,
+    TextOnlyAttnProcessor,
+    TokenLayout,
+    attention_module,
+    cross_attention_layers,
+    install,
+)
+from .projections import PROJECTIONS, projection_from_state_dict
+from .registry import Method, get_method, resolve_method
+
+_LAYER_KEY = re.compile(r"^(\d+)\.(to_[kv]_ip\.weight)$")
+
+#: Known widths, so error messages can say which model a number belongs to.
+CROSS_ATTENTION_NAMES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+ENCODER_NAMES = {
+    ("pooled", 1024): "OpenCLIP ViT-H/14 (models/image_encoder in h94/IP-Adapter)",
+    ("pooled", 1280): "OpenCLIP ViT-bigG/14 (sdxl_models/image_encoder in h94/IP-Adapter)",
+    ("pooled", 768): "CLIP ViT-L/14",
+    ("penultimate", 1280): "OpenCLIP ViT-H/14 (models/image_encoder in h94/IP-Adapter)",
+    ("penultimate", 1664): "OpenCLIP ViT-bigG/14 (sdxl_models/image_encoder in h94/IP-Adapter)",
+    ("penultimate", 1024): "CLIP ViT-L/14",
+}
+
+
+def _named(width: int, names: dict) -> str:
+    return f"{width} ({names[width]})" if width in names else str(width)
+
+
+class IPAdapter(nn.Module):
+    """Projection and decoupled cross-attention weights of one IP-Adapter."""
+
+    def __init__(self, method: Method, image_proj: nn.Module, layers: dict[int, IPAttnProcessor], layout: TokenLayout):
+        super().__init__()
+        self.method = method
+        self.image_proj = image_proj
+        self.layers = nn.ModuleDict({str(i): p for i, p in sorted(layers.items())})
+        self.layout = layout
+        self._attached: list[tuple[nn.Module, dict]] = []
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, source: str | AdapterCheckpoint, method: str | None = None) -> IPAdapter:
+        """Build from an official file (or loaded checkpoint); every width comes from the tensors' shapes."""
+        ckpt = load_checkpoint(source) if not isinstance(source, AdapterCheckpoint) else source
+        resolved = resolve_method(method, ckpt.image_proj, ckpt.ip_adapter)
+        image_proj = projection_from_state_dict(resolved.projection, ckpt.image_proj)
+        layout = TokenLayout()
+        grouped: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in ckpt.ip_adapter.items():
+            match = _LAYER_KEY.match(key)
+            if not match:
+                raise CheckpointError(f"{ckpt.source}: unexpected ip_adapter key {key!r} (expected '<i>.to_k_ip.weight').")
+            grouped.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+        layers = {}
+        for index, tensors in grouped.items():
+            if set(tensors) != {"to_k_ip.weight", "to_v_ip.weight"}:
+                raise CheckpointError(f"{ckpt.source}: layer {index} lacks to_k_ip or to_v_ip weights.")
+            hidden, cross = tensors["to_k_ip.weight"].shape
+            proc = IPAttnProcessor(hidden, cross, layout).to(tensors["to_k_ip.weight"].dtype)
+            proc.load_state_dict(tensors)
+            layers[index] = proc
+        return cls(resolved, image_proj, layers, layout)
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, method: str | Method, image_embed_dim: int, num_tokens: int | None = None) -> IPAdapter:
+        """A freshly initialised adapter for ``unet`` (for training): ``to_k_ip``/``to_v_ip`` start as copies
+        of each layer's ``to_k``/``to_v``, as the official training script does."""
+        method = get_method(method) if isinstance(method, str) else method
+        cross = unet.config.cross_attention_dim
+        if method.projection == "linear":
+            proj = PROJECTIONS["linear"](embed_dim=image_embed_dim, cross_attention_dim=cross, num_tokens=num_tokens or 4)
+        elif method.projection == "mlp":
+            proj = PROJECTIONS["mlp"](embed_dim=image_embed_dim, cross_attention_dim=cross)
+        else:
+            dim = 1280 if cross > 1280 else cross  # the official SDXL Resampler is 1280 wide, SD1.5's 768
+            proj = PROJECTIONS["resampler"](
+                dim=dim, depth=4, dim_head=64, heads=dim // 64 if dim >= 64 else 1,
+                num_queries=num_tokens or 16, embed_dim=image_embed_dim, output_dim=cross,
+            )
+        layout = TokenLayout()
+        layers = {}
+        for index, name in cross_attention_layers(unet).items():
+            attn = attention_module(unet, name)
+            proc = IPAttnProcessor(attn.to_k.out_features, attn.to_k.in_features, layout)
+            proc.to_k_ip.weight.data.copy_(attn.to_k.weight.data)
+            proc.to_v_ip.weight.data.copy_(attn.to_v.weight.data)
+            layers[index] = proc
+        return cls(method, proj, layers, layout)
+
+    def to_checkpoint(self) -> AdapterCheckpoint:
+        """The official layout: ``image_proj`` = projection state dict, ``ip_adapter`` = ``"<i>.to_k_ip.weight"``..."""
+        ip_adapter = {f"{i}.{k}": t for i, proc in self.layers.items() for k, t in proc.state_dict().items()}
+        return AdapterCheckpoint(dict(self.image_proj.state_dict()), ip_adapter)
+
+    # ----------------------------------------------------------------- properties read from the weights
+    @property
+    def embed_dim(self) -> int:
+        """Width of the image-encoder feature the projection reads."""
+        return self.image_proj.config.embed_dim
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return next(iter(self.layers.values())).to_k_ip.in_features
+
+    @property
+    def scale(self) -> float:
+        return next(iter(self.layers.values())).scale
+
+    def set_scale(self, scale: float) -> None:
+        for proc in self.layers.values():
+            proc.scale = float(scale)
+
+    # ----------------------------------------------------------------- compatibility
+    def check_compatible(self, unet: nn.Module, encoder_config=None, *, base_name: str = "the base model",
+                         encoder_name: str = "the image encoder") -> None:
+        """Raise :class:`IncompatibleAdapterError` naming both sides' widths if this adapter cannot run on
+        ``unet`` with an encoder of ``encoder_config``; called before anything is generated."""
+        unet_cross = unet.config.cross_attention_dim
+        if isinstance(unet_cross, (list, tuple)):
+            unet_cross = unet_cross[0]
+        mine = self.cross_attention_dim
+        if mine != unet_cross:
+            hint = {768: "an SD1.5 base model", 2048: "an SDXL base model"}.get(mine, "a matching base model")
+            other = {768: "an SD1.5 adapter (e.g. ip-adapter_sd15.bin)", 2048: "an SDXL adapter (e.g. ip-adapter_sdxl.bin)"}
+            raise IncompatibleAdapterError(
+                f"the adapter was made for a UNet with cross-attention width {_named(mine, CROSS_ATTENTION_NAMES)}, "
+                f"but {base_name} has {_named(unet_cross, CROSS_ATTENTION_NAMES)}. Use {hint} with this adapter, "
+                f"or {other.get(unet_cross, 'an adapter made for this base model')}."
+            )
+        expected = cross_attention_layers(unet)
+        if set(map(int, self.layers)) != set(expected):
+            raise IncompatibleAdapterError(
+                f"the adapter has image key/value weights for {len(self.layers)} attention layers "
+                f"(indices {_span(self.layers)}), but {base_name} has {len(expected)} cross-attention layers "
+                f"(indices {_span(expected)}): it was made for a UNet with a different block layout."
+            )
+        for index, name in expected.items():
+            attn = attention_module(unet, name)
+            proc = self.layers[str(index)]
+            if proc.to_k_ip.out_features != attn.to_k.out_features:
+                raise IncompatibleAdapterError(
+                    f"adapter layer {index} projects image tokens to width {proc.to_k_ip.out_features}, but "
+                    f"{base_name}'s layer {name.removesuffix('.processor')} works at width {attn.to_k.out_features}."
+                )
+        if encoder_config is not None:
+            have = encoder_config.projection_dim if self.method.feature == "pooled" else encoder_config.hidden_size
+            want = self.embed_dim
+            if have != want:
+                what = "pooled, projected embedding" if self.method.feature == "pooled" else "hidden states"
+                raise IncompatibleAdapterError(
+                    f"the adapter ({self.method.name}) reads image features of width "
+                    f"{_named(want, {k[1]: v for k, v in ENCODER_NAMES.items() if k[0] == self.method.feature})}, "
+                    f"but {encoder_name} gives {what} of width {have}. Point --image-encoder at "
+                    f"{ENCODER_NAMES.get((self.method.feature, want), 'the encoder this adapter was trained with')}."
+                )
+
+    # ----------------------------------------------------------------- attach / detach
+    def attach(self, unet: nn.Module, controlnets: Iterable[nn.Module] = ()) -> None:
+        """Put this adapter's processors on ``unet``'s cross-attention layers; ControlNets get text-only
+        processors. The previous processors are remembered and restored by :meth:`detach`."""
+        self.check_compatible(unet)
+        names = cross_attention_layers(unet)
+        targets = [(unet, {names[int(i)]: proc for i, proc in self.layers.items()})]
+        for net in controlnets:
+            targets.append((net, {name: TextOnlyAttnProcessor(self.layout) for name in net.attn_processors}))
+        for model, processors in targets:
+            previous = {name: model.attn_processors[name] for name in processors}
+            install(model, processors)
+            self._attached.append((model, previous))
+
+    def detach(self) -> None:
+        """Restore the processors that were in place before :meth:`attach`."""
+        while self._attached:
+            model, previous = self._attached.pop()
+            install(model, previous)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features of N reference images -> ``[N, tokens, cross_attention_dim]``."""
+        return self.image_proj(features)
+
+
+def _span(indices) -> str:
+    values = sorted(int(i) for i in indices)
+    return f"{values[0]}..{values[-1]}" if values else "none"

@@ -1,0 +1,129 @@
+"""Official adapter checkpoint files: read, write, nothing else.
+
+Two layouts exist in the wild and both are read and written here, tensor for tensor:
+
+* ``.bin``: ``torch.save({"image_proj": {...}, "ip_adapter": {...}})``, read with ``weights_only=True`` so a
+  malicious pickle cannot run code;
+* ``.safetensors``: one flat dict with ``image_proj.<key>`` / ``ip_adapter.<key>`` names.
+
+The ``ip_adapter`` keys are ``"<i>.<param>"`` where ``i`` is the position of the layer's processor in
+``unet.attn_processors`` (see :mod:`idcraft.injection`). Tensors keep their dtype and key order, so
+``save_checkpoint(load_checkpoint(f))`` reproduces every tensor bit for bit. Writes are atomic (temp file
++ rename), so an interrupted save never leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+GROUPS = ("image_proj", "ip_adapter")
+
+
+@dataclass
+class AdapterCheckpoint:
+    """The tensors of one adapter file, grouped as the official code groups them."""
+
+    image_proj: dict[str, torch.Tensor]
+    ip_adapter: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"image_proj": self.image_proj, "ip_adapter": self.ip_adapter}
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for group in self.groups().values() for t in group.values())
+
+
+def load_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
+    """Read an official ``.bin`` or flat ``.safetensors`` adapter file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such adapter file.")
+    if path.suffix == ".safetensors":
+        groups, metadata = _read_safetensors(path)
+    else:
+        groups, metadata = _read_bin(path), {}
+    missing = [g for g in GROUPS if not groups.get(g)]
+    if missing:
+        found = sorted(groups) if groups else "nothing"
+        raise CheckpointError(
+            f"{path}: not an IP-Adapter checkpoint: it has no {' / '.join(missing)} tensors (found {found}). "
+            "Expected the official layout {'image_proj': ..., 'ip_adapter': ...}."
+        )
+    return AdapterCheckpoint(groups["image_proj"], groups["ip_adapter"], metadata, str(path))
+
+
+def save_checkpoint(checkpoint: AdapterCheckpoint, path: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` in the official layout chosen by the suffix (``.safetensors`` or ``.bin``)."""
+    path = Path(path)
+    groups = {g: {k: t.detach().cpu().contiguous() for k, t in d.items()} for g, d in checkpoint.groups().items()}
+    with _atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            flat = {f"{g}.{k}": t for g, d in groups.items() for k, t in d.items()}
+            save_file(flat, str(tmp), metadata=checkpoint.metadata or None)
+        else:
+            torch.save(groups, tmp)
+    return path
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            for key in f.keys():
+                group, _, rest = key.partition(".")
+                if group in groups and rest:
+                    groups[group][rest] = f.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: cannot read this safetensors file ({exc}); it is probably truncated or corrupt "
+            f"({path.stat().st_size:,} bytes on disk). Download it again."
+        ) from exc
+    return groups, metadata
+
+
+def _read_bin(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains Python objects other than tensors, which "
+            "weights_only loading does not execute. Official adapter files contain only tensors; "
+            "if you trust this file, convert it to .safetensors yourself."
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: cannot read this checkpoint ({exc}); it is probably truncated or corrupt "
+            f"({path.stat().st_size:,} bytes on disk). Download it again."
+        ) from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensor groups, found {type(data).__name__}.")
+    return {g: dict(data[g]) for g in GROUPS if isinstance(data.get(g), dict)}

@@ -1,0 +1,52 @@
+"""The ``idcraft`` command line: thin shells over the library API.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``; the module adds its parser and
+sets ``func`` to a function taking the parsed arguments and returning an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import IdcraftError
+
+#: Subcommand modules, in the order ``idcraft --help`` lists them.
+COMMANDS = ("generate", "demo", "faces")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idcraft",
+        description="Zero-shot identity- and character-preserving image generation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except IdcraftError as exc:
+        if args.verbose:
+            raise
+        print(f"idcraft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

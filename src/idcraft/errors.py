@@ -1,0 +1,28 @@
+"""Errors that reach users.
+
+Every error idcraft raises on purpose is an :class:`IdcraftError`: the command line prints its message
+(which says what was wrong and what to do) without a traceback and exits with status 2. Anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class IdcraftError(Exception):
+    """A problem with the user's input or environment, explained in the message."""
+
+
+class ImageError(IdcraftError):
+    """An input image cannot be used (unreadable, corrupt, too large, unsupported mode)."""
+
+
+class CheckpointError(IdcraftError):
+    """An adapter checkpoint cannot be read, or is not what the caller expected."""
+
+
+class IncompatibleAdapterError(IdcraftError):
+    """An adapter does not fit the base model or image encoder it was paired with."""
+
+
+class ModelLoadError(IdcraftError):
+    """A base model or encoder cannot be found locally or on the hub."""

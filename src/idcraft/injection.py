@@ -1,0 +1,144 @@
+"""Injection: decoupled cross-attention on a diffusers UNet.
+
+Each cross-attention layer (``attn2``) of the UNet gets an :class:`IPAttnProcessor`, which computes
+
+    Z = Attn(Q, K_text, V_text) + scale * Attn(Q, to_k_ip(c), to_v_ip(c))
+
+where ``c`` are the adapter's image tokens. Like the official code, the image tokens travel appended to the
+text embeddings (``encoder_hidden_states = [text; image]``): the diffusers pipelines then carry them through
+classifier-free guidance and ``num_images_per_prompt`` batching untouched, and the processor splits the last
+``num_tokens`` off again. A ControlNet beside the UNet receives the same sequence, so its layers get a
+:class:`TextOnlyAttnProcessor` that drops the image tokens: the ControlNet sees the text only.
+
+Layer numbering follows ``unet.attn_processors`` order (down blocks, up blocks, mid block; within a
+transformer block attn1 then attn2), so cross-attention layers have odd indices: the numbering the
+official ``ip_adapter`` state-dict keys use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+
+@dataclass
+class TokenLayout:
+    """How many trailing tokens of ``encoder_hidden_states`` are image tokens (shared by all processors
+    of one adapter, and set once per generation, since it depends on the number of reference images)."""
+
+    num_tokens: int = 0
+
+
+class IPAttnProcessor(nn.Module):
+    """Cross-attention processor with an extra key/value projection for image tokens."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, layout: TokenLayout, scale: float = 1.0):
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.layout = layout
+        self.scale = scale
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+
+        text, image = split_image_tokens(encoder_hidden_states, self.layout.num_tokens)
+        batch_size = hidden_states.shape[0] if text is None else text.shape[0]
+        sequence_length = hidden_states.shape[1] if text is None else text.shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if text is None:
+            text = hidden_states
+        elif attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        head_dim = query.shape[-1] // attn.heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        def merge(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+        query_h = heads(query)
+        hidden_states = F.scaled_dot_product_attention(
+            query_h, heads(attn.to_k(text)), heads(attn.to_v(text)), attn_mask=attention_mask
+        )
+        hidden_states = merge(hidden_states)
+        if image is not None and image.shape[1] > 0:
+            ip_states = F.scaled_dot_product_attention(
+                query_h, heads(self.to_k_ip(image)), heads(self.to_v_ip(image))
+            )
+            hidden_states = hidden_states + self.scale * merge(ip_states)
+
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class TextOnlyAttnProcessor:
+    """Standard attention that ignores the trailing image tokens (for ControlNets beside an adapter)."""
+
+    def __init__(self, layout: TokenLayout):
+        self.layout = layout
+        self.inner = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, *args, **kwargs):
+        text, _ = split_image_tokens(encoder_hidden_states, self.layout.num_tokens)
+        return self.inner(attn, hidden_states, text, *args, **kwargs)
+
+
+def split_image_tokens(
+    encoder_hidden_states: torch.Tensor | None, num_tokens: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``[text; image]`` -> ``(text, image)``; self-attention (``None``) passes through."""
+    if encoder_hidden_states is None or num_tokens == 0:
+        return encoder_hidden_states, None
+    end = encoder_hidden_states.shape[1] - num_tokens
+    return encoder_hidden_states[:, :end], encoder_hidden_states[:, end:]
+
+
+def cross_attention_layers(model: nn.Module) -> dict[int, str]:
+    """``{index in attn_processors order: processor name}`` for every cross-attention (attn2) layer."""
+    return {i: name for i, name in enumerate(model.attn_processors) if not name.endswith("attn1.processor")}
+
+
+def attention_module(model: nn.Module, processor_name: str) -> Attention:
+    """The ``Attention`` module a processor name (``....attn2.processor``) belongs to."""
+    return model.get_submodule(processor_name.removesuffix(".processor"))
+
+
+def install(model: nn.Module, processors: dict[str, object]) -> None:
+    """Set the given processors by name, keeping every other layer's current processor."""
+    current = dict(model.attn_processors)
+    unknown = set(processors) - set(current)
+    if unknown:
+        raise KeyError(f"no attention layers named {sorted(unknown)[:3]}")
+    current.update(processors)
+    model.set_attn_processor(current)
