@@ -1,0 +1,90 @@
+"""Every official IP-Adapter-family layout in ../shared/formats is detected and rebuilt from its shapes.
+
+The layouts list each official file's ``image_proj`` keys and shapes and its published parameter counts;
+building our projection from those shapes (on the meta device: no memory) must give the same key set and
+the same parameter count, which pins widths, depth, token count and head layout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from idcraft.projections import PROJECTIONS
+from idcraft.registry import detect_method, get_method, resolve_method
+from idcraft.errors import CheckpointError
+
+from .conftest import shared_path
+
+SUPPORTED = {
+    "ip-adapter_sd15 ": ("ip-adapter", {"num_tokens": 4, "embed_dim": 1024, "cross_attention_dim": 768}),
+    "ip-adapter_sd15_vit-G": ("ip-adapter", {"num_tokens": 4, "embed_dim": 1280, "cross_attention_dim": 768}),
+    "ip-adapter-plus_sd15": ("ip-adapter-plus", {"dim": 768, "heads": 12, "num_queries": 16, "embed_dim": 1280}),
+    "ip-adapter-full-face_sd15": ("ip-adapter-full-face", {"embed_dim": 1280, "cross_attention_dim": 768}),
+    "ip-adapter_sdxl ": ("ip-adapter", {"num_tokens": 4, "embed_dim": 1280, "cross_attention_dim": 2048}),
+    "ip-adapter_sdxl_vit-h": ("ip-adapter", {"num_tokens": 4, "embed_dim": 1024, "cross_attention_dim": 2048}),
+    "ip-adapter-plus_sdxl_vit-h": ("ip-adapter-plus", {"dim": 1280, "heads": 20, "embed_dim": 1280, "output_dim": 2048}),
+}
+
+
+def _layouts() -> dict:
+    return json.loads(shared_path("formats", "ipadapter_layouts.json").read_text())
+
+
+def _meta_state(shapes: dict) -> dict:
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("prefix", list(SUPPORTED))
+def test_official_layout_detected_and_rebuilt(prefix):
+    name = next(k for k in _layouts() if k.startswith(prefix.strip()) and (k + " ").startswith(prefix))
+    layout = _layouts()[name]
+    method_name, expected_config = SUPPORTED[prefix]
+    image_proj = _meta_state(layout["image_proj"])
+    ip_adapter = _meta_state(layout["ip_adapter_sample"])
+    method = detect_method(image_proj, ip_adapter)
+    assert method.name == method_name
+    cls = PROJECTIONS[method.projection]
+    config = cls.config_from_state_dict(image_proj)
+    for key, value in expected_config.items():
+        assert config[key] == value, (key, config)
+    with torch.device("meta"):
+        model = cls(**config)
+    assert set(model.state_dict()) == set(layout["image_proj"])
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == layout["image_proj"]
+    assert sum(p.numel() for p in model.parameters()) == layout["params_image_proj"]
+    assert len(layout["ip_adapter_indices"]) * 2 == layout["ip_adapter_keys_count"]
+
+
+def test_ip_adapter_indices_follow_diffusers_processor_order():
+    """The official numbering (odd = attn2, down/up/mid) is diffusers' attn_processors order."""
+    from diffusers import UNet2DConditionModel
+
+    from idcraft.injection import cross_attention_layers
+
+    layouts = _layouts()
+    sd15_order = [entry.split(": ")[1] for entry in layouts["sd15_attn_processor_order"]]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' default config is SD1.5's
+    assert list(unet.attn_processors) == sd15_order
+    assert sorted(cross_attention_layers(unet)) == layouts["ip-adapter_sd15 (ViT-H proj_dim=1024)"]["ip_adapter_indices"]
+
+
+@pytest.mark.parametrize("prefix", ["ip-adapter-faceid_sd15", "InstantID"])
+def test_unsupported_family_members_are_named(prefix):
+    layout = _layouts()[next(k for k in _layouts() if k.startswith(prefix))]
+    ip_adapter = {k: None for k in layout["ip_adapter_sample"]}
+    with pytest.raises(CheckpointError, match="FaceID|InstantID"):
+        detect_method(_meta_state(layout["image_proj"]), ip_adapter)
+
+
+def test_explicit_method_must_match_the_keys():
+    layout = _layouts()["ip-adapter-plus_sd15 / plus-face_sd15 (Resampler 16 q, ViT-H hidden 1280)"]
+    image_proj = _meta_state(layout["image_proj"])
+    assert resolve_method("ip-adapter-plus-face", image_proj, {}).name == "ip-adapter-plus-face"
+    assert resolve_method("ip-adapter-plus_sd15.bin", image_proj, {}).name == "ip-adapter-plus"
+    with pytest.raises(CheckpointError, match="--method ip-adapter-plus"):
+        resolve_method("ip-adapter", image_proj, {})
+    assert get_method("IPAdapter").name == "ip-adapter"
