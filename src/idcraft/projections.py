@@ -184,7 +184,7 @@ def projection_from_state_dict(kind: str, sd: StateDict) -> nn.Module:
         model = cls(**cls.config_from_state_dict(sd))
     except KeyError as exc:
         raise CheckpointError(f"image_proj has no {exc.args[0]!r}: not a {kind} projection.") from exc
-    model = model.to(next(iter(sd.values())).dtype)
+    model = nn.Module.to(model, next(iter(sd.values())).dtype)  # plain cast: ModelMixin.to() warns needlessly
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:  # a shape that contradicts the ones the config was read from
