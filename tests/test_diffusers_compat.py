@@ -11,9 +11,18 @@ from idcraft.pipeline import IPAdapterPipeline
 from idcraft.tiny import random_adapter
 
 
-@pytest.mark.parametrize("method", ["ip-adapter", "ip-adapter-plus", "ip-adapter-full-face"])
-@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
-def test_saved_adapter_runs_in_diffusers(sd15, encoder, reference_image, tmp_path, method, suffix):
+@pytest.mark.parametrize(
+    "base, method, suffix",
+    [
+        ("sd15", "ip-adapter", ".bin"),
+        ("sd15", "ip-adapter-plus", ".safetensors"),
+        ("sd15", "ip-adapter-full-face", ".bin"),
+        ("sdxl", "ip-adapter", ".safetensors"),
+        ("sdxl", "ip-adapter-plus", ".bin"),
+    ],
+)
+def test_saved_adapter_runs_in_diffusers(request, encoder, reference_image, tmp_path, base, method, suffix):
+    sd15 = request.getfixturevalue(base)
     adapter = random_adapter(sd15.unet, method, encoder.model, seed=3)
     save_checkpoint(adapter.to_checkpoint(), tmp_path / f"adapter{suffix}")
     encoder.model.save_pretrained(tmp_path / "image_encoder")
