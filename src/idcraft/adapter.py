@@ -20,6 +20,7 @@ from .injection import (
     IPAttnProcessor,
     TextOnlyAttnProcessor,
     TokenLayout,
+    attention_layers,
     attention_module,
     cross_attention_layers,
     install,
@@ -27,7 +28,7 @@ from .injection import (
 from .projections import PROJECTIONS, projection_from_state_dict
 from .registry import Method, get_method, resolve_method
 
-_LAYER_KEY = re.compile(r"^(\d+)\.(to_[kv]_ip\.weight)$")
+_LAYER_KEY = re.compile(r"^(\d+)\.(to_[kv]_ip\.weight|to_(?:q|k|v|out)_lora\.(?:down|up)\.weight)$")
 
 #: Known widths, so error messages can say which model a number belongs to.
 CROSS_ATTENTION_NAMES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
@@ -59,26 +60,22 @@ class IPAdapter(nn.Module):
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_checkpoint(cls, source: str | AdapterCheckpoint, method: str | None = None) -> IPAdapter:
-        """Build from an official file (or loaded checkpoint); every width comes from the tensors' shapes."""
+        """Build from an official file (or loaded checkpoint); every width, token count and LoRA rank comes
+        from the tensors' shapes."""
         ckpt = load_checkpoint(source) if not isinstance(source, AdapterCheckpoint) else source
-        resolved = resolve_method(method, ckpt.image_proj, ckpt.ip_adapter)
+        resolved = resolve_method(method, ckpt.image_proj, ckpt.ip_adapter, filename=ckpt.source)
         image_proj = projection_from_state_dict(resolved.projection, ckpt.image_proj)
         layout = TokenLayout()
         grouped: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in ckpt.ip_adapter.items():
             match = _LAYER_KEY.match(key)
             if not match:
-                raise CheckpointError(f"{ckpt.source}: unexpected ip_adapter key {key!r} (expected '<i>.to_k_ip.weight').")
+                raise CheckpointError(
+                    f"{ckpt.source}: unexpected ip_adapter key {key!r} (expected '<i>.to_k_ip.weight' or "
+                    "'<i>.to_q_lora.down.weight' ...)."
+                )
             grouped.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
-        layers = {}
-        for index, tensors in grouped.items():
-            if set(tensors) != {"to_k_ip.weight", "to_v_ip.weight"}:
-                raise CheckpointError(f"{ckpt.source}: layer {index} lacks to_k_ip or to_v_ip weights.")
-            hidden, cross = tensors["to_k_ip.weight"].shape
-            proc = IPAttnProcessor(hidden, cross, layout).to(tensors["to_k_ip.weight"].dtype)
-            proc.load_state_dict(tensors)
-            layers[index] = proc
-        return cls(resolved, image_proj, layers, layout)
+        return cls(resolved, image_proj, {i: _processor_from_tensors(i, t, layout, ckpt.source) for i, t in grouped.items()}, layout)
 
     @classmethod
     def for_unet(cls, unet: nn.Module, method: str | Method, image_embed_dim: int, num_tokens: int | None = None) -> IPAdapter:
@@ -106,6 +103,11 @@ class IPAdapter(nn.Module):
             layers[index] = proc
         return cls(method, proj, layers, layout)
 
+    @property
+    def image_layers(self) -> dict[int, IPAttnProcessor]:
+        """The layers with image key/value weights (the cross-attention layers)."""
+        return {int(i): p for i, p in self.layers.items() if p.has_image}
+
     def to_checkpoint(self) -> AdapterCheckpoint:
         """The official layout: ``image_proj`` = projection state dict, ``ip_adapter`` = ``"<i>.to_k_ip.weight"``..."""
         ip_adapter = {f"{i}.{k}": t for i, proc in self.layers.items() for k, t in proc.state_dict().items()}
@@ -119,15 +121,20 @@ class IPAdapter(nn.Module):
 
     @property
     def cross_attention_dim(self) -> int:
-        return next(iter(self.layers.values())).to_k_ip.in_features
+        return next(iter(self.image_layers.values())).to_k_ip.in_features
 
     @property
     def scale(self) -> float:
-        return next(iter(self.layers.values())).scale
+        return next(iter(self.image_layers.values())).scale
 
     def set_scale(self, scale: float) -> None:
         for proc in self.layers.values():
             proc.scale = float(scale)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Weight of the LoRA updates (FaceID); 1.0 is what the official code uses."""
+        for proc in self.layers.values():
+            proc.lora_scale = float(scale)
 
     # ----------------------------------------------------------------- compatibility
     def check_compatible(self, unet: nn.Module, encoder_config=None, *, base_name: str = "the base model",
@@ -147,19 +154,27 @@ class IPAdapter(nn.Module):
                 f"or {other.get(unet_cross, 'an adapter made for this base model')}."
             )
         expected = cross_attention_layers(unet)
-        if set(map(int, self.layers)) != set(expected):
+        if set(self.image_layers) != set(expected):
             raise IncompatibleAdapterError(
-                f"the adapter has image key/value weights for {len(self.layers)} attention layers "
-                f"(indices {_span(self.layers)}), but {base_name} has {len(expected)} cross-attention layers "
-                f"(indices {_span(expected)}): it was made for a UNet with a different block layout."
+                f"the adapter has image key/value weights for {len(self.image_layers)} attention layers "
+                f"(indices {_span(self.image_layers)}), but {base_name} has {len(expected)} cross-attention "
+                f"layers (indices {_span(expected)}): it was made for a UNet with a different block layout."
             )
-        for index, name in expected.items():
-            attn = attention_module(unet, name)
-            proc = self.layers[str(index)]
-            if proc.to_k_ip.out_features != attn.to_k.out_features:
+        every = attention_layers(unet)
+        lora_layers = {int(i) for i, p in self.layers.items() if p.lora_rank}
+        if lora_layers and lora_layers != set(every):
+            raise IncompatibleAdapterError(
+                f"the adapter has LoRA for {len(lora_layers)} attention layers, but {base_name} has "
+                f"{len(every)}: it was made for a UNet with a different block layout."
+            )
+        for index, proc in self.layers.items():
+            name = every.get(int(index))
+            attn = attention_module(unet, name) if name else None
+            if attn is None or proc.width != attn.to_q.out_features:
                 raise IncompatibleAdapterError(
-                    f"adapter layer {index} projects image tokens to width {proc.to_k_ip.out_features}, but "
-                    f"{base_name}'s layer {name.removesuffix('.processor')} works at width {attn.to_k.out_features}."
+                    f"adapter layer {index} works at width {proc.width}, but {base_name}'s layer "
+                    f"{(name or '?').removesuffix('.processor')} works at width "
+                    f"{attn.to_q.out_features if attn is not None else 'none'}."
                 )
         if encoder_config is not None:
             have = encoder_config.projection_dim if self.method.feature == "pooled" else encoder_config.hidden_size
@@ -178,7 +193,7 @@ class IPAdapter(nn.Module):
         """Put this adapter's processors on ``unet``'s cross-attention layers; ControlNets get text-only
         processors. The previous processors are remembered and restored by :meth:`detach`."""
         self.check_compatible(unet)
-        names = cross_attention_layers(unet)
+        names = attention_layers(unet)
         targets = [(unet, {names[int(i)]: proc for i, proc in self.layers.items()})]
         for net in controlnets:
             targets.append((net, {name: TextOnlyAttnProcessor(self.layout) for name in net.attn_processors}))
@@ -196,6 +211,26 @@ class IPAdapter(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Encoder features of N reference images -> ``[N, tokens, cross_attention_dim]``."""
         return self.image_proj(features)
+
+
+def _processor_from_tensors(index: int, tensors: dict[str, torch.Tensor], layout: TokenLayout, source: str) -> IPAttnProcessor:
+    """One layer's processor, its kind (image weights, LoRA or both) and widths read from its tensors."""
+    has_image = "to_k_ip.weight" in tensors or "to_v_ip.weight" in tensors
+    has_lora = any(k.endswith("_lora.down.weight") for k in tensors)
+    if has_image and not {"to_k_ip.weight", "to_v_ip.weight"} <= set(tensors):
+        raise CheckpointError(f"{source}: layer {index} lacks to_k_ip or to_v_ip weights.")
+    if has_image:
+        hidden, cross = tensors["to_k_ip.weight"].shape
+    else:
+        hidden, cross = tensors["to_k_lora.up.weight"].shape[0], tensors["to_k_lora.down.weight"].shape[1]
+    rank = tensors["to_q_lora.down.weight"].shape[0] if has_lora else None
+    dtype = next(iter(tensors.values())).dtype
+    proc = IPAttnProcessor(hidden, cross, layout, image=has_image, lora_rank=rank).to(dtype)
+    try:
+        proc.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: layer {index} has inconsistent tensors: {exc}") from exc
+    return proc
 
 
 def _span(indices) -> str:

@@ -10,6 +10,9 @@ classifier-free guidance and ``num_images_per_prompt`` batching untouched, and t
 ``num_tokens`` off again. A ControlNet beside the UNet receives the same sequence, so its layers get a
 :class:`TextOnlyAttnProcessor` that drops the image tokens: the ControlNet sees the text only.
 
+IP-Adapter-FaceID adds LoRA (``to_q_lora``, ``to_k_lora``, ``to_v_lora``, ``to_out_lora``) to every
+attention layer, self-attention included; the same processor carries it, with or without image weights.
+
 Layer numbering follows ``unet.attn_processors`` order (down blocks, up blocks, mid block; within a
 transformer block attn1 then attn2), so cross-attention layers have odd indices: the numbering the
 official ``ip_adapter`` state-dict keys use.
@@ -33,15 +36,61 @@ class TokenLayout:
     num_tokens: int = 0
 
 
-class IPAttnProcessor(nn.Module):
-    """Cross-attention processor with an extra key/value projection for image tokens."""
+class LoRALinear(nn.Module):
+    """Low-rank update ``up(down(x))`` added to a frozen linear layer's output (parameter names as in the
+    official FaceID files: ``down.weight`` ``[rank, in]``, ``up.weight`` ``[out, rank]``)."""
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, layout: TokenLayout, scale: float = 1.0):
+    def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__()
-        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.normal_(self.down.weight, std=1 / rank)
+        nn.init.zeros_(self.up.weight)  # a fresh LoRA changes nothing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+
+
+class IPAttnProcessor(nn.Module):
+    """Attention processor with optional image key/value weights (decoupled cross-attention) and optional
+    LoRA on the layer's q/k/v/out projections.
+
+    ``image=True`` needs a cross-attention layer; a self-attention layer of FaceID gets ``image=False`` and
+    LoRA only. ``cross_attention_dim`` is the width of ``encoder_hidden_states`` (the layer's own width for
+    self-attention).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        cross_attention_dim: int,
+        layout: TokenLayout,
+        scale: float = 1.0,
+        *,
+        image: bool = True,
+        lora_rank: int | None = None,
+    ):
+        super().__init__()
+        if image:
+            self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+            self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        if lora_rank:
+            self.to_q_lora = LoRALinear(hidden_size, hidden_size, lora_rank)
+            self.to_k_lora = LoRALinear(cross_attention_dim, hidden_size, lora_rank)
+            self.to_v_lora = LoRALinear(cross_attention_dim, hidden_size, lora_rank)
+            self.to_out_lora = LoRALinear(hidden_size, hidden_size, lora_rank)
+        self.has_image = image
+        self.width = hidden_size
+        self.lora_rank = lora_rank
+        self.lora_scale = 1.0
         self.layout = layout
         self.scale = scale
+
+    def _project(self, linear: nn.Module, lora: str, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x)
+        if self.lora_rank:
+            out = out + self.lora_scale * getattr(self, lora)(x)
+        return out
 
     def __call__(
         self,
@@ -61,7 +110,7 @@ class IPAttnProcessor(nn.Module):
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
 
-        text, image = split_image_tokens(encoder_hidden_states, self.layout.num_tokens)
+        text, image = split_image_tokens(encoder_hidden_states, self.layout.num_tokens if self.has_image else 0)
         batch_size = hidden_states.shape[0] if text is None else text.shape[0]
         sequence_length = hidden_states.shape[1] if text is None else text.shape[1]
         if attention_mask is not None:
@@ -70,7 +119,7 @@ class IPAttnProcessor(nn.Module):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
+        query = self._project(attn.to_q, "to_q_lora", hidden_states)
         if text is None:
             text = hidden_states
         elif attn.norm_cross:
@@ -84,9 +133,9 @@ class IPAttnProcessor(nn.Module):
             return x.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
         query_h = heads(query)
-        hidden_states = F.scaled_dot_product_attention(
-            query_h, heads(attn.to_k(text)), heads(attn.to_v(text)), attn_mask=attention_mask
-        )
+        key = self._project(attn.to_k, "to_k_lora", text)
+        value = self._project(attn.to_v, "to_v_lora", text)
+        hidden_states = F.scaled_dot_product_attention(query_h, heads(key), heads(value), attn_mask=attention_mask)
         hidden_states = merge(hidden_states)
         if image is not None and image.shape[1] > 0:
             ip_states = F.scaled_dot_product_attention(
@@ -94,7 +143,7 @@ class IPAttnProcessor(nn.Module):
             )
             hidden_states = hidden_states + self.scale * merge(ip_states)
 
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        hidden_states = attn.to_out[1](self._project(attn.to_out[0], "to_out_lora", hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
@@ -124,9 +173,14 @@ def split_image_tokens(
     return encoder_hidden_states[:, :end], encoder_hidden_states[:, end:]
 
 
+def attention_layers(model: nn.Module) -> dict[int, str]:
+    """``{index in attn_processors order: processor name}`` for every attention layer."""
+    return dict(enumerate(model.attn_processors))
+
+
 def cross_attention_layers(model: nn.Module) -> dict[int, str]:
     """``{index in attn_processors order: processor name}`` for every cross-attention (attn2) layer."""
-    return {i: name for i, name in enumerate(model.attn_processors) if not name.endswith("attn1.processor")}
+    return {i: name for i, name in attention_layers(model).items() if not name.endswith("attn1.processor")}
 
 
 def attention_module(model: nn.Module, processor_name: str) -> Attention:

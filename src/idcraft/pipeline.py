@@ -1,49 +1,49 @@
-"""Generation: reference images + prompt -> images, on a diffusers SD1.5 / SDXL pipeline.
+"""Generation: references + prompt -> images, on a diffusers SD1.5 / SDXL pipeline.
 
 The algorithm, top to bottom (:meth:`IPAdapterPipeline.__call__`):
 
-1. encode the reference images with the CLIP image encoder (pooled embedding or penultimate hidden
-   states, by method) and build the unconditional branch the way the official code does;
-2. project both into image tokens; several references contribute their tokens side by side;
-3. encode the prompt and negative prompt with the base pipeline's own text encoder(s);
-4. append the image tokens to the text embeddings (negative image tokens to the negative text);
-5. run the unchanged diffusers pipeline, whose cross-attention layers now carry the adapter's
-   decoupled-attention processors (see :mod:`idcraft.injection`).
+1. turn the references into image tokens (:mod:`idcraft.conditioning`): CLIP features of the images,
+   or identity embeddings of the faces (plus CLIP features of the aligned face for FaceID-Plus), through
+   the adapter's projection; the unconditional branch is built the way the official code builds it;
+2. encode the prompt and negative prompt with the base pipeline's own text encoder(s);
+3. append the image tokens to the text embeddings (negative image tokens to the negative text);
+4. run the unchanged diffusers pipeline, whose attention layers now carry the adapter's processors
+   (decoupled cross-attention, and LoRA for FaceID; see :mod:`idcraft.injection`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .adapter import IPAdapter
+from .conditioning import ReferenceTokens, identities_from_photos, identity_tokens, image_tokens
 from .encoders import ClipImageEncoder
+from .errors import IdcraftError
 from .images import ImageInput, load_image
 from .models import load_base_pipeline, load_controlnet, load_image_encoder, resolve_device, resolve_dtype
 
-
-@dataclass
-class ReferenceTokens:
-    """Image tokens of the references and of the unconditional branch, each ``[1, N*T, D]``."""
-
-    cond: torch.Tensor
-    uncond: torch.Tensor
+__all__ = ["IPAdapterPipeline", "ReferenceTokens"]
 
 
 class IPAdapterPipeline:
-    """A base diffusers pipeline, an image encoder and an :class:`IPAdapter`, wired together.
+    """A base diffusers pipeline, an :class:`IPAdapter` (any method of the IP-Adapter and FaceID
+    families) and, where the method reads CLIP features, an image encoder, wired together.
 
     Build it with :meth:`from_pretrained` (paths or hub ids) or from objects you already hold.
     """
 
-    def __init__(self, pipe, adapter: IPAdapter, encoder: ClipImageEncoder, controlnet=None):
+    def __init__(self, pipe, adapter: IPAdapter, encoder: ClipImageEncoder | None = None, controlnet=None):
+        method = adapter.method
+        if method.needs_image_encoder and encoder is None:
+            raise IdcraftError(f"{method.name} reads CLIP image features: give an image encoder (--image-encoder).")
         self.encoder = encoder
         self.adapter = adapter.to(device=pipe.device, dtype=pipe.unet.dtype).eval()
-        adapter.check_compatible(pipe.unet, encoder.config)
+        adapter.check_compatible(pipe.unet, encoder.config if encoder is not None and method.feature else None)
         if controlnet is not None:
             pipe = _controlnet_pipeline(pipe, controlnet)
         self.pipe = pipe
@@ -56,7 +56,7 @@ class IPAdapterPipeline:
         cls,
         base: str | os.PathLike,
         adapter: str | os.PathLike,
-        image_encoder: str | os.PathLike,
+        image_encoder: str | os.PathLike | None = None,
         *,
         method: str | None = None,
         controlnet: str | os.PathLike | None = None,
@@ -67,12 +67,19 @@ class IPAdapterPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         ip_adapter = IPAdapter.from_checkpoint(str(adapter), method=method)
-        encoder = ClipImageEncoder(load_image_encoder(image_encoder, device=dev, dtype=dt))
+        needs_encoder = ip_adapter.method.needs_image_encoder
+        if needs_encoder and image_encoder is None:
+            raise IdcraftError(
+                f"{ip_adapter.method.name} reads CLIP image features: pass --image-encoder (the image_encoder "
+                "folder published with the adapter)."
+            )
+        encoder = ClipImageEncoder(load_image_encoder(image_encoder, device=dev, dtype=dt)) if needs_encoder else None
         names = {"base_name": f"base model {base}", "encoder_name": f"image encoder {image_encoder}"}
+        encoder_config = encoder.config if encoder is not None else None
         if _is_local_dir(base):  # fail in milliseconds, before loading gigabytes
-            ip_adapter.check_compatible(_meta_unet(base), encoder.config, **names)
+            ip_adapter.check_compatible(_meta_unet(base), encoder_config, **names)
         pipe = load_base_pipeline(base, device=dev, dtype=dt)
-        ip_adapter.check_compatible(pipe.unet, encoder.config, **names)
+        ip_adapter.check_compatible(pipe.unet, encoder_config, **names)
         cn = load_controlnet(controlnet, device=dev, dtype=dt) if controlnet else None
         return cls(pipe, ip_adapter, encoder, controlnet=cn)
 
@@ -80,21 +87,37 @@ class IPAdapterPipeline:
     def device(self) -> torch.device:
         return self.pipe.device
 
-    @torch.no_grad()
-    def encode_references(self, references: Sequence[ImageInput]) -> ReferenceTokens:
-        """Reference images -> image tokens. N references give ``N * tokens_per_image`` tokens: each image
-        keeps its own tokens and the cross-attention attends over all of them at once (the same as
-        diffusers does for a list of images given to one adapter). One reference reproduces the official
-        implementation exactly."""
-        if not references:
-            raise ValueError("at least one reference image is needed")
+    @property
+    def method(self):
+        return self.adapter.method
+
+    def encode_references(
+        self,
+        references: Sequence[ImageInput] = (),
+        *,
+        face_embeddings: Sequence[np.ndarray] | None = None,
+        s_scale: float = 1.0,
+        face_backend: str = "insightface",
+        face_models: str | None = None,
+        face_index: int = 0,
+    ) -> ReferenceTokens:
+        """References -> image tokens, as the method needs them.
+
+        CLIP methods: each image gives its own tokens, side by side. FaceID methods: identity embeddings
+        from ``face_embeddings`` (raw, as the recogniser gives them) or from face analysis of the
+        references with ``face_backend`` (an ArcFace recogniser is required); see
+        :func:`idcraft.conditioning.identity_tokens` for how several photos combine.
+        """
         images = [load_image(r) for r in references]
-        method = self.adapter.method
-        cond, uncond = self.encoder.encode(images, method.feature, method.uncond)
-        dtype = next(self.adapter.image_proj.parameters()).dtype
-        tokens = self.adapter.project(cond.to(dtype))
-        uncond_tokens = self.adapter.project(uncond.to(dtype))
-        return ReferenceTokens(_side_by_side(tokens), _side_by_side(uncond_tokens))
+        if not self.method.needs_face:
+            if not images:
+                raise IdcraftError(f"{self.method.name} needs at least one reference image.")
+            return image_tokens(self.adapter, self.encoder, images)
+        identities = identities_from_photos(
+            self.method, images, face_embeddings, face_backend=face_backend, face_models=face_models,
+            face_index=face_index,
+        )
+        return identity_tokens(self.adapter, identities, self.encoder, s_scale=s_scale)
 
     @torch.no_grad()
     def __call__(
@@ -103,6 +126,8 @@ class IPAdapterPipeline:
         reference: ImageInput | Sequence[ImageInput] | None = None,
         *,
         tokens: ReferenceTokens | None = None,
+        face_embedding: np.ndarray | Sequence[np.ndarray] | None = None,
+        s_scale: float = 1.0,
         negative_prompt: str = "",
         scale: float = 1.0,
         seed: int | None = None,
@@ -115,16 +140,22 @@ class IPAdapterPipeline:
         controlnet_scale: float = 1.0,
         progress: bool = True,
     ) -> list[Image.Image]:
-        """Generate ``num_images`` images of ``reference`` (one or several images, or precomputed ``tokens``)
-        following ``prompt``. ``seed`` seeds ``torch.Generator("cpu")``, so a seed gives the same initial
-        latents as diffusers and the official code."""
+        """Generate ``num_images`` images of the reference subject following ``prompt``.
+
+        The subject comes from ``reference`` (one or several images), ``face_embedding`` (FaceID), or
+        precomputed ``tokens``. ``seed`` seeds ``torch.Generator("cpu")``, so a seed gives the same initial
+        latents as diffusers and the official code.
+        """
         if tokens is None:
-            if reference is None:
-                raise ValueError("give reference images or precomputed tokens")
-            refs = [reference] if isinstance(reference, (str, os.PathLike, Image.Image)) else list(reference)
-            tokens = self.encode_references(refs)
+            refs = [] if reference is None else (
+                [reference] if isinstance(reference, (str, os.PathLike, Image.Image, np.ndarray)) else list(reference)
+            )
+            embeddings = None
+            if face_embedding is not None:
+                embeddings = [face_embedding] if np.ndim(face_embedding) == 1 else list(face_embedding)
+            tokens = self.encode_references(refs, face_embeddings=embeddings, s_scale=s_scale)
         self.adapter.set_scale(scale)
-        self.adapter.layout.num_tokens = tokens.cond.shape[1]
+        self.adapter.layout.num_tokens = tokens.num_tokens
 
         text = self.pipe.encode_prompt(
             prompt=prompt,
@@ -142,7 +173,7 @@ class IPAdapterPipeline:
         extra = {}
         if hasattr(self.pipe, "controlnet"):
             if control_image is None:
-                raise ValueError("this pipeline has a ControlNet: give control_image")
+                raise IdcraftError("this pipeline has a ControlNet: give control_image (--control-image).")
             extra = {"image": load_image(control_image), "controlnet_conditioning_scale": controlnet_scale}
         self.pipe.set_progress_bar_config(disable=not progress)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
@@ -155,11 +186,6 @@ class IPAdapterPipeline:
             height=height,
             **extra,
         ).images
-
-
-def _side_by_side(tokens: torch.Tensor) -> torch.Tensor:
-    """``[N, T, D]`` -> ``[1, N*T, D]``."""
-    return tokens.reshape(1, -1, tokens.shape[-1])
 
 
 def _append(text: torch.Tensor, image_tokens: torch.Tensor, num_images: int) -> torch.Tensor:

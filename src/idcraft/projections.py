@@ -8,6 +8,10 @@ with the same parameter names, so the official state dict loads with ``load_stat
   one context token through a two-layer MLP.
 * :class:`Resampler` (the Perceiver Resampler of IP-Adapter-Plus and InstantID): learned query latents
   cross-attend to the encoder's token sequence.
+* :class:`FaceIDProjection` (official FaceID ``MLPProjModel``): a 512-d identity embedding -> 4 tokens
+  (16 for FaceID-Portrait) through a two-layer MLP.
+* :class:`FaceIDPlusProjection` (official ``ProjPlusModel``): the identity tokens above become the queries
+  of a Perceiver over CLIP features of the aligned face crop; PlusV2 adds them back ("shortcut").
 
 Each is a diffusers ``ModelMixin``/``ConfigMixin`` and has ``config_from_state_dict``, which reads every
 width and count from the tensors' shapes: the file decides, nothing is hard-coded per variant.
@@ -116,7 +120,52 @@ def _feed_forward(dim: int, mult: float) -> nn.Sequential:
     )
 
 
-class Resampler(ModelMixin, ConfigMixin):
+class PerceiverStack(nn.Module):
+    """``depth`` x (cross-attention from latents to ``[features; latents]`` + feed-forward), then an output
+    projection and LayerNorm. The latents are given by the caller: learned queries (Resampler) or identity
+    tokens (FaceID-Plus)."""
+
+    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, embed_dim: int, output_dim: int, ff_mult: float):
+        super().__init__()
+        self.proj_in = nn.Linear(embed_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
+            for _ in range(depth)
+        )
+
+    def forward(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        features = self.proj_in(features)
+        for attn, ff in self.layers:
+            latents = attn(features, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+    #: Width of one attention head. Every official perceiver (IP-Adapter-Plus SD1.5/SDXL, FaceID-Plus,
+    #: InstantID) uses 64; the files store only heads*dim_head, so this is the one assumption made.
+    DIM_HEAD = 64
+
+    @classmethod
+    def config_from_state_dict(cls, sd: StateDict, prefix: str = "") -> dict:
+        dim = sd[prefix + "proj_in.weight"].shape[0]
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k)))
+        inner = sd[prefix + "layers.0.0.to_q.weight"].shape[0]
+        ff_inner = sd[prefix + "layers.0.1.1.weight"].shape[0]
+        if inner % cls.DIM_HEAD:
+            raise CheckpointError(f"perceiver attention width {inner} is not a multiple of {cls.DIM_HEAD}.")
+        return {
+            "dim": dim,
+            "depth": depth,
+            "dim_head": cls.DIM_HEAD,
+            "heads": inner // cls.DIM_HEAD,
+            "embed_dim": sd[prefix + "proj_in.weight"].shape[1],
+            "output_dim": sd[prefix + "proj_out.weight"].shape[0],
+            "ff_mult": ff_inner / dim,
+        }
+
+
+class Resampler(PerceiverStack, ModelMixin, ConfigMixin):
     """Perceiver Resampler: ``num_queries`` learned latents read the encoder tokens through ``depth`` layers.
 
     Input ``[B, N, embed_dim]`` (CLIP penultimate hidden states for IP-Adapter-Plus, a 512-d face embedding
@@ -135,45 +184,91 @@ class Resampler(ModelMixin, ConfigMixin):
         output_dim: int = 768,
         ff_mult: float = 4,
     ):
-        super().__init__()
+        super().__init__(dim, depth, dim_head, heads, embed_dim, output_dim, ff_mult)
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
-        self.proj_in = nn.Linear(embed_dim, dim)
-        self.proj_out = nn.Linear(dim, output_dim)
-        self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
-            for _ in range(depth)
-        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.repeat(features.size(0), 1, 1)
-        features = self.proj_in(features)
-        for attn, ff in self.layers:
-            latents = attn(features, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
+        if features.ndim == 2:  # one embedding per image (InstantID's face embedding) is one token
+            features = features[:, None]
+        return super().forward(self.latents.repeat(features.size(0), 1, 1), features)
 
-    #: Width of one attention head. Every official Resampler (IP-Adapter-Plus SD1.5/SDXL, FaceID-Plus,
-    #: InstantID) uses 64; the files store only heads*dim_head, so this is the one assumption made.
-    DIM_HEAD = 64
+    @staticmethod
+    def config_from_state_dict(sd: StateDict) -> dict:
+        _, num_queries, _ = sd["latents"].shape
+        return PerceiverStack.config_from_state_dict(sd) | {"num_queries": num_queries}
 
-    @classmethod
-    def config_from_state_dict(cls, sd: StateDict, prefix: str = "") -> dict:
-        _, num_queries, dim = sd[prefix + "latents"].shape
-        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k)))
-        inner = sd[prefix + "layers.0.0.to_q.weight"].shape[0]
-        ff_inner = sd[prefix + "layers.0.1.1.weight"].shape[0]
-        if inner % cls.DIM_HEAD:
-            raise CheckpointError(f"Resampler attention width {inner} is not a multiple of {cls.DIM_HEAD}.")
-        return {
-            "dim": dim,
-            "depth": depth,
-            "dim_head": cls.DIM_HEAD,
-            "heads": inner // cls.DIM_HEAD,
-            "num_queries": num_queries,
-            "embed_dim": sd[prefix + "proj_in.weight"].shape[1],
-            "output_dim": sd[prefix + "proj_out.weight"].shape[0],
-            "ff_mult": ff_inner / dim,
+
+class FaceIDProjection(ModelMixin, ConfigMixin):
+    """Identity embedding ``[B, id_dim]`` -> ``[B, num_tokens, cross_attention_dim]`` (MLP + LayerNorm)."""
+
+    @register_to_config
+    def __init__(self, embed_dim: int = 512, hidden_dim: int = 1024, cross_attention_dim: int = 768, num_tokens: int = 4):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, cross_attention_dim * num_tokens)
+        )
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(id_embeds).reshape(-1, self.config.num_tokens, self.config.cross_attention_dim)
+        return self.norm(tokens)
+
+    @staticmethod
+    def config_from_state_dict(sd: StateDict) -> dict:
+        cross = sd["norm.weight"].shape[0]
+        hidden, embed = sd["proj.0.weight"].shape
+        out = sd["proj.2.weight"].shape[0]
+        if out % cross:
+            raise CheckpointError(f"proj.2.weight has {out} outputs, not a multiple of the token width {cross}.")
+        return {"embed_dim": embed, "hidden_dim": hidden, "cross_attention_dim": cross, "num_tokens": out // cross}
+
+
+class FaceIDPlusProjection(ModelMixin, ConfigMixin):
+    """FaceID-Plus: identity tokens query the CLIP features of the aligned face crop.
+
+    ``forward(id_embeds, clip_features, shortcut, s_scale)``: with ``shortcut`` (PlusV2) the identity
+    tokens are added back, ``id_tokens + s_scale * perceiver(...)``, so ``s_scale`` weighs the CLIP face
+    structure against the pure identity.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        embed_dim: int = 512,
+        hidden_dim: int = 1024,
+        cross_attention_dim: int = 768,
+        num_tokens: int = 4,
+        clip_embed_dim: int = 1280,
+        depth: int = 4,
+        heads: int = 12,
+        dim_head: int = 64,
+        ff_mult: float = 4,
+    ):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, cross_attention_dim * num_tokens)
+        )
+        self.norm = nn.LayerNorm(cross_attention_dim)
+        self.perceiver_resampler = PerceiverStack(
+            cross_attention_dim, depth, dim_head, heads, clip_embed_dim, cross_attention_dim, ff_mult
+        )
+
+    def forward(self, id_embeds: torch.Tensor, clip_features: torch.Tensor, shortcut: bool = False,
+                s_scale: float = 1.0) -> torch.Tensor:
+        x = self.norm(self.proj(id_embeds).reshape(-1, self.config.num_tokens, self.config.cross_attention_dim))
+        out = self.perceiver_resampler(x, clip_features)
+        return x + s_scale * out if shortcut else out
+
+    @staticmethod
+    def config_from_state_dict(sd: StateDict) -> dict:
+        mlp = FaceIDProjection.config_from_state_dict(sd)
+        perceiver = PerceiverStack.config_from_state_dict(sd, prefix="perceiver_resampler.")
+        return mlp | {
+            "clip_embed_dim": perceiver["embed_dim"],
+            "depth": perceiver["depth"],
+            "heads": perceiver["heads"],
+            "dim_head": perceiver["dim_head"],
+            "ff_mult": perceiver["ff_mult"],
         }
 
 
@@ -201,4 +296,6 @@ PROJECTIONS: dict[str, type[nn.Module]] = {
     "linear": LinearProjection,
     "mlp": MLPProjection,
     "resampler": Resampler,
+    "faceid-mlp": FaceIDProjection,
+    "faceid-plus": FaceIDPlusProjection,
 }

@@ -16,6 +16,8 @@ from .errors import CheckpointError, IdcraftError
 
 Feature = Literal["pooled", "penultimate"]
 Uncond = Literal["zero-embeds", "zero-image"]
+Inputs = Literal["image", "face", "face+image"]
+Combine = Literal["side-by-side", "average"]
 
 
 @dataclass(frozen=True)
@@ -25,22 +27,42 @@ class Method:
     Attributes:
         name: the ``--method`` name.
         projection: key into :data:`idcraft.projections.PROJECTIONS`.
-        feature: ``"pooled"`` = ``CLIPVisionModelWithProjection(...).image_embeds`` (projected pooled
-            embedding); ``"penultimate"`` = ``hidden_states[-2]`` (all patch tokens of the second-to-last
-            layer, the fine-grained features of Plus and Full-face).
-        uncond: how the negative image tokens for classifier-free guidance are made, as in the official
-            code: ``"zero-embeds"`` projects an all-zero embedding; ``"zero-image"`` runs an all-zero
-            (already normalised) pixel tensor through the encoder and projects that.
+        inputs: what a reference becomes before projection: ``"image"`` = CLIP features of the whole
+            image; ``"face"`` = a face-recognition (ArcFace) identity embedding; ``"face+image"`` = the
+            identity embedding plus CLIP features of the aligned face crop (FaceID-Plus).
+        feature: which CLIP output is read: ``"pooled"`` = ``image_embeds`` (projected pooled embedding);
+            ``"penultimate"`` = ``hidden_states[-2]`` (all patch tokens of the second-to-last layer).
+        uncond: how the CLIP part of the negative (classifier-free guidance) tokens is made, as in the
+            official code: ``"zero-embeds"`` projects all-zero features; ``"zero-image"`` runs an all-zero
+            (already normalised) pixel tensor through the encoder. Identity embeddings are always zeroed.
+        normalize_embedding: L2-normalise the identity embedding first (FaceID does, InstantID does not).
+        shortcut: FaceID-PlusV2 adds the identity tokens back to the perceiver output (``--s-scale``).
+        combine: several references: ``"side-by-side"`` gives each its own tokens; ``"average"`` averages
+            the identity embeddings (one person, several photos) into one set of tokens.
+        lora: the checkpoint carries LoRA for every attention layer of the UNet.
         checkpoints: official file names this method loads (documentation and ``--method`` aliases).
     """
 
     name: str
     projection: str
-    feature: Feature
+    feature: Feature | None
     uncond: Uncond
     description: str
+    inputs: Inputs = "image"
+    normalize_embedding: bool = False
+    shortcut: bool = False
+    combine: Combine = "side-by-side"
+    lora: bool = False
     checkpoints: tuple[str, ...] = ()
     aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def needs_face(self) -> bool:
+        return self.inputs != "image"
+
+    @property
+    def needs_image_encoder(self) -> bool:
+        return self.inputs != "face"
 
 
 METHODS: dict[str, Method] = {
@@ -89,6 +111,59 @@ METHODS: dict[str, Method] = {
             checkpoints=("ip-adapter-full-face_sd15.bin",),
             aliases=("ip-adapter-full-face_sd15", "ip-adapter-full"),
         ),
+        Method(
+            name="faceid",
+            projection="faceid-mlp",
+            feature=None,
+            uncond="zero-embeds",
+            inputs="face",
+            normalize_embedding=True,
+            combine="average",
+            lora=True,
+            description="IP-Adapter-FaceID: L2-normalised ArcFace embedding -> 4 tokens, LoRA on every attention layer.",
+            checkpoints=("ip-adapter-faceid_sd15.bin", "ip-adapter-faceid_sdxl.bin"),
+            aliases=("ip-adapter-faceid", "ip-adapter-faceid_sd15", "ip-adapter-faceid_sdxl"),
+        ),
+        Method(
+            name="faceid-plus",
+            projection="faceid-plus",
+            feature="penultimate",
+            uncond="zero-image",
+            inputs="face+image",
+            normalize_embedding=True,
+            combine="average",
+            lora=True,
+            description="IP-Adapter-FaceID-Plus: identity tokens query CLIP features of the aligned face crop; LoRA.",
+            checkpoints=("ip-adapter-faceid-plus_sd15.bin",),
+            aliases=("ip-adapter-faceid-plus", "ip-adapter-faceid-plus_sd15"),
+        ),
+        Method(
+            name="faceid-plusv2",
+            projection="faceid-plus",
+            feature="penultimate",
+            uncond="zero-image",
+            inputs="face+image",
+            normalize_embedding=True,
+            shortcut=True,
+            combine="average",
+            lora=True,
+            description="IP-Adapter-FaceID-PlusV2: FaceID-Plus with the identity tokens added back (--s-scale).",
+            checkpoints=("ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid-plusv2_sdxl.bin"),
+            aliases=("ip-adapter-faceid-plusv2", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sdxl"),
+        ),
+        Method(
+            name="faceid-portrait",
+            projection="faceid-mlp",
+            feature=None,
+            uncond="zero-embeds",
+            inputs="face",
+            normalize_embedding=True,
+            description="IP-Adapter-FaceID-Portrait: 16 tokens per reference photo (up to 5, side by side), no LoRA.",
+            checkpoints=("ip-adapter-faceid-portrait_sd15.bin", "ip-adapter-faceid-portrait-v11_sd15.bin",
+                         "ip-adapter-faceid-portrait_sdxl.bin"),
+            aliases=("ip-adapter-faceid-portrait", "ip-adapter-faceid-portrait_sd15",
+                     "ip-adapter-faceid-portrait-v11_sd15", "ip-adapter-faceid-portrait_sdxl"),
+        ),
     )
 }
 
@@ -108,35 +183,30 @@ def get_method(name: str) -> Method:
 def projection_kind(image_proj: Mapping[str, object]) -> str:
     """Which projection family an ``image_proj`` state dict was saved from, judged by its key names."""
     keys = set(image_proj)
+    if "perceiver_resampler.proj_in.weight" in keys:
+        return "faceid-plus"
     if "latents" in keys and "proj_in.weight" in keys:
         return "resampler"
     if {"proj.0.weight", "proj.2.weight", "proj.3.weight"} <= keys:
         return "mlp"
+    if {"proj.0.weight", "proj.2.weight", "norm.weight"} <= keys:
+        return "faceid-mlp"
     if {"proj.weight", "norm.weight"} <= keys:
         return "linear"
-    if {"proj.0.weight", "proj.2.weight", "norm.weight"} <= keys:
-        raise CheckpointError(
-            "this is an IP-Adapter-FaceID checkpoint (MLP projection of a face-recognition embedding); "
-            "FaceID methods are not supported by this version of idcraft yet."
-        )
     raise CheckpointError(
-        f"image_proj keys {sorted(keys)[:8]} match no known IP-Adapter projection "
-        "(linear ImageProjModel, Full-face MLP or Perceiver Resampler)."
+        f"image_proj keys {sorted(keys)[:8]} match no known projection (IP-Adapter linear, Full-face MLP, "
+        "Perceiver Resampler, FaceID MLP or FaceID-Plus)."
     )
 
 
-def detect_method(image_proj: Mapping[str, object], ip_adapter: Mapping[str, object]) -> Method:
+def detect_method(image_proj: Mapping[str, object], ip_adapter: Mapping[str, object], filename: str | None = None) -> Method:
     """The method an official checkpoint was saved from, as far as its keys tell.
 
-    Keys cannot tell Plus from Plus-Face (same architecture, different training data) nor SD1.5 from
-    its "light" variant: those resolve to ``ip-adapter-plus`` / ``ip-adapter``, which compute exactly the
-    same thing; pass ``method=`` to label them otherwise.
+    Keys cannot tell Plus from Plus-Face, FaceID-Plus from PlusV2 (same architectures, different training
+    or use) nor SD1.5 from its "light" variant. An official file name settles it when it names a method
+    (``ip-adapter-faceid-plusv2_sd15.bin``); otherwise the first method of the family is taken, and
+    ``method=`` can say otherwise.
     """
-    if any("lora" in k for k in ip_adapter):
-        raise CheckpointError(
-            "this checkpoint carries LoRA weights (an IP-Adapter-FaceID file); FaceID methods are not "
-            "supported by this version of idcraft yet."
-        )
     kind = projection_kind(image_proj)
     shape = getattr(image_proj.get("proj_in.weight"), "shape", None)
     if kind == "resampler" and shape is not None and shape[1] == 512:
@@ -144,19 +214,33 @@ def detect_method(image_proj: Mapping[str, object], ip_adapter: Mapping[str, obj
             "this Resampler reads a 512-d face embedding (an InstantID or FaceID-Portrait-unnorm file); "
             "those methods are not supported by this version of idcraft yet."
         )
-    return next(m for m in METHODS.values() if m.projection == kind)
+    has_lora = any("_lora." in k for k in ip_adapter)
+    candidates = [m for m in METHODS.values() if m.projection == kind and (m.lora == has_lora or kind not in ("faceid-mlp",))]
+    if not candidates:
+        raise CheckpointError(f"no known method has a {kind} projection {'with' if has_lora else 'without'} LoRA.")
+    if filename:
+        stem = filename.rsplit("/", 1)[-1].lower()
+        named = [m for m in candidates if any(stem.startswith(a) for a in sorted((m.name, *m.aliases), key=len, reverse=True))]
+        if named:
+            return max(named, key=lambda m: max(len(a) for a in (m.name, *m.aliases) if stem.startswith(a)))
+    return candidates[0]
 
 
-def resolve_method(requested: str | None, image_proj: Mapping[str, object], ip_adapter: Mapping[str, object]) -> Method:
+def resolve_method(
+    requested: str | None,
+    image_proj: Mapping[str, object],
+    ip_adapter: Mapping[str, object],
+    filename: str | None = None,
+) -> Method:
     """``requested`` if given and consistent with the checkpoint's keys, else the detected method."""
-    detected = detect_method(image_proj, ip_adapter)
+    detected = detect_method(image_proj, ip_adapter, filename)
     if requested is None:
         return detected
     method = get_method(requested)
-    if method.projection != detected.projection:
+    if method.projection != detected.projection or method.lora != detected.lora:
         raise CheckpointError(
-            f"--method {method.name} expects a {method.projection} projection, but the checkpoint holds a "
-            f"{detected.projection} projection (a {detected.name} file). Use --method {detected.name}, "
-            "or leave --method out to detect it."
+            f"--method {method.name} expects a {method.projection} projection{' with LoRA' if method.lora else ''}, "
+            f"but the checkpoint holds a {detected.projection} projection{' with LoRA' if detected.lora else ''} "
+            f"(a {detected.name} file). Use --method {detected.name}, or leave --method out to detect it."
         )
     return method
