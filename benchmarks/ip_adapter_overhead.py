@@ -28,7 +28,9 @@ CONFIGS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--unet", choices=CONFIGS, default="sd15")
     parser.add_argument("--tokens", type=int, default=4, help="image tokens (4 = IP-Adapter, 16 = Plus)")
     parser.add_argument("--rounds", type=int, default=3, help="A/B pairs timed")
@@ -69,8 +71,10 @@ def main() -> None:
         return elapsed
 
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    print(f"UNet {args.unet}: {params:.1f}M params, latents {size}x{size}, batch 2, {args.dtype}, "
-          f"{args.tokens} image tokens, {args.threads} threads")
+    print(
+        f"UNet {args.unet}: {params:.1f}M params, latents {size}x{size}, batch 2, {args.dtype}, "
+        f"{args.tokens} image tokens, {args.threads} threads"
+    )
     timed(bare), timed(with_adapter)  # warm-up
     a, b = [], []
     for i in range(args.rounds):

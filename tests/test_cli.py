@@ -13,17 +13,29 @@ from idcraft.tiny import random_adapter, tiny_sdxl_unet
 def models(tmp_path, sd15, encoder, reference_image):
     sd15.save_pretrained(tmp_path / "base")
     encoder.model.save_pretrained(tmp_path / "image_encoder")
-    save_checkpoint(random_adapter(sd15.unet, "ip-adapter-plus", encoder.model).to_checkpoint(), tmp_path / "plus.safetensors")
-    save_checkpoint(random_adapter(tiny_sdxl_unet(), "ip-adapter", encoder.model).to_checkpoint(), tmp_path / "xl.bin")
+    save_checkpoint(
+        random_adapter(sd15.unet, "ip-adapter-plus", encoder.model).to_checkpoint(),
+        tmp_path / "plus.safetensors",
+    )
+    save_checkpoint(
+        random_adapter(tiny_sdxl_unet(), "ip-adapter", encoder.model).to_checkpoint(), tmp_path / "xl.bin"
+    )
     reference_image.save(tmp_path / "ref.png")
     return tmp_path
 
 
 def _args(m, **overrides) -> list[str]:
     flags = {
-        "base": m / "base", "adapter": m / "plus.safetensors", "image-encoder": m / "image_encoder",
-        "reference": m / "ref.png", "prompt": "a cat", "steps": 2, "width": 64, "height": 64,
-        "output": m / "out" / "img.png", "device": "cpu",
+        "base": m / "base",
+        "adapter": m / "plus.safetensors",
+        "image-encoder": m / "image_encoder",
+        "reference": m / "ref.png",
+        "prompt": "a cat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "output": m / "out" / "img.png",
+        "device": "cpu",
     } | overrides
     return ["generate"] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
@@ -40,7 +52,10 @@ def test_generate_writes_numbered_images(models, capsys):
         ({"adapter": "xl.bin"}, r"cross-attention width 64.*has 32"),
         ({"reference": "missing.png"}, r"missing\.png: no such file"),
         ({"adapter": "nothing.bin"}, r"no such adapter file"),
-        ({"method": "ip-adapter"}, r"--method ip-adapter expects a linear projection.*--method ip-adapter-plus"),
+        (
+            {"method": "ip-adapter"},
+            r"--method ip-adapter expects a linear projection.*--method ip-adapter-plus",
+        ),
         ({"base": "someone/not-downloaded-model"}, r"not a local directory.*--local-dir"),
         ({"image-encoder": "./no/such/encoder"}, r"no such directory"),
     ],

@@ -31,16 +31,29 @@ def test_saved_adapter_runs_in_diffusers(request, encoder, reference_image, tmp_
 
     ours = IPAdapterPipeline(sd15, adapter, encoder)
     mine = ours(
-        "a red ball", reference_image, negative_prompt="blurry", scale=0.8, seed=11, steps=2, guidance=5.0,
-        width=64, height=64, progress=False,
+        "a red ball",
+        reference_image,
+        negative_prompt="blurry",
+        scale=0.8,
+        seed=11,
+        steps=2,
+        guidance=5.0,
+        width=64,
+        height=64,
+        progress=False,
     )[0]
     ours.adapter.detach()
 
-    sd15.load_ip_adapter(str(tmp_path), subfolder="", weight_name=f"adapter{suffix}", image_encoder_folder="image_encoder")
+    sd15.load_ip_adapter(
+        str(tmp_path), subfolder="", weight_name=f"adapter{suffix}", image_encoder_folder="image_encoder"
+    )
     sd15.set_ip_adapter_scale(0.8)
     theirs = sd15(
-        "a red ball", negative_prompt="blurry", ip_adapter_image=reference_image,
-        generator=torch.Generator("cpu").manual_seed(11), **settings,
+        "a red ball",
+        negative_prompt="blurry",
+        ip_adapter_image=reference_image,
+        generator=torch.Generator("cpu").manual_seed(11),
+        **settings,
     ).images[0]
     diff = np.abs(np.asarray(mine, dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
     assert diff.max() <= 2, diff.max()

@@ -22,8 +22,16 @@ def _flags(case, args: dict) -> list[str]:
     for key, value in args.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags + [
-        "--base", str(case / "base"), "--image-encoder", str(case / "image_encoder"),
-        "--reference", str(case / "reference.png"), "--device", "cpu", "--dtype", "float32",
+        "--base",
+        str(case / "base"),
+        "--image-encoder",
+        str(case / "image_encoder"),
+        "--reference",
+        str(case / "reference.png"),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
     ]
 
 
@@ -32,7 +40,10 @@ def test_reproduces_official_ip_adapter_sd15(checkpoint, tmp_path):
     case = shared_path("fixtures", "ipadapter-sd15")
     args = json.loads((case / "args.json").read_text())
     out = tmp_path / "out.png"
-    assert main(["generate", *_flags(case, args), "--adapter", str(case / checkpoint), "--output", str(out)]) == 0
+    assert (
+        main(["generate", *_flags(case, args), "--adapter", str(case / checkpoint), "--output", str(out)])
+        == 0
+    )
     ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
     expected = np.asarray(Image.open(case / "expected.png").convert("RGB"), dtype=np.int16)
     assert ours.shape == expected.shape
@@ -46,7 +57,10 @@ def test_scale_zero_reproduces_base_model(tmp_path):
     case = shared_path("fixtures", "ipadapter-sd15")
     args = json.loads((case / "args.json").read_text()) | {"scale": 0.0}
     out = tmp_path / "out.png"
-    assert main(["generate", *_flags(case, args), "--adapter", str(case / "adapter.bin"), "--output", str(out)]) == 0
+    assert (
+        main(["generate", *_flags(case, args), "--adapter", str(case / "adapter.bin"), "--output", str(out)])
+        == 0
+    )
     ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
     base_only = np.asarray(Image.open(case / "no_adapter.png").convert("RGB"), dtype=np.int16)
     assert np.abs(ours - base_only).max() <= 2

@@ -12,33 +12,59 @@ import json
 import pytest
 import torch
 
+from idcraft.errors import CheckpointError
 from idcraft.projections import PROJECTIONS
 from idcraft.registry import detect_method, get_method, resolve_method
-from idcraft.errors import CheckpointError
 
 from .conftest import shared_path
 
 SUPPORTED = {
-    "ip-adapter_sd15 (ViT-H proj_dim=1024)": ("ip-adapter", {"num_tokens": 4, "embed_dim": 1024, "cross_attention_dim": 768}),
+    "ip-adapter_sd15 (ViT-H proj_dim=1024)": (
+        "ip-adapter",
+        {"num_tokens": 4, "embed_dim": 1024, "cross_attention_dim": 768},
+    ),
     "ip-adapter_sd15_vit-G (bigG proj_dim=1280)": ("ip-adapter", {"num_tokens": 4, "embed_dim": 1280}),
     "ip-adapter-plus_sd15 / plus-face_sd15 (Resampler 16 q, ViT-H hidden 1280)": (
-        "ip-adapter-plus", {"dim": 768, "heads": 12, "num_queries": 16, "embed_dim": 1280}),
+        "ip-adapter-plus",
+        {"dim": 768, "heads": 12, "num_queries": 16, "embed_dim": 1280},
+    ),
     "ip-adapter-full-face_sd15 (MLPProjModel hidden 1280)": (
-        "ip-adapter-full-face", {"embed_dim": 1280, "cross_attention_dim": 768}),
-    "ip-adapter_sdxl (bigG proj_dim=1280)": ("ip-adapter", {"num_tokens": 4, "embed_dim": 1280, "cross_attention_dim": 2048}),
+        "ip-adapter-full-face",
+        {"embed_dim": 1280, "cross_attention_dim": 768},
+    ),
+    "ip-adapter_sdxl (bigG proj_dim=1280)": (
+        "ip-adapter",
+        {"num_tokens": 4, "embed_dim": 1280, "cross_attention_dim": 2048},
+    ),
     "ip-adapter_sdxl_vit-h (ViT-H proj_dim=1024)": ("ip-adapter", {"num_tokens": 4, "embed_dim": 1024}),
     "ip-adapter-plus_sdxl_vit-h / plus-face_sdxl_vit-h (Resampler dim1280 20 heads, 16 q)": (
-        "ip-adapter-plus", {"dim": 1280, "heads": 20, "embed_dim": 1280, "output_dim": 2048}),
+        "ip-adapter-plus",
+        {"dim": 1280, "heads": 20, "embed_dim": 1280, "output_dim": 2048},
+    ),
     "ip-adapter-faceid_sd15 (MLP 512->1024->4x768, LoRA r128)": (
-        "faceid", {"embed_dim": 512, "hidden_dim": 1024, "num_tokens": 4, "cross_attention_dim": 768}),
+        "faceid",
+        {"embed_dim": 512, "hidden_dim": 1024, "num_tokens": 4, "cross_attention_dim": 768},
+    ),
     "ip-adapter-faceid-plus(v2)_sd15 (ProjPlusModel, LoRA r128)": (
-        "faceid-plus", {"num_tokens": 4, "clip_embed_dim": 1280, "heads": 12, "depth": 4}),
-    "ip-adapter-faceid_sdxl (MLP 512->1024->4x2048, LoRA r128)": ("faceid", {"num_tokens": 4, "cross_attention_dim": 2048}),
+        "faceid-plus",
+        {"num_tokens": 4, "clip_embed_dim": 1280, "heads": 12, "depth": 4},
+    ),
+    "ip-adapter-faceid_sdxl (MLP 512->1024->4x2048, LoRA r128)": (
+        "faceid",
+        {"num_tokens": 4, "cross_attention_dim": 2048},
+    ),
     "ip-adapter-faceid-plusv2_sdxl (ProjPlusModel, LoRA r128)": (
-        "faceid-plus", {"cross_attention_dim": 2048, "heads": 32, "clip_embed_dim": 1280}),
-    "ip-adapter-faceid-portrait_sd15 (MLP 512->1024->16x768, no LoRA)": ("faceid-portrait", {"num_tokens": 16}),
+        "faceid-plus",
+        {"cross_attention_dim": 2048, "heads": 32, "clip_embed_dim": 1280},
+    ),
+    "ip-adapter-faceid-portrait_sd15 (MLP 512->1024->16x768, no LoRA)": (
+        "faceid-portrait",
+        {"num_tokens": 16},
+    ),
     "ip-adapter-faceid-portrait_sdxl (MLP ->16x2048, no LoRA) [UNVERIFIED file exists]": (
-        "faceid-portrait", {"num_tokens": 16, "cross_attention_dim": 2048}),
+        "faceid-portrait",
+        {"num_tokens": 16, "cross_attention_dim": 2048},
+    ),
 }
 
 
@@ -74,7 +100,11 @@ def test_official_layout_detected_and_rebuilt(name):
         from idcraft.adapter import _processor_from_tensors
         from idcraft.injection import TokenLayout
 
-        layer0 = {k.split(".", 1)[1]: torch.zeros(v) for k, v in layout["ip_adapter_sample"].items() if k.startswith("0.")}
+        layer0 = {
+            k.split(".", 1)[1]: torch.zeros(v)
+            for k, v in layout["ip_adapter_sample"].items()
+            if k.startswith("0.")
+        }
         proc = _processor_from_tensors(0, layer0, TokenLayout(), name)
         assert (proc.lora_rank, proc.has_image) == (128, False)
         assert proc.width == layout["ip_adapter_sample"]["0.to_q_lora.up.weight"][0]
@@ -91,7 +121,10 @@ def test_ip_adapter_indices_follow_diffusers_processor_order():
     with torch.device("meta"):
         unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' default config is SD1.5's
     assert list(unet.attn_processors) == sd15_order
-    assert sorted(cross_attention_layers(unet)) == layouts["ip-adapter_sd15 (ViT-H proj_dim=1024)"]["ip_adapter_indices"]
+    assert (
+        sorted(cross_attention_layers(unet))
+        == layouts["ip-adapter_sd15 (ViT-H proj_dim=1024)"]["ip_adapter_indices"]
+    )
 
 
 @pytest.mark.parametrize("prefix", ["InstantID"])

@@ -20,8 +20,14 @@ def _arr(images) -> np.ndarray:
 
 def _base_images(pipe, prompt="a red ball", num_images=1):
     out = pipe(
-        prompt=prompt, negative_prompt="", num_inference_steps=SETTINGS["steps"], guidance_scale=SETTINGS["guidance"],
-        width=64, height=64, num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(SETTINGS["seed"]),
+        prompt=prompt,
+        negative_prompt="",
+        num_inference_steps=SETTINGS["steps"],
+        guidance_scale=SETTINGS["guidance"],
+        width=64,
+        height=64,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator("cpu").manual_seed(SETTINGS["seed"]),
     )
     return out.images
 
@@ -80,7 +86,9 @@ def test_uncond_branch_follows_the_official_rules(sd15, encoder, reference_image
     plus = IPAdapterPipeline(sd15, random_adapter(sd15.unet, "ip-adapter-plus", encoder.model), encoder)
     tokens = plus.encode_references([reference_image])
     zero_pixels = torch.zeros(1, 3, 224, 224)
-    expected = plus.adapter.image_proj(encoder.model(zero_pixels, output_hidden_states=True).hidden_states[-2])
+    expected = plus.adapter.image_proj(
+        encoder.model(zero_pixels, output_hidden_states=True).hidden_states[-2]
+    )
     assert torch.allclose(tokens.uncond, expected, atol=1e-5)
 
 
@@ -118,7 +126,7 @@ def test_controlnet_sees_text_only(sd15, encoder, reference_image):
     with_tokens = controlnet(sample, t, torch.cat([text, tokens.cond], 1), cond, return_dict=False)
     adapter.layout.num_tokens = 0
     text_only = controlnet(sample, t, text, cond, return_dict=False)
-    for a, b in zip([*with_tokens[0], with_tokens[1]], [*text_only[0], text_only[1]]):
+    for a, b in zip([*with_tokens[0], with_tokens[1]], [*text_only[0], text_only[1]], strict=False):
         assert torch.equal(a, b)
     images = ip("a red ball", reference_image, control_image=np.zeros((64, 64, 3), np.uint8), **SETTINGS)
     assert images[0].size == (64, 64)

@@ -49,7 +49,9 @@ def _named(width: int, names: dict) -> str:
 class IPAdapter(nn.Module):
     """Projection and decoupled cross-attention weights of one IP-Adapter."""
 
-    def __init__(self, method: Method, image_proj: nn.Module, layers: dict[int, IPAttnProcessor], layout: TokenLayout):
+    def __init__(
+        self, method: Method, image_proj: nn.Module, layers: dict[int, IPAttnProcessor], layout: TokenLayout
+    ):
         super().__init__()
         self.method = method
         self.image_proj = image_proj
@@ -75,31 +77,50 @@ class IPAdapter(nn.Module):
                     "'<i>.to_q_lora.down.weight' ...)."
                 )
             grouped.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
-        return cls(resolved, image_proj, {i: _processor_from_tensors(i, t, layout, ckpt.source) for i, t in grouped.items()}, layout)
+        return cls(
+            resolved,
+            image_proj,
+            {i: _processor_from_tensors(i, t, layout, ckpt.source) for i, t in grouped.items()},
+            layout,
+        )
 
     @classmethod
-    def for_unet(cls, unet: nn.Module, method: str | Method, image_embed_dim: int, num_tokens: int | None = None) -> IPAdapter:
-        """A freshly initialised adapter for ``unet`` (for training): ``to_k_ip``/``to_v_ip`` start as copies
-        of each layer's ``to_k``/``to_v``, as the official training script does."""
+    def for_unet(
+        cls,
+        unet: nn.Module,
+        method: str | Method,
+        image_embed_dim: int,
+        num_tokens: int | None = None,
+        *,
+        clip_embed_dim: int | None = None,
+        lora_rank: int = 128,
+    ) -> IPAdapter:
+        """A freshly initialised adapter for ``unet`` (for training).
+
+        ``image_embed_dim`` is the width the projection reads (CLIP feature width, or the identity
+        embedding's for FaceID); ``clip_embed_dim`` the CLIP hidden width FaceID-Plus also reads.
+        ``to_k_ip``/``to_v_ip`` start as copies of each layer's ``to_k``/``to_v``, as the official training
+        script does; FaceID's LoRA starts at zero (up-projection zero), so training starts from the base.
+        """
         method = get_method(method) if isinstance(method, str) else method
         cross = unet.config.cross_attention_dim
-        if method.projection == "linear":
-            proj = PROJECTIONS["linear"](embed_dim=image_embed_dim, cross_attention_dim=cross, num_tokens=num_tokens or 4)
-        elif method.projection == "mlp":
-            proj = PROJECTIONS["mlp"](embed_dim=image_embed_dim, cross_attention_dim=cross)
-        else:
-            dim = 1280 if cross > 1280 else cross  # the official SDXL Resampler is 1280 wide, SD1.5's 768
-            proj = PROJECTIONS["resampler"](
-                dim=dim, depth=4, dim_head=64, heads=dim // 64 if dim >= 64 else 1,
-                num_queries=num_tokens or 16, embed_dim=image_embed_dim, output_dim=cross,
-            )
+        proj = _fresh_projection(method, cross, image_embed_dim, num_tokens, clip_embed_dim)
         layout = TokenLayout()
         layers = {}
-        for index, name in cross_attention_layers(unet).items():
+        targets = attention_layers(unet) if method.lora else cross_attention_layers(unet)
+        for index, name in targets.items():
             attn = attention_module(unet, name)
-            proc = IPAttnProcessor(attn.to_k.out_features, attn.to_k.in_features, layout)
-            proc.to_k_ip.weight.data.copy_(attn.to_k.weight.data)
-            proc.to_v_ip.weight.data.copy_(attn.to_v.weight.data)
+            is_cross = not name.endswith("attn1.processor")
+            proc = IPAttnProcessor(
+                attn.to_q.out_features,
+                attn.to_k.in_features,
+                layout,
+                image=is_cross,
+                lora_rank=lora_rank if method.lora else None,
+            )
+            if is_cross:
+                proc.to_k_ip.weight.data.copy_(attn.to_k.weight.data)
+                proc.to_v_ip.weight.data.copy_(attn.to_v.weight.data)
             layers[index] = proc
         return cls(method, proj, layers, layout)
 
@@ -137,8 +158,14 @@ class IPAdapter(nn.Module):
             proc.lora_scale = float(scale)
 
     # ----------------------------------------------------------------- compatibility
-    def check_compatible(self, unet: nn.Module, encoder_config=None, *, base_name: str = "the base model",
-                         encoder_name: str = "the image encoder") -> None:
+    def check_compatible(
+        self,
+        unet: nn.Module,
+        encoder_config=None,
+        *,
+        base_name: str = "the base model",
+        encoder_name: str = "the image encoder",
+    ) -> None:
         """Raise :class:`IncompatibleAdapterError` naming both sides' widths if this adapter cannot run on
         ``unet`` with an encoder of ``encoder_config``; called before anything is generated."""
         unet_cross = unet.config.cross_attention_dim
@@ -147,7 +174,10 @@ class IPAdapter(nn.Module):
         mine = self.cross_attention_dim
         if mine != unet_cross:
             hint = {768: "an SD1.5 base model", 2048: "an SDXL base model"}.get(mine, "a matching base model")
-            other = {768: "an SD1.5 adapter (e.g. ip-adapter_sd15.bin)", 2048: "an SDXL adapter (e.g. ip-adapter_sdxl.bin)"}
+            other = {
+                768: "an SD1.5 adapter (e.g. ip-adapter_sd15.bin)",
+                2048: "an SDXL adapter (e.g. ip-adapter_sdxl.bin)",
+            }
             raise IncompatibleAdapterError(
                 f"the adapter was made for a UNet with cross-attention width {_named(mine, CROSS_ATTENTION_NAMES)}, "
                 f"but {base_name} has {_named(unet_cross, CROSS_ATTENTION_NAMES)}. Use {hint} with this adapter, "
@@ -177,7 +207,11 @@ class IPAdapter(nn.Module):
                     f"{attn.to_q.out_features if attn is not None else 'none'}."
                 )
         if encoder_config is not None:
-            have = encoder_config.projection_dim if self.method.feature == "pooled" else encoder_config.hidden_size
+            have = (
+                encoder_config.projection_dim
+                if self.method.feature == "pooled"
+                else encoder_config.hidden_size
+            )
             want = self.embed_dim
             if have != want:
                 what = "pooled, projected embedding" if self.method.feature == "pooled" else "hidden states"
@@ -213,7 +247,48 @@ class IPAdapter(nn.Module):
         return self.image_proj(features)
 
 
-def _processor_from_tensors(index: int, tensors: dict[str, torch.Tensor], layout: TokenLayout, source: str) -> IPAttnProcessor:
+def _fresh_projection(
+    method: Method, cross: int, embed_dim: int, num_tokens: int | None, clip_embed_dim: int | None
+) -> nn.Module:
+    """The projection of ``method`` at the official widths for a UNet of cross-attention width ``cross``."""
+    kind = method.projection
+    if kind == "linear":
+        return PROJECTIONS[kind](embed_dim=embed_dim, cross_attention_dim=cross, num_tokens=num_tokens or 4)
+    if kind == "mlp":
+        return PROJECTIONS[kind](embed_dim=embed_dim, cross_attention_dim=cross)
+    if kind == "resampler":
+        dim = 1280 if cross > 1280 else cross  # the official SDXL Resampler is 1280 wide, SD1.5's 768
+        return PROJECTIONS[kind](
+            dim=dim,
+            depth=4,
+            dim_head=64,
+            heads=max(1, dim // 64),
+            num_queries=num_tokens or 16,
+            embed_dim=embed_dim,
+            output_dim=cross,
+        )
+    tokens = num_tokens or (16 if method.name == "faceid-portrait" else 4)
+    if kind == "faceid-mlp":
+        return PROJECTIONS[kind](
+            embed_dim=embed_dim, hidden_dim=2 * embed_dim, cross_attention_dim=cross, num_tokens=tokens
+        )
+    if clip_embed_dim is None:
+        raise ValueError(f"{method.name} also reads CLIP features: give clip_embed_dim")
+    return PROJECTIONS[kind](
+        embed_dim=embed_dim,
+        hidden_dim=2 * embed_dim,
+        cross_attention_dim=cross,
+        num_tokens=tokens,
+        clip_embed_dim=clip_embed_dim,
+        depth=4,
+        heads=max(1, cross // 64),
+        dim_head=64,
+    )
+
+
+def _processor_from_tensors(
+    index: int, tensors: dict[str, torch.Tensor], layout: TokenLayout, source: str
+) -> IPAttnProcessor:
     """One layer's processor, its kind (image weights, LoRA or both) and widths read from its tensors."""
     has_image = "to_k_ip.weight" in tensors or "to_v_ip.weight" in tensors
     has_lora = any(k.endswith("_lora.down.weight") for k in tensors)

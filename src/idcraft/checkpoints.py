@@ -70,7 +70,9 @@ def load_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
 def save_checkpoint(checkpoint: AdapterCheckpoint, path: str | os.PathLike) -> Path:
     """Write ``checkpoint`` in the official layout chosen by the suffix (``.safetensors`` or ``.bin``)."""
     path = Path(path)
-    groups = {g: {k: t.detach().cpu().contiguous() for k, t in d.items()} for g, d in checkpoint.groups().items()}
+    groups = {
+        g: {k: t.detach().cpu().contiguous() for k, t in d.items()} for g, d in checkpoint.groups().items()
+    }
     with _atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             flat = {f"{g}.{k}": t for g, d in groups.items() for k, t in d.items()}

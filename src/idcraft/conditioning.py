@@ -56,7 +56,9 @@ def _dtype(adapter: IPAdapter) -> torch.dtype:
 
 
 @torch.no_grad()
-def image_tokens(adapter: IPAdapter, encoder: ClipImageEncoder, images: Sequence[Image.Image]) -> ReferenceTokens:
+def image_tokens(
+    adapter: IPAdapter, encoder: ClipImageEncoder, images: Sequence[Image.Image]
+) -> ReferenceTokens:
     """CLIP-image methods. N references give N x tokens-per-image tokens side by side; the cross-attention
     attends over all of them at once (as diffusers does for a list of images given to one adapter)."""
     method = adapter.method
@@ -67,7 +69,9 @@ def image_tokens(adapter: IPAdapter, encoder: ClipImageEncoder, images: Sequence
     )
 
 
-def prepare_embedding(embedding: np.ndarray | torch.Tensor, method: Method, expected_dim: int) -> torch.Tensor:
+def prepare_embedding(
+    embedding: np.ndarray | torch.Tensor, method: Method, expected_dim: int
+) -> torch.Tensor:
     """A raw identity embedding as the method's official code feeds it (L2-normalised for FaceID, raw
     for InstantID), checked against the projection's input width."""
     vector = torch.as_tensor(np.asarray(embedding, dtype=np.float32)).reshape(-1)
@@ -163,7 +167,7 @@ def identities_from_photos(
         )
     if faces is None:  # embeddings were given; keypoints still come from the photos
         faces = [analyse_reference(p, "default", face_index, embed=False) for p in photos]
-    return [Identity(v, faceid_plus_crop(p, f.kps)) for v, p, f in zip(vectors, photos, faces)]
+    return [Identity(v, faceid_plus_crop(p, f.kps)) for v, p, f in zip(vectors, photos, faces, strict=False)]
 
 
 def faceid_plus_crop(photo: Image.Image, kps: np.ndarray) -> Image.Image:

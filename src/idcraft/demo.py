@@ -36,15 +36,20 @@ def build_models(directory: Path) -> dict[str, Path]:
     from .checkpoints import save_checkpoint
     from .tiny import random_adapter, tiny_image_encoder, tiny_sd15_pipeline
 
-    paths = {"base": directory / "base", "image_encoder": directory / "image_encoder",
-             "adapter": directory / "ip-adapter-plus_tiny.safetensors"}
+    paths = {
+        "base": directory / "base",
+        "image_encoder": directory / "image_encoder",
+        "adapter": directory / "ip-adapter-plus_tiny.safetensors",
+    }
     if all(p.exists() for p in paths.values()):
         return paths
     pipe = tiny_sd15_pipeline(seed=0)
     encoder = tiny_image_encoder(seed=0)
     pipe.save_pretrained(paths["base"])
     encoder.save_pretrained(paths["image_encoder"])
-    save_checkpoint(random_adapter(pipe.unet, "ip-adapter-plus", encoder, seed=0).to_checkpoint(), paths["adapter"])
+    save_checkpoint(
+        random_adapter(pipe.unet, "ip-adapter-plus", encoder, seed=0).to_checkpoint(), paths["adapter"]
+    )
     return paths
 
 
@@ -57,20 +62,33 @@ def run_demo(output: str | Path, prompt: str = "a character on a beach", seed: i
     paths = build_models(output / "models")
     reference = reference_character()
     reference.save(output / "reference.png")
-    pipe = IPAdapterPipeline.from_pretrained(paths["base"], paths["adapter"], paths["image_encoder"], device="cpu")
+    pipe = IPAdapterPipeline.from_pretrained(
+        paths["base"], paths["adapter"], paths["image_encoder"], device="cpu"
+    )
     tokens = pipe.encode_references([reference])
     tiles = [reference.resize((128, 128))]
     for scale in SCALES:
-        image = pipe(prompt, tokens=tokens, scale=scale, seed=seed, steps=10, guidance=5.0, width=64, height=64,
-                     progress=False)[0]
+        image = pipe(
+            prompt,
+            tokens=tokens,
+            scale=scale,
+            seed=seed,
+            steps=10,
+            guidance=5.0,
+            width=64,
+            height=64,
+            progress=False,
+        )[0]
         image.save(output / f"scale-{scale:.1f}.png")
         tiles.append(image.resize((128, 128), Image.NEAREST))
     grid = _labelled_row(tiles, ["reference"] + [f"scale {s:.1f}" for s in SCALES])
     grid.save(output / "grid.png")
     spread = [float(np.abs(np.asarray(t, float) - np.asarray(tiles[1], float)).mean()) for t in tiles[2:]]
-    print(f"idcraft demo: tiny random-weight SD1.5 + IP-Adapter-Plus (placeholder for the bundled world), "
-          f"{time.perf_counter() - start:.1f} s")
-    for scale, diff in zip(SCALES[1:], spread):
+    print(
+        f"idcraft demo: tiny random-weight SD1.5 + IP-Adapter-Plus (placeholder for the bundled world), "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    for scale, diff in zip(SCALES[1:], spread, strict=False):
         print(f"  scale {scale:.1f}: mean |image - scale 0.0 image| = {diff:.1f}/255")
     print(f"  wrote {output / 'grid.png'}")
     return output / "grid.png"
@@ -80,7 +98,7 @@ def _labelled_row(tiles: list[Image.Image], labels: list[str]) -> Image.Image:
     width, height = tiles[0].size
     row = Image.new("RGB", (width * len(tiles), height + 16), "white")
     draw = ImageDraw.Draw(row)
-    for i, (tile, label) in enumerate(zip(tiles, labels)):
+    for i, (tile, label) in enumerate(zip(tiles, labels, strict=False)):
         row.paste(tile, (i * width, 16))
         draw.text((i * width + 4, 2), label, fill="black")
     return row

@@ -26,3 +26,7 @@ class IncompatibleAdapterError(IdcraftError):
 
 class ModelLoadError(IdcraftError):
     """A base model or encoder cannot be found locally or on the hub."""
+
+
+class FaceError(IdcraftError):
+    """Face analysis cannot give a usable face: none found, models missing, or the wrong kind of embedding."""

@@ -57,7 +57,9 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> Image.Im
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not an image file PIL can read (PNG, JPEG, WebP, BMP, TIFF ...).") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{name}: the image file is truncated or corrupt ({exc}). Re-export or re-download it.") from exc
+        raise ImageError(
+            f"{name}: the image file is truncated or corrupt ({exc}). Re-export or re-download it."
+        ) from exc
     return _to_rgb(ImageOps.exif_transpose(image), name)
 
 
@@ -100,8 +102,13 @@ def _array_to_rgb(array: np.ndarray, limit: int) -> Image.Image:
         raise ImageError(f"array image must be HxW, HxWx3 or HxWx4, got shape {tuple(array.shape)}.")
     _check_size((array.shape[1], array.shape[0]), limit, "array image")
     if array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating) and array.max() <= 1.0:
-            array = array * 255.0
-        array = np.clip(np.asarray(array, dtype=np.float64) + 0.5, 0, 255).astype(np.uint8)
+        data = np.asarray(array, dtype=np.float64)
+        if not np.all(np.isfinite(data)):
+            raise ImageError("array image contains NaN or infinity.")
+        if np.issubdtype(array.dtype, np.floating) and data.max() <= 1.0:
+            data = data * 255.0
+        elif np.issubdtype(array.dtype, np.integer) and data.max() > 255:
+            data = data * (255.0 / 65535.0)  # 16-bit data (e.g. cv2.IMREAD_UNCHANGED), not clipped to white
+        array = np.clip(data + 0.5, 0, 255).astype(np.uint8)
     image = Image.fromarray(np.ascontiguousarray(array))
     return _to_rgb(image, "array image")

@@ -71,14 +71,14 @@ class IPAttnProcessor(nn.Module):
         lora_rank: int | None = None,
     ):
         super().__init__()
-        if image:
-            self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-            self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        if lora_rank:
+        if lora_rank:  # registered first: the official files list a layer's LoRA keys before to_k_ip
             self.to_q_lora = LoRALinear(hidden_size, hidden_size, lora_rank)
             self.to_k_lora = LoRALinear(cross_attention_dim, hidden_size, lora_rank)
             self.to_v_lora = LoRALinear(cross_attention_dim, hidden_size, lora_rank)
             self.to_out_lora = LoRALinear(hidden_size, hidden_size, lora_rank)
+        if image:
+            self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+            self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.has_image = image
         self.width = hidden_size
         self.lora_rank = lora_rank
@@ -110,7 +110,9 @@ class IPAttnProcessor(nn.Module):
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
 
-        text, image = split_image_tokens(encoder_hidden_states, self.layout.num_tokens if self.has_image else 0)
+        text, image = split_image_tokens(
+            encoder_hidden_states, self.layout.num_tokens if self.has_image else 0
+        )
         batch_size = hidden_states.shape[0] if text is None else text.shape[0]
         sequence_length = hidden_states.shape[1] if text is None else text.shape[1]
         if attention_mask is not None:
@@ -135,7 +137,9 @@ class IPAttnProcessor(nn.Module):
         query_h = heads(query)
         key = self._project(attn.to_k, "to_k_lora", text)
         value = self._project(attn.to_v, "to_v_lora", text)
-        hidden_states = F.scaled_dot_product_attention(query_h, heads(key), heads(value), attn_mask=attention_mask)
+        hidden_states = F.scaled_dot_product_attention(
+            query_h, heads(key), heads(value), attn_mask=attention_mask
+        )
         hidden_states = merge(hidden_states)
         if image is not None and image.shape[1] > 0:
             ip_states = F.scaled_dot_product_attention(
@@ -158,7 +162,9 @@ class TextOnlyAttnProcessor:
         self.layout = layout
         self.inner = AttnProcessor2_0()
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, *args, **kwargs):
+    def __call__(
+        self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, *args, **kwargs
+    ):
         text, _ = split_image_tokens(encoder_hidden_states, self.layout.num_tokens)
         return self.inner(attn, hidden_states, text, *args, **kwargs)
 

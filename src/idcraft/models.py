@@ -36,7 +36,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise IdcraftError(f"--device {device} was asked for, but this PyTorch build sees no CUDA GPU; use --device cpu.")
+        raise IdcraftError(
+            f"--device {device} was asked for, but this PyTorch build sees no CUDA GPU; use --device cpu."
+        )
     return dev
 
 
@@ -98,7 +100,9 @@ def load_base_pipeline(base: str | os.PathLike, *, device: torch.device, dtype: 
     return pipe.to(device)
 
 
-def load_image_encoder(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def load_image_encoder(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+):
     """Load a ``CLIPVisionModelWithProjection`` (the encoder folder shipped next to the adapters)."""
     from transformers import CLIPVisionModelWithProjection
 

@@ -40,10 +40,14 @@ class IPAdapterPipeline:
     def __init__(self, pipe, adapter: IPAdapter, encoder: ClipImageEncoder | None = None, controlnet=None):
         method = adapter.method
         if method.needs_image_encoder and encoder is None:
-            raise IdcraftError(f"{method.name} reads CLIP image features: give an image encoder (--image-encoder).")
+            raise IdcraftError(
+                f"{method.name} reads CLIP image features: give an image encoder (--image-encoder)."
+            )
         self.encoder = encoder
         self.adapter = adapter.to(device=pipe.device, dtype=pipe.unet.dtype).eval()
-        adapter.check_compatible(pipe.unet, encoder.config if encoder is not None and method.feature else None)
+        adapter.check_compatible(
+            pipe.unet, encoder.config if encoder is not None and method.feature else None
+        )
         if controlnet is not None:
             pipe = _controlnet_pipeline(pipe, controlnet)
         self.pipe = pipe
@@ -73,7 +77,11 @@ class IPAdapterPipeline:
                 f"{ip_adapter.method.name} reads CLIP image features: pass --image-encoder (the image_encoder "
                 "folder published with the adapter)."
             )
-        encoder = ClipImageEncoder(load_image_encoder(image_encoder, device=dev, dtype=dt)) if needs_encoder else None
+        encoder = (
+            ClipImageEncoder(load_image_encoder(image_encoder, device=dev, dtype=dt))
+            if needs_encoder
+            else None
+        )
         names = {"base_name": f"base model {base}", "encoder_name": f"image encoder {image_encoder}"}
         encoder_config = encoder.config if encoder is not None else None
         if _is_local_dir(base):  # fail in milliseconds, before loading gigabytes
@@ -114,7 +122,11 @@ class IPAdapterPipeline:
                 raise IdcraftError(f"{self.method.name} needs at least one reference image.")
             return image_tokens(self.adapter, self.encoder, images)
         identities = identities_from_photos(
-            self.method, images, face_embeddings, face_backend=face_backend, face_models=face_models,
+            self.method,
+            images,
+            face_embeddings,
+            face_backend=face_backend,
+            face_models=face_models,
             face_index=face_index,
         )
         return identity_tokens(self.adapter, identities, self.encoder, s_scale=s_scale)
@@ -147,8 +159,14 @@ class IPAdapterPipeline:
         latents as diffusers and the official code.
         """
         if tokens is None:
-            refs = [] if reference is None else (
-                [reference] if isinstance(reference, (str, os.PathLike, Image.Image, np.ndarray)) else list(reference)
+            refs = (
+                []
+                if reference is None
+                else (
+                    [reference]
+                    if isinstance(reference, (str, os.PathLike, Image.Image, np.ndarray))
+                    else list(reference)
+                )
             )
             embeddings = None
             if face_embedding is not None:
@@ -168,7 +186,9 @@ class IPAdapterPipeline:
         if self.is_sdxl:
             embeds.update(pooled_prompt_embeds=text[2], negative_pooled_prompt_embeds=text[3])
         embeds["prompt_embeds"] = _append(embeds["prompt_embeds"], tokens.cond, num_images)
-        embeds["negative_prompt_embeds"] = _append(embeds["negative_prompt_embeds"], tokens.uncond, num_images)
+        embeds["negative_prompt_embeds"] = _append(
+            embeds["negative_prompt_embeds"], tokens.uncond, num_images
+        )
 
         extra = {}
         if hasattr(self.pipe, "controlnet"):
@@ -196,7 +216,11 @@ def _append(text: torch.Tensor, image_tokens: torch.Tensor, num_images: int) -> 
 def _controlnet_pipeline(pipe, controlnet):
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    cls = StableDiffusionXLControlNetPipeline if hasattr(pipe, "text_encoder_2") else StableDiffusionControlNetPipeline
+    cls = (
+        StableDiffusionXLControlNetPipeline
+        if hasattr(pipe, "text_encoder_2")
+        else StableDiffusionControlNetPipeline
+    )
     return cls.from_pipe(pipe, controlnet=controlnet)
 
 

@@ -50,7 +50,9 @@ class LinearProjection(ModelMixin, ConfigMixin):
         cross = sd["norm.weight"].shape[0]
         out, embed = sd["proj.weight"].shape
         if out % cross:
-            raise CheckpointError(f"proj.weight has {out} outputs, not a multiple of the token width {cross}.")
+            raise CheckpointError(
+                f"proj.weight has {out} outputs, not a multiple of the token width {cross}."
+            )
         return {"embed_dim": embed, "cross_attention_dim": cross, "num_tokens": out // cross}
 
 
@@ -72,7 +74,10 @@ class MLPProjection(ModelMixin, ConfigMixin):
 
     @staticmethod
     def config_from_state_dict(sd: StateDict) -> dict:
-        return {"embed_dim": sd["proj.0.weight"].shape[1], "cross_attention_dim": sd["proj.2.weight"].shape[0]}
+        return {
+            "embed_dim": sd["proj.0.weight"].shape[1],
+            "cross_attention_dim": sd["proj.2.weight"].shape[0],
+        }
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -125,7 +130,9 @@ class PerceiverStack(nn.Module):
     projection and LayerNorm. The latents are given by the caller: learned queries (Resampler) or identity
     tokens (FaceID-Plus)."""
 
-    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, embed_dim: int, output_dim: int, ff_mult: float):
+    def __init__(
+        self, dim: int, depth: int, dim_head: int, heads: int, embed_dim: int, output_dim: int, ff_mult: float
+    ):
         super().__init__()
         self.proj_in = nn.Linear(embed_dim, dim)
         self.proj_out = nn.Linear(dim, output_dim)
@@ -149,7 +156,9 @@ class PerceiverStack(nn.Module):
     @classmethod
     def config_from_state_dict(cls, sd: StateDict, prefix: str = "") -> dict:
         dim = sd[prefix + "proj_in.weight"].shape[0]
-        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k)))
+        depth = 1 + max(
+            int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))
+        )
         inner = sd[prefix + "layers.0.0.to_q.weight"].shape[0]
         ff_inner = sd[prefix + "layers.0.1.1.weight"].shape[0]
         if inner % cls.DIM_HEAD:
@@ -202,10 +211,18 @@ class FaceIDProjection(ModelMixin, ConfigMixin):
     """Identity embedding ``[B, id_dim]`` -> ``[B, num_tokens, cross_attention_dim]`` (MLP + LayerNorm)."""
 
     @register_to_config
-    def __init__(self, embed_dim: int = 512, hidden_dim: int = 1024, cross_attention_dim: int = 768, num_tokens: int = 4):
+    def __init__(
+        self,
+        embed_dim: int = 512,
+        hidden_dim: int = 1024,
+        cross_attention_dim: int = 768,
+        num_tokens: int = 4,
+    ):
         super().__init__()
         self.proj = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, cross_attention_dim * num_tokens)
+            nn.Linear(embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, cross_attention_dim * num_tokens),
         )
         self.norm = nn.LayerNorm(cross_attention_dim)
 
@@ -219,8 +236,15 @@ class FaceIDProjection(ModelMixin, ConfigMixin):
         hidden, embed = sd["proj.0.weight"].shape
         out = sd["proj.2.weight"].shape[0]
         if out % cross:
-            raise CheckpointError(f"proj.2.weight has {out} outputs, not a multiple of the token width {cross}.")
-        return {"embed_dim": embed, "hidden_dim": hidden, "cross_attention_dim": cross, "num_tokens": out // cross}
+            raise CheckpointError(
+                f"proj.2.weight has {out} outputs, not a multiple of the token width {cross}."
+            )
+        return {
+            "embed_dim": embed,
+            "hidden_dim": hidden,
+            "cross_attention_dim": cross,
+            "num_tokens": out // cross,
+        }
 
 
 class FaceIDPlusProjection(ModelMixin, ConfigMixin):
@@ -246,16 +270,25 @@ class FaceIDPlusProjection(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self.proj = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, cross_attention_dim * num_tokens)
+            nn.Linear(embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, cross_attention_dim * num_tokens),
         )
         self.norm = nn.LayerNorm(cross_attention_dim)
         self.perceiver_resampler = PerceiverStack(
             cross_attention_dim, depth, dim_head, heads, clip_embed_dim, cross_attention_dim, ff_mult
         )
 
-    def forward(self, id_embeds: torch.Tensor, clip_features: torch.Tensor, shortcut: bool = False,
-                s_scale: float = 1.0) -> torch.Tensor:
-        x = self.norm(self.proj(id_embeds).reshape(-1, self.config.num_tokens, self.config.cross_attention_dim))
+    def forward(
+        self,
+        id_embeds: torch.Tensor,
+        clip_features: torch.Tensor,
+        shortcut: bool = False,
+        s_scale: float = 1.0,
+    ) -> torch.Tensor:
+        x = self.norm(
+            self.proj(id_embeds).reshape(-1, self.config.num_tokens, self.config.cross_attention_dim)
+        )
         out = self.perceiver_resampler(x, clip_features)
         return x + s_scale * out if shortcut else out
 

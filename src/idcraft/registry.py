@@ -81,8 +81,15 @@ METHODS: dict[str, Method] = {
                 "ip-adapter_sdxl.bin",
                 "ip-adapter_sdxl_vit-h.bin",
             ),
-            aliases=("ipadapter", "ip-adapter_sd15", "ip-adapter_sd15_light", "ip-adapter-light",
-                     "ip-adapter_sd15_vit-g", "ip-adapter_sdxl", "ip-adapter_sdxl_vit-h"),
+            aliases=(
+                "ipadapter",
+                "ip-adapter_sd15",
+                "ip-adapter_sd15_light",
+                "ip-adapter-light",
+                "ip-adapter_sd15_vit-g",
+                "ip-adapter_sdxl",
+                "ip-adapter_sdxl_vit-h",
+            ),
         ),
         Method(
             name="ip-adapter-plus",
@@ -149,7 +156,11 @@ METHODS: dict[str, Method] = {
             lora=True,
             description="IP-Adapter-FaceID-PlusV2: FaceID-Plus with the identity tokens added back (--s-scale).",
             checkpoints=("ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid-plusv2_sdxl.bin"),
-            aliases=("ip-adapter-faceid-plusv2", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sdxl"),
+            aliases=(
+                "ip-adapter-faceid-plusv2",
+                "ip-adapter-faceid-plusv2_sd15",
+                "ip-adapter-faceid-plusv2_sdxl",
+            ),
         ),
         Method(
             name="faceid-portrait",
@@ -159,17 +170,22 @@ METHODS: dict[str, Method] = {
             inputs="face",
             normalize_embedding=True,
             description="IP-Adapter-FaceID-Portrait: 16 tokens per reference photo (up to 5, side by side), no LoRA.",
-            checkpoints=("ip-adapter-faceid-portrait_sd15.bin", "ip-adapter-faceid-portrait-v11_sd15.bin",
-                         "ip-adapter-faceid-portrait_sdxl.bin"),
-            aliases=("ip-adapter-faceid-portrait", "ip-adapter-faceid-portrait_sd15",
-                     "ip-adapter-faceid-portrait-v11_sd15", "ip-adapter-faceid-portrait_sdxl"),
+            checkpoints=(
+                "ip-adapter-faceid-portrait_sd15.bin",
+                "ip-adapter-faceid-portrait-v11_sd15.bin",
+                "ip-adapter-faceid-portrait_sdxl.bin",
+            ),
+            aliases=(
+                "ip-adapter-faceid-portrait",
+                "ip-adapter-faceid-portrait_sd15",
+                "ip-adapter-faceid-portrait-v11_sd15",
+                "ip-adapter-faceid-portrait_sdxl",
+            ),
         ),
     )
 }
 
-_ALIASES: dict[str, str] = {
-    alias.lower(): m.name for m in METHODS.values() for alias in (m.name, *m.aliases)
-}
+_ALIASES: dict[str, str] = {alias.lower(): m.name for m in METHODS.values() for alias in (m.name, *m.aliases)}
 
 
 def get_method(name: str) -> Method:
@@ -199,7 +215,9 @@ def projection_kind(image_proj: Mapping[str, object]) -> str:
     )
 
 
-def detect_method(image_proj: Mapping[str, object], ip_adapter: Mapping[str, object], filename: str | None = None) -> Method:
+def detect_method(
+    image_proj: Mapping[str, object], ip_adapter: Mapping[str, object], filename: str | None = None
+) -> Method:
     """The method an official checkpoint was saved from, as far as its keys tell.
 
     Keys cannot tell Plus from Plus-Face, FaceID-Plus from PlusV2 (same architectures, different training
@@ -215,12 +233,22 @@ def detect_method(image_proj: Mapping[str, object], ip_adapter: Mapping[str, obj
             "those methods are not supported by this version of idcraft yet."
         )
     has_lora = any("_lora." in k for k in ip_adapter)
-    candidates = [m for m in METHODS.values() if m.projection == kind and (m.lora == has_lora or kind not in ("faceid-mlp",))]
+    candidates = [
+        m
+        for m in METHODS.values()
+        if m.projection == kind and (m.lora == has_lora or kind not in ("faceid-mlp",))
+    ]
     if not candidates:
-        raise CheckpointError(f"no known method has a {kind} projection {'with' if has_lora else 'without'} LoRA.")
+        raise CheckpointError(
+            f"no known method has a {kind} projection {'with' if has_lora else 'without'} LoRA."
+        )
     if filename:
         stem = filename.rsplit("/", 1)[-1].lower()
-        named = [m for m in candidates if any(stem.startswith(a) for a in sorted((m.name, *m.aliases), key=len, reverse=True))]
+        named = [
+            m
+            for m in candidates
+            if any(stem.startswith(a) for a in sorted((m.name, *m.aliases), key=len, reverse=True))
+        ]
         if named:
             return max(named, key=lambda m: max(len(a) for a in (m.name, *m.aliases) if stem.startswith(a)))
     return candidates[0]

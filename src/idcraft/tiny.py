@@ -21,7 +21,11 @@ TEXT_WIDTH = 32
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -29,7 +33,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=False))
 
 
 def tiny_tokenizer(directory: str | Path | None = None):
@@ -46,8 +50,10 @@ def tiny_tokenizer(directory: str | Path | None = None):
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(
-        vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"),
-        pad_token="<|endoftext|>", model_max_length=77,
+        vocab_file=str(directory / "vocab.json"),
+        merges_file=str(directory / "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=77,
     )
 
 
@@ -56,9 +62,17 @@ def tiny_text_encoder(with_projection: bool = False, hidden: int = TEXT_WIDTH, s
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=514, max_position_embeddings=77, projection_dim=hidden, bos_token_id=512, eos_token_id=513,
-        pad_token_id=513, hidden_act="quick_gelu",
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=514,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_act="quick_gelu",
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
@@ -70,8 +84,14 @@ def tiny_image_encoder(hidden: int = 48, projection: int = 40, image_size: int =
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        hidden_size=hidden, projection_dim=projection, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, image_size=image_size, patch_size=32, initializer_factor=3.0,
+        hidden_size=hidden,
+        projection_dim=projection,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=32,
+        initializer_factor=3.0,
     )
     return CLIPVisionModelWithProjection(config).eval()
 
@@ -81,8 +101,14 @@ def _vae(seed: int):
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
     ).eval()
 
 
@@ -90,8 +116,12 @@ def _scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
 
 
@@ -101,10 +131,14 @@ def tiny_sd15_unet(cross_attention_dim: int = TEXT_WIDTH, seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=16, block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=8,
+        sample_size=16,
+        block_out_channels=[32, 32, 64, 64],
+        layers_per_block=1,
+        norm_num_groups=8,
         down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
     ).eval()
 
 
@@ -112,9 +146,14 @@ def tiny_sd15_pipeline(seed: int = 0):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=_vae(seed), text_encoder=tiny_text_encoder(seed=seed), tokenizer=tiny_tokenizer(),
-        unet=tiny_sd15_unet(seed=seed), scheduler=_scheduler(), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=_vae(seed),
+        text_encoder=tiny_text_encoder(seed=seed),
+        tokenizer=tiny_tokenizer(),
+        unet=tiny_sd15_unet(seed=seed),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -125,11 +164,18 @@ def tiny_sdxl_unet(seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=16, block_out_channels=[32, 64, 64], layers_per_block=2, norm_num_groups=8,
+        sample_size=16,
+        block_out_channels=[32, 64, 64],
+        layers_per_block=2,
+        norm_num_groups=8,
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        transformer_layers_per_block=[1, 1, 2], attention_head_dim=[2, 4, 4], use_linear_projection=True,
-        cross_attention_dim=2 * TEXT_WIDTH, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=[1, 1, 2],
+        attention_head_dim=[2, 4, 4],
+        use_linear_projection=True,
+        cross_attention_dim=2 * TEXT_WIDTH,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + TEXT_WIDTH,
     ).eval()
 
@@ -137,11 +183,18 @@ def tiny_sdxl_unet(seed: int = 0):
 def tiny_sdxl_pipeline(seed: int = 0):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
     tokenizer = tiny_tokenizer()
     return StableDiffusionXLPipeline(
-        vae=_vae(seed), text_encoder=tiny_text_encoder(seed=seed), text_encoder_2=tiny_text_encoder(True, seed=seed + 1),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=tiny_sdxl_unet(seed), scheduler=scheduler,
+        vae=_vae(seed),
+        text_encoder=tiny_text_encoder(seed=seed),
+        text_encoder_2=tiny_text_encoder(True, seed=seed + 1),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=tiny_sdxl_unet(seed),
+        scheduler=scheduler,
     )
 
 
@@ -153,18 +206,32 @@ def tiny_controlnet(unet, seed: int = 0):
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
 
 
-def random_adapter(unet, method: str, encoder, *, seed: int = 0, std: float = 0.3) -> IPAdapter:
-    """An adapter of ``method`` shaped for ``unet`` and ``encoder``, with random weights that make the
-    image tokens matter (freshly initialised to_k_ip/to_v_ip would copy the text projections)."""
+def random_adapter(
+    unet,
+    method: str,
+    encoder=None,
+    *,
+    seed: int = 0,
+    std: float = 0.3,
+    lora_rank: int = 4,
+    face_dim: int = 512,
+) -> IPAdapter:
+    """An adapter of ``method`` shaped for ``unet`` (and ``encoder``, for methods reading CLIP features),
+    with random weights that make the image tokens (and FaceID's LoRA) matter: freshly initialised
+    to_k_ip/to_v_ip would copy the text projections and a fresh LoRA is zero."""
     from .registry import get_method
 
     m = get_method(method)
-    width = encoder.config.projection_dim if m.feature == "pooled" else encoder.config.hidden_size
-    adapter = IPAdapter.for_unet(unet, m, width)
+    clip_width = None
+    if encoder is not None and m.feature is not None:
+        clip_width = encoder.config.projection_dim if m.feature == "pooled" else encoder.config.hidden_size
+    width = face_dim if m.needs_face else clip_width
+    adapter = IPAdapter.for_unet(unet, m, width, clip_embed_dim=clip_width, lora_rank=lora_rank)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in adapter.named_parameters():
             if "norm" in name:  # keep LayerNorms at identity: random gains only add noise
                 continue
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            scale = std / 4 if "_lora." in name else std
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return adapter

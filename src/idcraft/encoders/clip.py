@@ -65,7 +65,9 @@ class ClipImageEncoder:
             return self.model(pixels).image_embeds
         return self.model(pixels, output_hidden_states=True).hidden_states[-2]
 
-    def encode(self, images: Sequence[Image.Image], feature: Feature, uncond: Uncond) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, images: Sequence[Image.Image], feature: Feature, uncond: Uncond
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of ``images`` and of the unconditional branch, as the official code builds it."""
         pixels = self.preprocess(images)
         cond = self.features(pixels, feature)

@@ -1,0 +1,140 @@
+"""Choosing a backend and getting *the* face of a reference photo, with errors that say what to do.
+
+Generation code calls :func:`analyse_reference` (one photo, one face) and never deals with backends'
+details; ``idcraft faces`` uses :func:`get_face_analyser` and :func:`select_face` to list everything.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..errors import FaceError
+from ..images import ImageInput, load_image
+from .types import Face, FaceAnalyser, NoFaceError
+
+#: Backend names accepted by :func:`get_face_analyser` and ``idcraft faces --backend``.
+BACKENDS = ("default", "insightface")
+
+_shared: dict[tuple[Any, ...], FaceAnalyser] = {}
+_shared_lock = threading.Lock()
+
+
+def get_face_analyser(
+    backend: str = "default",
+    models_dir: str | os.PathLike | None = None,
+    providers: Sequence[str] | str | None = None,
+    **options: Any,
+) -> FaceAnalyser:
+    """A new face analyser.
+
+    ``"default"``: offline, models from PyPI packages; boxes and keypoints for every method, embeddings NOT
+    ArcFace-compatible. ``"insightface"``: an insightface model pack (``models_dir``, else
+    ``~/.insightface/models/{antelopev2,buffalo_l}``; ``pack=`` picks one) run with onnxruntime on
+    ``providers`` (default CUDA when available, else CPU); ArcFace embeddings for FaceID/InstantID.
+    Other keyword options go to the backend's constructor.
+    """
+    if backend == "default":
+        if models_dir is not None or providers is not None:
+            raise FaceError(
+                "models_dir (--models) and providers (--providers) apply to the insightface backend; "
+                "the default backend uses the models of its Python packages."
+            )
+        from .default_backend import DefaultFaceAnalyser
+
+        return DefaultFaceAnalyser(**options)
+    if backend == "insightface":
+        from .insightface_pack import InsightFacePackAnalyser
+
+        return InsightFacePackAnalyser(models_dir, providers=providers, **options)
+    raise FaceError(f"unknown face backend {backend!r}; choose one of: {', '.join(BACKENDS)}.")
+
+
+def shared_face_analyser(
+    backend: str = "default",
+    models_dir: str | os.PathLike | None = None,
+    providers: Sequence[str] | str | None = None,
+    **options: Any,
+) -> FaceAnalyser:
+    """Like :func:`get_face_analyser`, but built once per set of arguments and reused (loading the models
+    takes far longer than analysing a photo)."""
+    key = (
+        backend,
+        str(Path(models_dir).expanduser().resolve()) if models_dir is not None else None,
+        providers if providers is None or isinstance(providers, str) else tuple(providers),
+        tuple(sorted((name, repr(value)) for name, value in options.items())),
+    )
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = get_face_analyser(backend, models_dir, providers, **options)
+        return _shared[key]
+
+
+def image_name(source: ImageInput) -> str:
+    """How error messages name an image: its path, or the file a PIL image was read from."""
+    if isinstance(source, str | os.PathLike):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "image"
+    return "array image"
+
+
+def select_face(
+    faces: Sequence[Face], face_index: int, *, name: str, analyser: FaceAnalyser, image_size: tuple[int, int]
+) -> Face:
+    """``faces[face_index]`` (0 = largest), or a :class:`NoFaceError` naming the image and what was
+    searched."""
+    if not faces:
+        width, height = image_size
+        raise NoFaceError(
+            f"{name}: no face found. {analyser.search_limits(width, height)}. Use a photo where the face is "
+            "clearly visible and roughly frontal, or crop closer to it."
+        )
+    if not 0 <= face_index < len(faces):
+        raise NoFaceError(
+            f"{name}: face index {face_index} requested but {len(faces)} face(s) found "
+            f"(0 = largest, up to {len(faces) - 1})."
+        )
+    return faces[face_index]
+
+
+def analyse_reference(
+    source: ImageInput,
+    backend: str | FaceAnalyser = "default",
+    face_index: int = 0,
+    *,
+    models_dir: str | os.PathLike | None = None,
+    providers: Sequence[str] | str | None = None,
+    embed: bool = True,
+    **options: Any,
+) -> Face:
+    """The face of a reference photo: the largest one, or ``face_index`` in largest-first order.
+
+    ``backend`` is a backend name (the analyser is built once and reused, see :func:`shared_face_analyser`)
+    or an analyser. Raises :class:`~idcraft.errors.ImageError` for unreadable images and
+    :class:`NoFaceError` (a :class:`~idcraft.errors.FaceError`) when there is no such face. Methods that
+    need ArcFace embeddings must still check with :func:`~idcraft.faces.require_arcface`.
+    """
+    analyser = (
+        backend
+        if isinstance(backend, FaceAnalyser)
+        else shared_face_analyser(backend, models_dir, providers, **options)
+    )
+    image = load_image(source)
+    faces = analyser.detect(image, embed=embed)
+    return select_face(faces, face_index, name=image_name(source), analyser=analyser, image_size=image.size)
+
+
+def analyse_references(
+    sources: Sequence[ImageInput], backend: str | FaceAnalyser = "default", face_index: int = 0, **kwargs: Any
+) -> list[Face]:
+    """:func:`analyse_reference` for several photos of one person (average them with
+    :func:`~idcraft.faces.average_embeddings`)."""
+    if not sources:
+        raise FaceError("no reference photos given.")
+    return [analyse_reference(source, backend, face_index, **kwargs) for source in sources]
