@@ -143,3 +143,36 @@ def test_explicit_method_must_match_the_keys():
     with pytest.raises(CheckpointError, match="--method ip-adapter-plus"):
         resolve_method("ip-adapter", image_proj, {})
     assert get_method("IPAdapter").name == "ip-adapter"
+
+
+@pytest.mark.parametrize(
+    "layout, filename, expected",
+    [
+        (
+            "ip-adapter-faceid-plus(v2)_sd15 (ProjPlusModel, LoRA r128)",
+            "ip-adapter-faceid-plusv2_sd15.bin",
+            "faceid-plusv2",
+        ),
+        (
+            "ip-adapter-faceid-plus(v2)_sd15 (ProjPlusModel, LoRA r128)",
+            "/models/ip-adapter-faceid-plus_sd15.bin",
+            "faceid-plus",
+        ),
+        (
+            "ip-adapter-faceid-plus(v2)_sd15 (ProjPlusModel, LoRA r128)",
+            "my_finetune.safetensors",
+            "faceid-plus",
+        ),
+        (
+            "ip-adapter-plus_sdxl_vit-h / plus-face_sdxl_vit-h (Resampler dim1280 20 heads, 16 q)",
+            "ip-adapter-plus-face_sdxl_vit-h.safetensors",
+            "ip-adapter-plus-face",
+        ),
+    ],
+)
+def test_official_file_names_settle_what_keys_cannot(layout, filename, expected):
+    entry = _layouts()[layout]
+    method = detect_method(
+        _meta_state(entry["image_proj"]), _meta_state(entry["ip_adapter_sample"]), filename
+    )
+    assert method.name == expected

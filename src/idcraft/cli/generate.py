@@ -23,14 +23,33 @@ def register(subparsers) -> None:
     p.add_argument(
         "--adapter", required=True, help="adapter checkpoint (.bin or .safetensors, official layout)"
     )
-    p.add_argument("--image-encoder", required=True, help="CLIP image encoder: folder or hub id")
+    p.add_argument(
+        "--image-encoder",
+        help="CLIP image encoder: folder or hub id (every method but faceid and faceid-portrait)",
+    )
     p.add_argument(
         "--reference",
         action="append",
-        required=True,
+        default=[],
         metavar="IMAGE",
-        help="reference image; repeat for several (their tokens are combined side by side)",
+        help="reference image; repeat for several (see the README for how each method combines them)",
     )
+    faces = p.add_argument_group("face methods (faceid, faceid-plus, faceid-plusv2, faceid-portrait)")
+    faces.add_argument(
+        "--face-embedding",
+        action="append",
+        metavar="FILE.npy",
+        help="raw ArcFace embedding (as `idcraft faces --save-embeddings` writes it); repeatable; "
+        "skips face analysis. Each method normalises it as its official code does",
+    )
+    faces.add_argument("--s-scale", type=float, default=1.0, help="FaceID-PlusV2: weight of the CLIP face structure")
+    faces.add_argument(
+        "--face-backend",
+        default="insightface",
+        help="face analysis for --reference photos: an ArcFace recogniser is required (insightface)",
+    )
+    faces.add_argument("--face-models", metavar="DIR", help="insightface model pack folder (antelopev2, buffalo_l)")
+    faces.add_argument("--face-index", type=int, default=0, help="which face of each photo: 0 = largest")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument(
@@ -72,6 +91,21 @@ def output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
+def load_embedding(path: str):
+    """A saved embedding (``.npy``), as a flat float32 vector."""
+    import numpy as np
+
+    from ..errors import IdcraftError
+
+    try:
+        vector = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise IdcraftError(f"{path}: cannot read this face embedding ({exc}); expected a .npy array.") from exc
+    if vector.ndim != 1 and not (vector.ndim == 2 and vector.shape[0] == 1):
+        raise IdcraftError(f"{path}: expected one embedding vector, got an array of shape {vector.shape}.")
+    return vector.reshape(-1).astype(np.float32)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import IdcraftError
     from ..images import load_image
@@ -81,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         raise IdcraftError("--num-images and --steps must be at least 1.")
     if bool(args.controlnet) != bool(args.control_image):
         raise IdcraftError("--controlnet and --control-image go together.")
-    references = [load_image(r) for r in args.reference]  # fail on a bad image before loading models
+    references = [load_image(r) for r in args.reference]  # fail on a bad input before loading models
+    embeddings = [load_embedding(f) for f in args.face_embedding or []] or None
+    if not references and embeddings is None:
+        raise IdcraftError("give at least one --reference image (or, for face methods, --face-embedding).")
     control = load_image(args.control_image) if args.control_image else None
     pipe = IPAdapterPipeline.from_pretrained(
         args.base,
@@ -92,9 +129,17 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=None if args.dtype == "auto" else args.dtype,
     )
+    tokens = pipe.encode_references(
+        references,
+        face_embeddings=embeddings,
+        s_scale=args.s_scale,
+        face_backend=args.face_backend,
+        face_models=args.face_models,
+        face_index=args.face_index,
+    )
     images = pipe(
         args.prompt,
-        references,
+        tokens=tokens,
         negative_prompt=args.negative_prompt,
         scale=args.scale,
         seed=args.seed,
