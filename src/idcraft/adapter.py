@@ -17,8 +17,8 @@ from torch import nn
 from .checkpoints import AdapterCheckpoint, load_checkpoint
 from .errors import CheckpointError, IncompatibleAdapterError
 from .injection import (
+    ControlNetAttnProcessor,
     IPAttnProcessor,
-    TextOnlyAttnProcessor,
     TokenLayout,
     attention_layers,
     attention_module,
@@ -224,13 +224,15 @@ class IPAdapter(nn.Module):
 
     # ----------------------------------------------------------------- attach / detach
     def attach(self, unet: nn.Module, controlnets: Iterable[nn.Module] = ()) -> None:
-        """Put this adapter's processors on ``unet``'s cross-attention layers; ControlNets get text-only
-        processors. The previous processors are remembered and restored by :meth:`detach`."""
+        """Put this adapter's processors on ``unet``'s attention layers. ControlNets see the text tokens,
+        or, for InstantID, the identity tokens (IdentityNet's context; extra ControlNets get them too, as in
+        the official pipeline). The previous processors are remembered and restored by :meth:`detach`."""
         self.check_compatible(unet)
         names = attention_layers(unet)
         targets = [(unet, {names[int(i)]: proc for i, proc in self.layers.items()})]
         for net in controlnets:
-            targets.append((net, {name: TextOnlyAttnProcessor(self.layout) for name in net.attn_processors}))
+            sees = "image" if self.method.identitynet else "text"
+            targets.append((net, {name: ControlNetAttnProcessor(self.layout, sees) for name in net.attn_processors}))
         for model, processors in targets:
             previous = {name: model.attn_processors[name] for name in processors}
             install(model, processors)

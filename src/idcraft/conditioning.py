@@ -26,24 +26,29 @@ from .registry import Method
 
 
 @dataclass
+class Identity:
+    """One reference photo's identity: its raw recogniser embedding and, where known, the face crop
+    aligned to the ArcFace template (224 px, FaceID-Plus), the 5 keypoints and the size of the image
+    they are in (InstantID draws them)."""
+
+    embedding: np.ndarray
+    face_crop: Image.Image | None = None
+    kps: np.ndarray | None = None
+    image_size: tuple[int, int] | None = None
+
+
+@dataclass
 class ReferenceTokens:
-    """Image tokens of the references and of the unconditional branch, each ``[1, tokens, width]``."""
+    """Image tokens of the references and of the unconditional branch, each ``[1, tokens, width]``, and
+    for identity methods the identities they were made from (InstantID draws their keypoints)."""
 
     cond: torch.Tensor
     uncond: torch.Tensor
+    identities: list[Identity] | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.cond.shape[1]
-
-
-@dataclass
-class Identity:
-    """One reference photo's identity: its raw recogniser embedding and, where a method needs it, the
-    face crop aligned to the ArcFace template (224 px for FaceID-Plus)."""
-
-    embedding: np.ndarray
-    face_crop: Image.Image | None = None
 
 
 def _side_by_side(tokens: torch.Tensor) -> torch.Tensor:
@@ -114,7 +119,9 @@ def identity_tokens(
     zeros = torch.zeros_like(vectors)
 
     if method.inputs == "face":
-        return ReferenceTokens(_side_by_side(adapter.project(vectors)), _side_by_side(adapter.project(zeros)))
+        return ReferenceTokens(
+            _side_by_side(adapter.project(vectors)), _side_by_side(adapter.project(zeros)), list(identities)
+        )
 
     if encoder is None:
         raise IdcraftError(f"{method.name} also reads CLIP features of the face crop: give an image encoder.")
@@ -126,7 +133,9 @@ def identity_tokens(
     clip_uncond = clip_uncond.to(dtype).reshape(1, -1, clip_uncond.shape[-1])
     kwargs = {"shortcut": method.shortcut, "s_scale": s_scale}
     return ReferenceTokens(
-        adapter.image_proj(vectors, clip, **kwargs), adapter.image_proj(zeros, clip_uncond, **kwargs)
+        adapter.image_proj(vectors, clip, **kwargs),
+        adapter.image_proj(zeros, clip_uncond, **kwargs),
+        list(identities),
     )
 
 
@@ -146,18 +155,28 @@ def identities_from_photos(
     ArcFace embeddings: the official FaceID/InstantID checkpoints were trained on them, and another
     recogniser's embedding is refused with a message saying what to use. FaceID-Plus also needs each
     photo's face aligned to the ArcFace template at 224 px; keypoints then come from the analysis (the
-    offline default detector suffices when the embeddings are given).
+    offline default detector suffices when the embeddings are given). InstantID first resizes each photo
+    with its official rule (:func:`idcraft.faces.resize_img`) and keeps the keypoints in that image.
     """
-    from .faces import analyse_reference, require_arcface
+    from .faces import analyse_reference, require_arcface, resize_img
 
+    if method.identitynet:
+        photos = [resize_img(p) for p in photos]
+    faces = None
     if embeddings is not None:
         vectors = [require_arcface(np.asarray(e, dtype=np.float32), method.name) for e in embeddings]
-        faces = None
     else:
         if not photos:
             raise IdcraftError(f"{method.name} needs reference photos or --face-embedding files.")
-        faces = [analyse_reference(p, face_backend, face_index, models_dir=face_models) for p in photos]
+        models = {"models_dir": face_models} if face_backend != "default" else {}
+        faces = [analyse_reference(p, face_backend, face_index, **models) for p in photos]
         vectors = [require_arcface(f, method.name) for f in faces]
+    if method.identitynet:
+        if faces is None and photos:  # keypoints from the photos; the embeddings were given
+            faces = [analyse_reference(p, "default", face_index, embed=False) for p in photos]
+        if faces is None:
+            return [Identity(v) for v in vectors]
+        return [Identity(v, kps=f.kps, image_size=p.size) for v, f, p in zip(vectors, faces, photos, strict=False)]
     if method.inputs != "face+image":
         return [Identity(v) for v in vectors]
     if len(photos) != len(vectors):

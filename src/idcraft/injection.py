@@ -8,7 +8,8 @@ where ``c`` are the adapter's image tokens. Like the official code, the image to
 text embeddings (``encoder_hidden_states = [text; image]``): the diffusers pipelines then carry them through
 classifier-free guidance and ``num_images_per_prompt`` batching untouched, and the processor splits the last
 ``num_tokens`` off again. A ControlNet beside the UNet receives the same sequence, so its layers get a
-:class:`TextOnlyAttnProcessor` that drops the image tokens: the ControlNet sees the text only.
+:class:`ControlNetAttnProcessor` that drops the image tokens: the ControlNet sees the text only (or, for
+InstantID's IdentityNet, keeps only the image tokens).
 
 IP-Adapter-FaceID adds LoRA (``to_q_lora``, ``to_k_lora``, ``to_v_lora``, ``to_out_lora``) to every
 attention layer, self-attention included; the same processor carries it, with or without image weights.
@@ -155,18 +156,28 @@ class IPAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
 
-class TextOnlyAttnProcessor:
-    """Standard attention that ignores the trailing image tokens (for ControlNets beside an adapter)."""
+class ControlNetAttnProcessor:
+    """Standard attention for a ControlNet beside an adapter, fed only part of ``[text; image]``.
 
-    def __init__(self, layout: TokenLayout):
+    ``sees="text"``: the text tokens (an ordinary ControlNet next to IP-Adapter, as the official code
+    does). ``sees="image"``: the image tokens only (InstantID's IdentityNet, whose cross-attention context
+    is the face tokens instead of the prompt).
+    """
+
+    def __init__(self, layout: TokenLayout, sees: str = "text"):
+        if sees not in ("text", "image"):
+            raise ValueError(f"sees must be 'text' or 'image', not {sees!r}")
         self.layout = layout
+        self.sees = sees
         self.inner = AttnProcessor2_0()
 
     def __call__(
         self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, *args, **kwargs
     ):
-        text, _ = split_image_tokens(encoder_hidden_states, self.layout.num_tokens)
-        return self.inner(attn, hidden_states, text, *args, **kwargs)
+        if encoder_hidden_states is not None:
+            text, image = split_image_tokens(encoder_hidden_states, self.layout.num_tokens)
+            encoder_hidden_states = image if self.sees == "image" else text
+        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
 def split_image_tokens(

@@ -43,16 +43,22 @@ class IPAdapterPipeline:
             raise IdcraftError(
                 f"{method.name} reads CLIP image features: give an image encoder (--image-encoder)."
             )
+        controlnets = _as_list(controlnet)
+        if method.identitynet and not controlnets:
+            raise IdcraftError(
+                f"{method.name} needs its IdentityNet: pass --controlnet DIR, the ControlNetModel folder "
+                "published with the InstantID adapter (InstantX/InstantID: ControlNetModel/)."
+            )
         self.encoder = encoder
         self.adapter = adapter.to(device=pipe.device, dtype=pipe.unet.dtype).eval()
         adapter.check_compatible(
             pipe.unet, encoder.config if encoder is not None and method.feature else None
         )
-        if controlnet is not None:
-            pipe = _controlnet_pipeline(pipe, controlnet)
+        if controlnets:
+            pipe = _controlnet_pipeline(pipe, controlnets)
         self.pipe = pipe
         self.is_sdxl = hasattr(pipe, "text_encoder_2")
-        controlnets = getattr(controlnet, "nets", [controlnet] if controlnet is not None else [])
+        self.num_controlnets = len(controlnets)
         self.adapter.attach(pipe.unet, controlnets)
 
     @classmethod
@@ -63,7 +69,7 @@ class IPAdapterPipeline:
         image_encoder: str | os.PathLike | None = None,
         *,
         method: str | None = None,
-        controlnet: str | os.PathLike | None = None,
+        controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> IPAdapterPipeline:
@@ -88,8 +94,34 @@ class IPAdapterPipeline:
             ip_adapter.check_compatible(_meta_unet(base), encoder_config, **names)
         pipe = load_base_pipeline(base, device=dev, dtype=dt)
         ip_adapter.check_compatible(pipe.unet, encoder_config, **names)
-        cn = load_controlnet(controlnet, device=dev, dtype=dt) if controlnet else None
-        return cls(pipe, ip_adapter, encoder, controlnet=cn)
+        controlnets = [load_controlnet(c, device=dev, dtype=dt) for c in _as_list(controlnet)]
+        return cls(pipe, ip_adapter, encoder, controlnet=controlnets or None)
+
+    def _keypoint_image(
+        self, keypoints, tokens: ReferenceTokens, width: int | None, height: int | None
+    ) -> Image.Image:
+        """IdentityNet's condition: the 5 keypoints drawn as InstantID's ``draw_kps`` draws them."""
+        from .faces import draw_kps
+
+        if keypoints is not None:
+            kps = np.asarray(keypoints, dtype=np.float32)
+            if width is None or height is None:
+                raise IdcraftError("--keypoints are in output pixels: give --width and --height with them.")
+            size = (width, height)
+        else:
+            identity = (tokens.identities or [None])[0]
+            if identity is None or identity.kps is None:
+                raise IdcraftError(
+                    f"{self.method.name} needs the face's 5 keypoints for IdentityNet: give a --reference photo "
+                    "or --keypoints FILE.json (five [x, y] in output pixels)."
+                )
+            kps, size = np.asarray(identity.kps, dtype=np.float32), identity.image_size
+            if width and height and (width, height) != tuple(size):  # the same face, placed in the new frame
+                kps = kps * np.array([width / size[0], height / size[1]], dtype=np.float32)
+                size = (width, height)
+        if kps.shape != (5, 2):
+            raise IdcraftError(f"keypoints must be five [x, y] pairs, got an array of shape {kps.shape}.")
+        return draw_kps(Image.new("RGB", tuple(int(v) for v in size)), kps)
 
     @property
     def device(self) -> torch.device:
@@ -148,15 +180,21 @@ class IPAdapterPipeline:
         width: int | None = None,
         height: int | None = None,
         num_images: int = 1,
-        control_image: ImageInput | None = None,
-        controlnet_scale: float = 1.0,
+        control_image: ImageInput | Sequence[ImageInput] | None = None,
+        controlnet_scale: float | Sequence[float] = 1.0,
+        keypoints: np.ndarray | None = None,
         progress: bool = True,
     ) -> list[Image.Image]:
         """Generate ``num_images`` images of the reference subject following ``prompt``.
 
-        The subject comes from ``reference`` (one or several images), ``face_embedding`` (FaceID), or
-        precomputed ``tokens``. ``seed`` seeds ``torch.Generator("cpu")``, so a seed gives the same initial
-        latents as diffusers and the official code.
+        The subject comes from ``reference`` (one or several images), ``face_embedding`` (FaceID,
+        InstantID), or precomputed ``tokens``. ``seed`` seeds ``torch.Generator("cpu")``, so a seed gives
+        the same initial latents as diffusers and the official code.
+
+        InstantID: IdentityNet's condition is the keypoint image drawn from ``keypoints`` (5 ``[x, y]`` in
+        output pixels) or else from the reference's own keypoints, in which case the output takes the
+        reference's size after InstantID's resize rule unless ``width``/``height`` say otherwise.
+        ``control_image`` then lists the images of any extra ControlNets.
         """
         if tokens is None:
             refs = (
@@ -191,10 +229,34 @@ class IPAdapterPipeline:
         )
 
         extra = {}
-        if hasattr(self.pipe, "controlnet"):
-            if control_image is None:
-                raise IdcraftError("this pipeline has a ControlNet: give control_image (--control-image).")
-            extra = {"image": load_image(control_image), "controlnet_conditioning_scale": controlnet_scale}
+        if self.num_controlnets:
+            images = [load_image(c) for c in _as_list(control_image)]
+            if self.method.identitynet:
+                kps_image = self._keypoint_image(keypoints, tokens, width, height)
+                width, height = width or kps_image.width, height or kps_image.height
+                images = [kps_image, *images]
+            if len(images) != self.num_controlnets:
+                raise IdcraftError(
+                    f"{self.num_controlnets} ControlNet(s) but {len(images)} condition image(s): give one "
+                    "--control-image per --controlnet"
+                    + (
+                        " (IdentityNet's keypoint image is drawn for you)."
+                        if self.method.identitynet
+                        else "."
+                    )
+                )
+            scales = (
+                list(controlnet_scale)
+                if isinstance(controlnet_scale, Sequence)
+                else [controlnet_scale] * len(images)
+            )
+            if len(scales) != len(images):
+                raise IdcraftError(f"{len(scales)} ControlNet scale(s) for {len(images)} ControlNet(s): give one each.")
+            single = len(images) == 1
+            extra = {
+                "image": images[0] if single else images,
+                "controlnet_conditioning_scale": scales[0] if single else scales,
+            }
         self.pipe.set_progress_bar_config(disable=not progress)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
         return self.pipe(
@@ -213,7 +275,17 @@ def _append(text: torch.Tensor, image_tokens: torch.Tensor, num_images: int) -> 
     return torch.cat([text, image_tokens], dim=1)
 
 
-def _controlnet_pipeline(pipe, controlnet):
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if hasattr(value, "nets"):  # a diffusers MultiControlNetModel
+        return list(value.nets)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _controlnet_pipeline(pipe, controlnets: list):
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
     cls = (
@@ -221,7 +293,7 @@ def _controlnet_pipeline(pipe, controlnet):
         if hasattr(pipe, "text_encoder_2")
         else StableDiffusionControlNetPipeline
     )
-    return cls.from_pipe(pipe, controlnet=controlnet)
+    return cls.from_pipe(pipe, controlnet=controlnets[0] if len(controlnets) == 1 else controlnets)
 
 
 def _is_local_dir(path) -> bool:

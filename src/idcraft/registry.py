@@ -40,6 +40,8 @@ class Method:
         combine: several references: ``"side-by-side"`` gives each its own tokens; ``"average"`` averages
             the identity embeddings (one person, several photos) into one set of tokens.
         lora: the checkpoint carries LoRA for every attention layer of the UNet.
+        identitynet: the method runs with a ControlNet (InstantID's IdentityNet) that reads the facial
+            keypoint image as its condition and the identity tokens, not the text, as its context.
         checkpoints: official file names this method loads (documentation and ``--method`` aliases).
     """
 
@@ -53,6 +55,7 @@ class Method:
     shortcut: bool = False
     combine: Combine = "side-by-side"
     lora: bool = False
+    identitynet: bool = False
     checkpoints: tuple[str, ...] = ()
     aliases: tuple[str, ...] = field(default=())
 
@@ -182,8 +185,23 @@ METHODS: dict[str, Method] = {
                 "ip-adapter-faceid-portrait_sdxl",
             ),
         ),
+        Method(
+            name="instantid",
+            projection="resampler",
+            feature=None,
+            uncond="zero-embeds",
+            inputs="face",
+            combine="average",
+            identitynet=True,
+            description="InstantID (SDXL): raw ArcFace embedding -> 16 tokens (Resampler) + IdentityNet on 5 keypoints.",
+            checkpoints=("ip-adapter.bin",),
+            aliases=("instant-id", "instantid_sdxl"),
+        ),
     )
 }
+
+#: Width of the ArcFace identity embeddings every official face method reads.
+FACE_EMBEDDING_DIM = 512
 
 _ALIASES: dict[str, str] = {alias.lower(): m.name for m in METHODS.values() for alias in (m.name, *m.aliases)}
 
@@ -227,16 +245,15 @@ def detect_method(
     """
     kind = projection_kind(image_proj)
     shape = getattr(image_proj.get("proj_in.weight"), "shape", None)
-    if kind == "resampler" and shape is not None and shape[1] == 512:
-        raise CheckpointError(
-            "this Resampler reads a 512-d face embedding (an InstantID or FaceID-Portrait-unnorm file); "
-            "those methods are not supported by this version of idcraft yet."
-        )
+    # A Resampler reading 512 values reads an ArcFace identity embedding (InstantID), not CLIP features.
+    reads_face = kind == "resampler" and shape is not None and shape[1] == FACE_EMBEDDING_DIM
     has_lora = any("_lora." in k for k in ip_adapter)
     candidates = [
         m
         for m in METHODS.values()
-        if m.projection == kind and (m.lora == has_lora or kind not in ("faceid-mlp",))
+        if m.projection == kind
+        and (m.lora == has_lora or kind != "faceid-mlp")
+        and (kind != "resampler" or m.needs_face == reads_face)
     ]
     if not candidates:
         raise CheckpointError(
@@ -265,7 +282,7 @@ def resolve_method(
     if requested is None:
         return detected
     method = get_method(requested)
-    if method.projection != detected.projection or method.lora != detected.lora:
+    if (method.projection, method.lora, method.needs_face) != (detected.projection, detected.lora, detected.needs_face):
         raise CheckpointError(
             f"--method {method.name} expects a {method.projection} projection{' with LoRA' if method.lora else ''}, "
             f"but the checkpoint holds a {detected.projection} projection{' with LoRA' if detected.lora else ''} "

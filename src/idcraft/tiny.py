@@ -199,11 +199,18 @@ def tiny_sdxl_pipeline(seed: int = 0):
 
 
 def tiny_controlnet(unet, seed: int = 0):
-    """A ControlNet initialised from ``unet`` (as ControlNet training starts), conditioning at 8x latent size."""
+    """A ControlNet initialised from ``unet`` (as ControlNet training starts), conditioning at 8x latent
+    size. Its zero-initialised output convolutions get small random weights, so that, unlike a freshly
+    initialised ControlNet, it actually changes the UNet's output (tests must be able to see it act)."""
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0, 0.5)
+    return net
 
 
 def random_adapter(

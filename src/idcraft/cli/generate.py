@@ -42,13 +42,17 @@ def register(subparsers) -> None:
         help="raw ArcFace embedding (as `idcraft faces --save-embeddings` writes it); repeatable; "
         "skips face analysis. Each method normalises it as its official code does",
     )
-    faces.add_argument("--s-scale", type=float, default=1.0, help="FaceID-PlusV2: weight of the CLIP face structure")
+    faces.add_argument(
+        "--s-scale", type=float, default=1.0, help="FaceID-PlusV2: weight of the CLIP face structure"
+    )
     faces.add_argument(
         "--face-backend",
         default="insightface",
         help="face analysis for --reference photos: an ArcFace recogniser is required (insightface)",
     )
-    faces.add_argument("--face-models", metavar="DIR", help="insightface model pack folder (antelopev2, buffalo_l)")
+    faces.add_argument(
+        "--face-models", metavar="DIR", help="insightface model pack folder (antelopev2, buffalo_l)"
+    )
     faces.add_argument("--face-index", type=int, default=0, help="which face of each photo: 0 = largest")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -64,9 +68,33 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=int, default=None, help="default: the base model's native size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--controlnet", help="ControlNet folder or hub id (it sees the text only)")
-    p.add_argument("--control-image", help="conditioning image for --controlnet")
-    p.add_argument("--controlnet-scale", type=float, default=1.0)
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="ControlNet folder or hub id; repeatable. It sees the text only; for instantid the first one is "
+        "IdentityNet (it sees the face tokens, and its keypoint image is drawn for you)",
+    )
+    p.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="condition image of each other ControlNet",
+    )
+    p.add_argument(
+        "--controlnet-scale",
+        type=float,
+        action="append",
+        metavar="S",
+        help="per ControlNet, in order (default 1.0)",
+    )
+    p.add_argument(
+        "--keypoints",
+        metavar="FILE.json",
+        help="instantid: five [x, y] face keypoints in output pixels (default: the reference's own, in its frame)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
     p.add_argument(
         "--dtype",
@@ -100,10 +128,37 @@ def load_embedding(path: str):
     try:
         vector = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise IdcraftError(f"{path}: cannot read this face embedding ({exc}); expected a .npy array.") from exc
+        raise IdcraftError(
+            f"{path}: cannot read this face embedding ({exc}); expected a .npy array."
+        ) from exc
     if vector.ndim != 1 and not (vector.ndim == 2 and vector.shape[0] == 1):
         raise IdcraftError(f"{path}: expected one embedding vector, got an array of shape {vector.shape}.")
     return vector.reshape(-1).astype(np.float32)
+
+
+def load_keypoints(path: str):
+    """Five ``[x, y]`` pairs from a JSON file (a list, or ``{"kps": [...]}`` as ``idcraft faces --json``
+    writes per face)."""
+    import json
+
+    import numpy as np
+
+    from ..errors import IdcraftError
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as exc:
+        raise IdcraftError(
+            f"{path}: cannot read keypoints ({exc}); expected JSON like [[x, y], ... 5 pairs]."
+        ) from exc
+    if isinstance(data, dict):
+        data = data.get("kps", data.get("keypoints"))
+    kps = np.asarray(data, dtype=np.float32) if data is not None else np.zeros(0)
+    if kps.shape != (5, 2):
+        raise IdcraftError(
+            f"{path}: expected five [x, y] pairs (eyes, nose, mouth corners), got shape {kps.shape}."
+        )
+    return kps
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,19 +168,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_images < 1 or args.steps < 1:
         raise IdcraftError("--num-images and --steps must be at least 1.")
-    if bool(args.controlnet) != bool(args.control_image):
-        raise IdcraftError("--controlnet and --control-image go together.")
+    keypoints = load_keypoints(args.keypoints) if args.keypoints else None
     references = [load_image(r) for r in args.reference]  # fail on a bad input before loading models
     embeddings = [load_embedding(f) for f in args.face_embedding or []] or None
     if not references and embeddings is None:
         raise IdcraftError("give at least one --reference image (or, for face methods, --face-embedding).")
-    control = load_image(args.control_image) if args.control_image else None
+    control = [load_image(c) for c in args.control_image]
     pipe = IPAdapterPipeline.from_pretrained(
         args.base,
         args.adapter,
         args.image_encoder,
         method=args.method,
-        controlnet=args.controlnet,
+        controlnet=args.controlnet or None,
         device=args.device,
         dtype=None if args.dtype == "auto" else args.dtype,
     )
@@ -149,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         num_images=args.num_images,
         control_image=control,
-        controlnet_scale=args.controlnet_scale,
+        controlnet_scale=args.controlnet_scale or [1.0] * len(args.controlnet),
+        keypoints=keypoints,
         progress=sys.stderr.isatty(),
     )
     for image, path in zip(images, output_paths(args.output, len(images)), strict=False):
