@@ -224,15 +224,18 @@ class IPAdapter(nn.Module):
 
     # ----------------------------------------------------------------- attach / detach
     def attach(self, unet: nn.Module, controlnets: Iterable[nn.Module] = ()) -> None:
-        """Put this adapter's processors on ``unet``'s attention layers. ControlNets see the text tokens,
-        or, for InstantID, the identity tokens (IdentityNet's context; extra ControlNets get them too, as in
-        the official pipeline). The previous processors are remembered and restored by :meth:`detach`."""
+        """Put this adapter's processors on ``unet``'s attention layers. ControlNets see the text tokens;
+        for InstantID the first ControlNet is IdentityNet and sees the identity tokens instead (extra
+        ControlNets, pose or depth say, still see the text, as in the official pipeline). The previous
+        processors are remembered and restored by :meth:`detach`."""
         self.check_compatible(unet)
         names = attention_layers(unet)
         targets = [(unet, {names[int(i)]: proc for i, proc in self.layers.items()})]
-        for net in controlnets:
-            sees = "image" if self.method.identitynet else "text"
-            targets.append((net, {name: ControlNetAttnProcessor(self.layout, sees) for name in net.attn_processors}))
+        for position, net in enumerate(controlnets):
+            sees = "image" if self.method.identitynet and position == 0 else "text"
+            targets.append(
+                (net, {name: ControlNetAttnProcessor(self.layout, sees) for name in net.attn_processors})
+            )
         for model, processors in targets:
             previous = {name: model.attn_processors[name] for name in processors}
             install(model, processors)
