@@ -90,7 +90,7 @@ def test_instantid_needs_identitynet_and_keypoints(sdxl):
     with pytest.raises(IdcraftError, match="needs its IdentityNet: pass --controlnet"):
         IPAdapterPipeline(sdxl, adapter)
     pipe = IPAdapterPipeline(sdxl, adapter, controlnet=tiny_controlnet(sdxl.unet))
-    with pytest.raises(IdcraftError, match="5 keypoints"):
+    with pytest.raises(IdcraftError, match="where the face goes"):
         pipe("a portrait", face_embedding=_embedding(), **SETTINGS)
 
 
@@ -132,3 +132,45 @@ def test_cli_instantid(tmp_path, sdxl, capsys):
     assert Image.open(tmp_path / "o.png").size == (64, 64)
     assert main([*args, "--output", str(tmp_path / "bad.png")]) == 2
     assert "IdentityNet" in capsys.readouterr().err
+
+
+def test_regions_partition_the_canvas_and_faces_are_placed_side_by_side():
+    from idcraft.multiperson import place_faces, region_masks
+
+    placed = place_faces([KPS, KPS], [(64, 64), (64, 64)], (128, 64))
+    assert placed[0][:, 0].max() < 64 <= placed[1][:, 0].min()
+    masks = region_masks(placed, (128, 64), (8, 16))
+    assert torch.equal(masks[0] + masks[1], torch.ones(8, 16))
+    assert masks[0][:, :8].all() and not masks[0][:, 8:].any()
+
+
+def test_each_region_attends_only_to_its_own_person():
+    from diffusers.models.attention_processor import Attention
+
+    from idcraft.injection import IPAttnProcessor, Region, TokenLayout
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    layout = TokenLayout(num_tokens=8)
+    proc = IPAttnProcessor(16, 8, layout)
+    left = torch.zeros(4, 8)
+    left[:, :4] = 1
+    layout.regions = [Region(0, 4, left), Region(4, 8, 1 - left)]
+    hidden = torch.randn(1, 32, 16)  # a 4x8 grid of positions
+    text = torch.randn(1, 5, 8)
+    person_a, person_b = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    out = proc(attn, hidden, torch.cat([text, person_a, person_b], 1))
+    out_b_changed = proc(attn, hidden, torch.cat([text, person_a, torch.randn(1, 4, 8)], 1))
+    is_left = left.reshape(-1).bool()
+    assert torch.equal(out[0, is_left], out_b_changed[0, is_left]), "person B must not reach A's region"
+    assert not torch.allclose(out[0, ~is_left], out_b_changed[0, ~is_left])
+
+
+def test_two_people_with_instantid(instantid):
+    pipe, adapter, _ = instantid
+    tokens = identity_tokens(adapter, [Identity(_embedding(0)), Identity(_embedding(1))], per_person=True)
+    assert tokens.num_tokens == 32
+    two = np.stack([KPS * [0.5, 1], KPS * [0.5, 1] + [64, 0]])
+    image = pipe("two people", tokens=tokens, keypoints=two, **(SETTINGS | {"width": 128}))[0]
+    assert image.size == (128, 64)
+    assert adapter.layout.regions is None, "regions are cleared after the call"

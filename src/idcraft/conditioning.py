@@ -35,6 +35,7 @@ class Identity:
     face_crop: Image.Image | None = None
     kps: np.ndarray | None = None
     image_size: tuple[int, int] | None = None
+    photo: int = 0  # which reference photo the face is in (faces of one photo share its frame)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class ReferenceTokens:
     cond: torch.Tensor
     uncond: torch.Tensor
     identities: list[Identity] | None = None
+    #: several people: identity ``i`` owns tokens ``[i*T, (i+1)*T)``, and they go into separate regions
+    per_person: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +77,16 @@ def image_tokens(
     )
 
 
+def _per_person_tokens(adapter, identities, encoder, s_scale) -> ReferenceTokens:
+    parts = [identity_tokens(adapter, [i], encoder, s_scale) for i in identities]
+    return ReferenceTokens(
+        torch.cat([p.cond for p in parts], dim=1),
+        torch.cat([p.uncond for p in parts], dim=1),
+        list(identities),
+        per_person=True,
+    )
+
+
 def prepare_embedding(
     embedding: np.ndarray | torch.Tensor, method: Method, expected_dim: int
 ) -> torch.Tensor:
@@ -96,6 +109,7 @@ def identity_tokens(
     identities: Sequence[Identity],
     encoder: ClipImageEncoder | None = None,
     s_scale: float = 1.0,
+    per_person: bool = False,
 ) -> ReferenceTokens:
     """Identity methods.
 
@@ -103,7 +117,8 @@ def identity_tokens(
     mean of the normalised embeddings renormalised; FaceID-Plus's perceiver then reads the CLIP tokens of
     all the face crops together. ``combine="side-by-side"`` (Portrait): each photo gives its own tokens.
     The unconditional branch projects a zero embedding (and, for FaceID-Plus, CLIP features of a zero
-    image), as the official code does.
+    image), as the official code does. ``per_person``: every identity is a different person and keeps
+    its own tokens, whatever the method's ``combine``.
     """
     method = adapter.method
     if not identities:
@@ -112,6 +127,8 @@ def identity_tokens(
     device = next(adapter.image_proj.parameters()).device
     embed_dim = adapter.image_proj.config.embed_dim
     vectors = torch.stack([prepare_embedding(i.embedding, method, embed_dim) for i in identities])
+    if per_person:
+        return _per_person_tokens(adapter, identities, encoder, s_scale)
     if method.combine == "average" and len(identities) > 1:
         mean = vectors.mean(0, keepdim=True)
         vectors = torch.nn.functional.normalize(mean, dim=1) if method.normalize_embedding else mean
@@ -147,46 +164,71 @@ def identities_from_photos(
     face_backend: str = "insightface",
     face_models: str | None = None,
     face_index: int = 0,
+    every_face: bool = False,
 ) -> list[Identity]:
     """Identity inputs for ``method`` from reference photos and/or saved embeddings.
 
     Embeddings come from ``embeddings`` (raw recogniser output, e.g. ``idcraft faces --save-embeddings``)
     or, when none are given, from face analysis of ``photos`` with ``face_backend`` — which must give
     ArcFace embeddings: the official FaceID/InstantID checkpoints were trained on them, and another
-    recogniser's embedding is refused with a message saying what to use. FaceID-Plus also needs each
-    photo's face aligned to the ArcFace template at 224 px; keypoints then come from the analysis (the
-    offline default detector suffices when the embeddings are given). InstantID first resizes each photo
-    with its official rule (:func:`idcraft.faces.resize_img`) and keeps the keypoints in that image.
+    recogniser's embedding is refused with a message saying what to use. Keypoints come from the same
+    analysis, or from the offline default detector when the embeddings were given. FaceID-Plus also gets
+    each face aligned to the ArcFace template at 224 px. InstantID first resizes each photo with its
+    official rule (:func:`idcraft.faces.resize_img`); its keypoints are in that image.
+
+    ``every_face``: one photo with several people gives one identity per face (largest first) instead of
+    the face at ``face_index``.
     """
-    from .faces import analyse_reference, require_arcface, resize_img
+    from .faces import require_arcface, resize_img
 
     if method.identitynet:
         photos = [resize_img(p) for p in photos]
-    faces = None
+    if embeddings is None and not photos:
+        raise IdcraftError(f"{method.name} needs reference photos or --face-embedding files.")
+    needs_kps = method.identitynet or method.inputs == "face+image" or every_face
+    analyse = embeddings is None or (needs_kps and photos)
+    backend = face_backend if embeddings is None else "default"  # keypoints only: any detector will do
+    faces, frames = [], []
+    if analyse:
+        for index, photo in enumerate(photos):
+            found = _faces_of(photo, backend, face_models, face_index, every_face, embed=embeddings is None)
+            faces += found
+            frames += [(index, photo)] * len(found)
     if embeddings is not None:
         vectors = [require_arcface(np.asarray(e, dtype=np.float32), method.name) for e in embeddings]
+        if faces and len(faces) != len(vectors):
+            raise IdcraftError(
+                f"{len(vectors)} face embedding(s) for {len(faces)} face(s) in the reference photos: give one "
+                "embedding per face."
+            )
     else:
-        if not photos:
-            raise IdcraftError(f"{method.name} needs reference photos or --face-embedding files.")
-        models = {"models_dir": face_models} if face_backend != "default" else {}
-        faces = [analyse_reference(p, face_backend, face_index, **models) for p in photos]
         vectors = [require_arcface(f, method.name) for f in faces]
-    if method.identitynet:
-        if faces is None and photos:  # keypoints from the photos; the embeddings were given
-            faces = [analyse_reference(p, "default", face_index, embed=False) for p in photos]
-        if faces is None:
-            return [Identity(v) for v in vectors]
-        return [Identity(v, kps=f.kps, image_size=p.size) for v, f, p in zip(vectors, faces, photos, strict=False)]
-    if method.inputs != "face+image":
+    if not faces:
         return [Identity(v) for v in vectors]
-    if len(photos) != len(vectors):
-        raise IdcraftError(
-            f"{method.name} needs one reference photo per face embedding (for the aligned face crop); "
-            f"got {len(photos)} photo(s) and {len(vectors)} embedding(s)."
+    return [
+        Identity(
+            v,
+            face_crop=faceid_plus_crop(photo, f.kps) if method.inputs == "face+image" else None,
+            kps=f.kps,
+            image_size=photo.size,
+            photo=index,
         )
-    if faces is None:  # embeddings were given; keypoints still come from the photos
-        faces = [analyse_reference(p, "default", face_index, embed=False) for p in photos]
-    return [Identity(v, faceid_plus_crop(p, f.kps)) for v, p, f in zip(vectors, photos, faces, strict=False)]
+        for v, f, (index, photo) in zip(vectors, faces, frames, strict=True)
+    ]
+
+
+def _faces_of(
+    photo, backend: str, models: str | None, face_index: int, every_face: bool, embed: bool
+) -> list:
+    from .faces import analyse_reference, shared_face_analyser
+
+    options = {"models_dir": models} if backend != "default" else {}
+    if not every_face:
+        return [analyse_reference(photo, backend, face_index, embed=embed, **options)]
+    faces = shared_face_analyser(backend, **options).detect(photo, embed=embed)
+    if not faces:
+        analyse_reference(photo, backend, 0, embed=False, **options)  # raises the no-face error
+    return faces
 
 
 def faceid_plus_crop(photo: Image.Image, kps: np.ndarray) -> Image.Image:

@@ -30,11 +30,51 @@ from torch import nn
 
 
 @dataclass
+class Region:
+    """One identity of a multi-person image: its span of image tokens and where it may act."""
+
+    start: int
+    end: int
+    mask: torch.Tensor  # [H, W], 1 inside the region, at any resolution with the output's aspect ratio
+
+
+@dataclass
 class TokenLayout:
-    """How many trailing tokens of ``encoder_hidden_states`` are image tokens (shared by all processors
-    of one adapter, and set once per generation, since it depends on the number of reference images)."""
+    """How many trailing tokens of ``encoder_hidden_states`` are image tokens, and, for several people in
+    one image, which token span belongs to which region (shared by all processors of one adapter and set
+    once per generation, since it depends on the references)."""
 
     num_tokens: int = 0
+    regions: list[Region] | None = None
+
+
+def regional_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, regions: list[Region]
+) -> torch.Tensor:
+    """Attention where each query position sees only the image tokens of the region it lies in.
+
+    ``query`` ``[B, heads, Q, d]``, ``key``/``value`` ``[B, heads, T, d]`` over all identities' tokens.
+    Each identity's attention is computed over its own tokens and kept inside its mask, downsampled
+    (nearest) to this layer's token grid; so identities never blend.
+    """
+    out = torch.zeros_like(query)
+    for region in regions:
+        part = F.scaled_dot_product_attention(
+            query, key[:, :, region.start : region.end], value[:, :, region.start : region.end]
+        )
+        out = out + part * _mask_at(region.mask, query.shape[2]).to(part.dtype)
+    return out
+
+
+def _mask_at(mask: torch.Tensor, positions: int) -> torch.Tensor:
+    """``mask`` resampled to a layer with ``positions`` tokens, as ``[1, 1, positions, 1]``."""
+    height, width = mask.shape
+    factor = (height * width / positions) ** 0.5
+    size = (max(1, round(height / factor)), max(1, round(width / factor)))
+    if size[0] * size[1] != positions:
+        raise ValueError(f"cannot map a {height}x{width} region mask onto {positions} positions")
+    small = F.interpolate(mask[None, None].float(), size=size, mode="nearest")
+    return small.to(mask.device).reshape(1, 1, positions, 1)
 
 
 class LoRALinear(nn.Module):
@@ -143,9 +183,11 @@ class IPAttnProcessor(nn.Module):
         )
         hidden_states = merge(hidden_states)
         if image is not None and image.shape[1] > 0:
-            ip_states = F.scaled_dot_product_attention(
-                query_h, heads(self.to_k_ip(image)), heads(self.to_v_ip(image))
-            )
+            ip_key, ip_value = heads(self.to_k_ip(image)), heads(self.to_v_ip(image))
+            if self.layout.regions:
+                ip_states = regional_attention(query_h, ip_key, ip_value, self.layout.regions)
+            else:
+                ip_states = F.scaled_dot_product_attention(query_h, ip_key, ip_value)
             hidden_states = hidden_states + self.scale * merge(ip_states)
 
         hidden_states = attn.to_out[1](self._project(attn.to_out[0], "to_out_lora", hidden_states))
@@ -176,8 +218,30 @@ class ControlNetAttnProcessor:
     ):
         if encoder_hidden_states is not None:
             text, image = split_image_tokens(encoder_hidden_states, self.layout.num_tokens)
+            if self.sees == "image" and self.layout.regions:
+                return _regional_context_attention(attn, hidden_states, image, self.layout.regions)
             encoder_hidden_states = image if self.sees == "image" else text
         return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def _regional_context_attention(
+    attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor, regions: list[Region]
+) -> torch.Tensor:
+    """Cross-attention of a ControlNet (IdentityNet) whose context is several identities' tokens: each
+    region attends to its own identity only (transformer-block attention: 3-D input, no norms/masks)."""
+    batch = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    head_dim = query.shape[-1] // attn.heads
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+    out = regional_attention(heads(query), heads(attn.to_k(context)), heads(attn.to_v(context)), regions)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + hidden_states
+    return out / attn.rescale_output_factor
 
 
 def split_image_tokens(

@@ -26,6 +26,7 @@ from .encoders import ClipImageEncoder
 from .errors import IdcraftError
 from .images import ImageInput, load_image
 from .models import load_base_pipeline, load_controlnet, load_image_encoder, resolve_device, resolve_dtype
+from .multiperson import keypoint_image, place_faces, region_masks, regions_for
 
 __all__ = ["IPAdapterPipeline", "ReferenceTokens"]
 
@@ -97,31 +98,33 @@ class IPAdapterPipeline:
         controlnets = [load_controlnet(c, device=dev, dtype=dt) for c in _as_list(controlnet)]
         return cls(pipe, ip_adapter, encoder, controlnet=controlnets or None)
 
-    def _keypoint_image(
+    def _face_layout(
         self, keypoints, tokens: ReferenceTokens, width: int | None, height: int | None
-    ) -> Image.Image:
-        """IdentityNet's condition: the 5 keypoints drawn as InstantID's ``draw_kps`` draws them."""
-        from .faces import draw_kps
+    ) -> tuple[list[np.ndarray], tuple[int, int]]:
+        """Where each face goes in the output: a list of 5x2 keypoints in output pixels, and the output size.
 
+        Given ``keypoints`` (one face ``[5, 2]`` or several ``[N, 5, 2]``) are in output pixels. Otherwise
+        the references' own keypoints are used: faces from one photo keep their places (scaled to the
+        output size); faces from separate photos are set side by side (:func:`idcraft.multiperson.place_faces`).
+        Without ``width``/``height`` the output takes the (first) reference's size.
+        """
         if keypoints is not None:
-            kps = np.asarray(keypoints, dtype=np.float32)
+            kps = np.asarray(keypoints, dtype=np.float32).reshape(-1, 5, 2)
             if width is None or height is None:
                 raise IdcraftError("--keypoints are in output pixels: give --width and --height with them.")
-            size = (width, height)
-        else:
-            identity = (tokens.identities or [None])[0]
-            if identity is None or identity.kps is None:
-                raise IdcraftError(
-                    f"{self.method.name} needs the face's 5 keypoints for IdentityNet: give a --reference photo "
-                    "or --keypoints FILE.json (five [x, y] in output pixels)."
-                )
-            kps, size = np.asarray(identity.kps, dtype=np.float32), identity.image_size
-            if width and height and (width, height) != tuple(size):  # the same face, placed in the new frame
-                kps = kps * np.array([width / size[0], height / size[1]], dtype=np.float32)
-                size = (width, height)
-        if kps.shape != (5, 2):
-            raise IdcraftError(f"keypoints must be five [x, y] pairs, got an array of shape {kps.shape}.")
-        return draw_kps(Image.new("RGB", tuple(int(v) for v in size)), kps)
+            return list(kps), (width, height)
+        identities = tokens.identities or []
+        if not identities or any(i.kps is None for i in identities):
+            raise IdcraftError(
+                f"{self.method.name} needs to know where the face goes: give a --reference photo or "
+                "--keypoints FILE.json (five [x, y] in output pixels per face)."
+            )
+        frames = [tuple(i.image_size) for i in identities]
+        canvas = (width or frames[0][0], height or frames[0][1])
+        if len({i.photo for i in identities}) > 1:
+            return place_faces([i.kps for i in identities], frames, canvas), canvas
+        scale = np.array([canvas[0] / frames[0][0], canvas[1] / frames[0][1]], dtype=np.float32)
+        return [np.asarray(i.kps, dtype=np.float32) * scale for i in identities], canvas
 
     @property
     def device(self) -> torch.device:
@@ -140,13 +143,15 @@ class IPAdapterPipeline:
         face_backend: str = "insightface",
         face_models: str | None = None,
         face_index: int = 0,
+        multi_person: bool = False,
     ) -> ReferenceTokens:
         """References -> image tokens, as the method needs them.
 
-        CLIP methods: each image gives its own tokens, side by side. FaceID methods: identity embeddings
+        CLIP methods: each image gives its own tokens, side by side. Face methods: identity embeddings
         from ``face_embeddings`` (raw, as the recogniser gives them) or from face analysis of the
-        references with ``face_backend`` (an ArcFace recogniser is required); see
-        :func:`idcraft.conditioning.identity_tokens` for how several photos combine.
+        references with ``face_backend`` (an ArcFace recogniser is required); several photos are one
+        person (see :func:`idcraft.conditioning.identity_tokens`) unless ``multi_person``: then each photo
+        (or, with one photo, each face in it) is a different person, placed in its own region.
         """
         images = [load_image(r) for r in references]
         if not self.method.needs_face:
@@ -160,8 +165,11 @@ class IPAdapterPipeline:
             face_backend=face_backend,
             face_models=face_models,
             face_index=face_index,
+            every_face=multi_person and len(images) == 1,
         )
-        return identity_tokens(self.adapter, identities, self.encoder, s_scale=s_scale)
+        return identity_tokens(
+            self.adapter, identities, self.encoder, s_scale=s_scale, per_person=multi_person
+        )
 
     @torch.no_grad()
     def __call__(
@@ -212,6 +220,20 @@ class IPAdapterPipeline:
             tokens = self.encode_references(refs, face_embeddings=embeddings, s_scale=s_scale)
         self.adapter.set_scale(scale)
         self.adapter.layout.num_tokens = tokens.num_tokens
+        faces, canvas = None, None
+        several = tokens.per_person and len(tokens.identities or []) > 1
+        if self.method.identitynet or several:
+            if not self.method.identitynet and (width is None or height is None):
+                size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+                width, height = width or size, height or size
+            faces, canvas = self._face_layout(keypoints, tokens, width, height)
+            width, height = canvas
+        if several:
+            if len(faces) != len(tokens.identities):
+                raise IdcraftError(f"{len(faces)} face position(s) for {len(tokens.identities)} people.")
+            grid = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+            per_person = tokens.num_tokens // len(tokens.identities)
+            self.adapter.layout.regions = regions_for(per_person, region_masks(faces, canvas, grid))
 
         text = self.pipe.encode_prompt(
             prompt=prompt,
@@ -232,9 +254,7 @@ class IPAdapterPipeline:
         if self.num_controlnets:
             images = [load_image(c) for c in _as_list(control_image)]
             if self.method.identitynet:
-                kps_image = self._keypoint_image(keypoints, tokens, width, height)
-                width, height = width or kps_image.width, height or kps_image.height
-                images = [kps_image, *images]
+                images = [keypoint_image(faces, canvas), *images]
             if len(images) != self.num_controlnets:
                 raise IdcraftError(
                     f"{self.num_controlnets} ControlNet(s) but {len(images)} condition image(s): give one "
@@ -251,7 +271,9 @@ class IPAdapterPipeline:
                 else [controlnet_scale] * len(images)
             )
             if len(scales) != len(images):
-                raise IdcraftError(f"{len(scales)} ControlNet scale(s) for {len(images)} ControlNet(s): give one each.")
+                raise IdcraftError(
+                    f"{len(scales)} ControlNet scale(s) for {len(images)} ControlNet(s): give one each."
+                )
             single = len(images) == 1
             extra = {
                 "image": images[0] if single else images,
@@ -259,15 +281,18 @@ class IPAdapterPipeline:
             }
         self.pipe.set_progress_bar_config(disable=not progress)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-        return self.pipe(
-            **embeds,
-            guidance_scale=guidance,
-            num_inference_steps=steps,
-            generator=generator,
-            width=width,
-            height=height,
-            **extra,
-        ).images
+        try:
+            return self.pipe(
+                **embeds,
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                generator=generator,
+                width=width,
+                height=height,
+                **extra,
+            ).images
+        finally:
+            self.adapter.layout.regions = None
 
 
 def _append(text: torch.Tensor, image_tokens: torch.Tensor, num_images: int) -> torch.Tensor:

@@ -54,6 +54,12 @@ def register(subparsers) -> None:
         "--face-models", metavar="DIR", help="insightface model pack folder (antelopev2, buffalo_l)"
     )
     faces.add_argument("--face-index", type=int, default=0, help="which face of each photo: 0 = largest")
+    faces.add_argument(
+        "--multi-person",
+        action="store_true",
+        help="each --reference (or each face of a single group photo) is a different person, kept in its "
+        "own region of the output; without it several photos are one person",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument(
@@ -190,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         face_backend=args.face_backend,
         face_models=args.face_models,
         face_index=args.face_index,
+        multi_person=args.multi_person,
     )
     images = pipe(
         args.prompt,
