@@ -25,7 +25,18 @@ def _assert_same(a: AdapterCheckpoint, b: AdapterCheckpoint) -> None:
             assert torch.equal(ga[key], gb[key]), key
 
 
-@pytest.mark.parametrize("method", ["ip-adapter", "ip-adapter-plus", "ip-adapter-full-face"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "ip-adapter",
+        "ip-adapter-plus",
+        "ip-adapter-full-face",
+        "faceid",
+        "faceid-plusv2",
+        "faceid-portrait",
+        "instantid",
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_round_trip_is_bit_exact(sd15, encoder, tmp_path, method, dtype, suffix):
@@ -35,7 +46,10 @@ def test_round_trip_is_bit_exact(sd15, encoder, tmp_path, method, dtype, suffix)
     loaded = load_checkpoint(tmp_path / f"a{suffix}")
     _assert_same(first, loaded)
     # through the model and back again: module -> file -> module -> file
-    again = IPAdapter.from_checkpoint(loaded).to_checkpoint()
+    rebuilt = IPAdapter.from_checkpoint(loaded, method=method)
+    assert rebuilt.method.name == method
+    assert [p.lora_rank for p in rebuilt.layers.values()] == [p.lora_rank for p in adapter.layers.values()]
+    again = rebuilt.to_checkpoint()
     _assert_same(first, again)
     save_checkpoint(again, tmp_path / f"b{suffix}")
     if suffix == ".safetensors":
