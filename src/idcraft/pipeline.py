@@ -98,34 +98,6 @@ class IPAdapterPipeline:
         controlnets = [load_controlnet(c, device=dev, dtype=dt) for c in _as_list(controlnet)]
         return cls(pipe, ip_adapter, encoder, controlnet=controlnets or None)
 
-    def _face_layout(
-        self, keypoints, tokens: ReferenceTokens, width: int | None, height: int | None
-    ) -> tuple[list[np.ndarray], tuple[int, int]]:
-        """Where each face goes in the output: a list of 5x2 keypoints in output pixels, and the output size.
-
-        Given ``keypoints`` (one face ``[5, 2]`` or several ``[N, 5, 2]``) are in output pixels. Otherwise
-        the references' own keypoints are used: faces from one photo keep their places (scaled to the
-        output size); faces from separate photos are set side by side (:func:`idcraft.multiperson.place_faces`).
-        Without ``width``/``height`` the output takes the (first) reference's size.
-        """
-        if keypoints is not None:
-            kps = np.asarray(keypoints, dtype=np.float32).reshape(-1, 5, 2)
-            if width is None or height is None:
-                raise IdcraftError("--keypoints are in output pixels: give --width and --height with them.")
-            return list(kps), (width, height)
-        identities = tokens.identities or []
-        if not identities or any(i.kps is None for i in identities):
-            raise IdcraftError(
-                f"{self.method.name} needs to know where the face goes: give a --reference photo or "
-                "--keypoints FILE.json (five [x, y] in output pixels per face)."
-            )
-        frames = [tuple(i.image_size) for i in identities]
-        canvas = (width or frames[0][0], height or frames[0][1])
-        if len({i.photo for i in identities}) > 1:
-            return place_faces([i.kps for i in identities], frames, canvas), canvas
-        scale = np.array([canvas[0] / frames[0][0], canvas[1] / frames[0][1]], dtype=np.float32)
-        return [np.asarray(i.kps, dtype=np.float32) * scale for i in identities], canvas
-
     @property
     def device(self) -> torch.device:
         return self.pipe.device
@@ -221,67 +193,16 @@ class IPAdapterPipeline:
         self.adapter.set_scale(scale)
         self.adapter.layout.num_tokens = tokens.num_tokens
         faces, canvas = None, None
-        several = tokens.per_person and len(tokens.identities or []) > 1
-        if self.method.identitynet or several:
-            if not self.method.identitynet and (width is None or height is None):
-                size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-                width, height = width or size, height or size
+        if self.method.identitynet or self._several_people(tokens):
             faces, canvas = self._face_layout(keypoints, tokens, width, height)
             width, height = canvas
-        if several:
-            if len(faces) != len(tokens.identities):
-                raise IdcraftError(f"{len(faces)} face position(s) for {len(tokens.identities)} people.")
-            grid = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
-            per_person = tokens.num_tokens // len(tokens.identities)
-            self.adapter.layout.regions = regions_for(per_person, region_masks(faces, canvas, grid))
-
-        text = self.pipe.encode_prompt(
-            prompt=prompt,
-            device=self.device,
-            num_images_per_prompt=num_images,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt,
-        )
-        embeds = {"prompt_embeds": text[0], "negative_prompt_embeds": text[1]}
-        if self.is_sdxl:
-            embeds.update(pooled_prompt_embeds=text[2], negative_pooled_prompt_embeds=text[3])
-        embeds["prompt_embeds"] = _append(embeds["prompt_embeds"], tokens.cond, num_images)
-        embeds["negative_prompt_embeds"] = _append(
-            embeds["negative_prompt_embeds"], tokens.uncond, num_images
-        )
-
-        extra = {}
-        if self.num_controlnets:
-            images = [load_image(c) for c in _as_list(control_image)]
-            if self.method.identitynet:
-                images = [keypoint_image(faces, canvas), *images]
-            if len(images) != self.num_controlnets:
-                raise IdcraftError(
-                    f"{self.num_controlnets} ControlNet(s) but {len(images)} condition image(s): give one "
-                    "--control-image per --controlnet"
-                    + (
-                        " (IdentityNet's keypoint image is drawn for you)."
-                        if self.method.identitynet
-                        else "."
-                    )
-                )
-            scales = (
-                list(controlnet_scale)
-                if isinstance(controlnet_scale, Sequence)
-                else [controlnet_scale] * len(images)
-            )
-            if len(scales) != len(images):
-                raise IdcraftError(
-                    f"{len(scales)} ControlNet scale(s) for {len(images)} ControlNet(s): give one each."
-                )
-            single = len(images) == 1
-            extra = {
-                "image": images[0] if single else images,
-                "controlnet_conditioning_scale": scales[0] if single else scales,
-            }
+        embeds = self._prompt_embeddings(prompt, negative_prompt, tokens, num_images)
+        extra = self._controlnet_inputs(control_image, controlnet_scale, faces, canvas)
         self.pipe.set_progress_bar_config(disable=not progress)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
         try:
+            if self._several_people(tokens):
+                self.adapter.layout.regions = self._regions(tokens, faces, canvas)
             return self.pipe(
                 **embeds,
                 guidance_scale=guidance,
@@ -293,6 +214,93 @@ class IPAdapterPipeline:
             ).images
         finally:
             self.adapter.layout.regions = None
+
+    def _prompt_embeddings(self, prompt, negative_prompt, tokens: ReferenceTokens, num_images: int) -> dict:
+        """The base pipeline's text embeddings with the image tokens appended (negative to negative)."""
+        text = self.pipe.encode_prompt(
+            prompt=prompt,
+            device=self.device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt,
+        )
+        embeds = {
+            "prompt_embeds": _append(text[0], tokens.cond, num_images),
+            "negative_prompt_embeds": _append(text[1], tokens.uncond, num_images),
+        }
+        if self.is_sdxl:
+            embeds.update(pooled_prompt_embeds=text[2], negative_pooled_prompt_embeds=text[3])
+        return embeds
+
+    def _controlnet_inputs(self, control_image, controlnet_scale, faces, canvas) -> dict:
+        """ControlNet condition images and scales; InstantID's keypoint image comes first (IdentityNet)."""
+        if not self.num_controlnets:
+            return {}
+        images = [load_image(c) for c in _as_list(control_image)]
+        if self.method.identitynet:
+            images = [keypoint_image(faces, canvas), *images]
+        if len(images) != self.num_controlnets:
+            drawn = " (IdentityNet's keypoint image is drawn for you)" if self.method.identitynet else ""
+            raise IdcraftError(
+                f"{self.num_controlnets} ControlNet(s) but {len(images)} condition image(s): give one "
+                f"--control-image per --controlnet{drawn}."
+            )
+        scales = (
+            list(controlnet_scale)
+            if isinstance(controlnet_scale, Sequence)
+            else [controlnet_scale] * len(images)
+        )
+        if len(scales) != len(images):
+            raise IdcraftError(
+                f"{len(scales)} ControlNet scale(s) for {len(images)} ControlNet(s): give one each."
+            )
+        if len(images) == 1:
+            return {"image": images[0], "controlnet_conditioning_scale": scales[0]}
+        return {"image": images, "controlnet_conditioning_scale": scales}
+
+    @staticmethod
+    def _several_people(tokens: ReferenceTokens) -> bool:
+        return tokens.per_person and len(tokens.identities or []) > 1
+
+    def _regions(self, tokens: ReferenceTokens, faces: list[np.ndarray], canvas: tuple[int, int]) -> list:
+        """One region per person, at latent resolution, each owning its person's span of tokens."""
+        if len(faces) != len(tokens.identities):
+            raise IdcraftError(f"{len(faces)} face position(s) for {len(tokens.identities)} people.")
+        width, height = canvas
+        grid = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+        per_person = tokens.num_tokens // len(tokens.identities)
+        return regions_for(per_person, region_masks(faces, canvas, grid))
+
+    def _face_layout(
+        self, keypoints, tokens: ReferenceTokens, width: int | None, height: int | None
+    ) -> tuple[list[np.ndarray], tuple[int, int]]:
+        """Where each face goes in the output: a list of 5x2 keypoints in output pixels, and the output size.
+
+        Given ``keypoints`` (one face ``[5, 2]`` or several ``[N, 5, 2]``) are in output pixels. Otherwise
+        the references' own keypoints are used: faces from one photo keep their places (scaled to the
+        output size); faces from separate photos are set side by side (:func:`idcraft.multiperson.place_faces`).
+        Without ``width``/``height`` the output takes the (first) reference's size.
+        """
+        if keypoints is not None:
+            kps = np.asarray(keypoints, dtype=np.float32).reshape(-1, 5, 2)
+            if width is None or height is None:
+                raise IdcraftError("--keypoints are in output pixels: give --width and --height with them.")
+            return list(kps), (width, height)
+        identities = tokens.identities or []
+        if not identities or any(i.kps is None for i in identities):
+            raise IdcraftError(
+                f"{self.method.name} needs to know where the face goes: give a --reference photo or "
+                "--keypoints FILE.json (five [x, y] in output pixels per face)."
+            )
+        frames = [tuple(i.image_size) for i in identities]
+        if not self.method.identitynet:  # FaceID: the base model's native size, not the photo's
+            native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            width, height = width or native, height or native
+        canvas = (width or frames[0][0], height or frames[0][1])
+        if len({i.photo for i in identities}) > 1:
+            return place_faces([i.kps for i in identities], frames, canvas), canvas
+        scale = np.array([canvas[0] / frames[0][0], canvas[1] / frames[0][1]], dtype=np.float32)
+        return [np.asarray(i.kps, dtype=np.float32) * scale for i in identities], canvas
 
 
 def _append(text: torch.Tensor, image_tokens: torch.Tensor, num_images: int) -> torch.Tensor:
