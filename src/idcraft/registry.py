@@ -282,7 +282,11 @@ def resolve_method(
     if requested is None:
         return detected
     method = get_method(requested)
-    if (method.projection, method.lora, method.needs_face) != (detected.projection, detected.lora, detected.needs_face):
+    if (method.projection, method.lora, method.needs_face) != (
+        detected.projection,
+        detected.lora,
+        detected.needs_face,
+    ):
         raise CheckpointError(
             f"--method {method.name} expects a {method.projection} projection{' with LoRA' if method.lora else ''}, "
             f"but the checkpoint holds a {detected.projection} projection{' with LoRA' if detected.lora else ''} "

@@ -206,7 +206,11 @@ def tiny_controlnet(unet, seed: int = 0):
 
     torch.manual_seed(seed)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
-    zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    zero_convs = [
+        *net.controlnet_down_blocks,
+        net.controlnet_mid_block,
+        net.controlnet_cond_embedding.conv_out,
+    ]
     with torch.no_grad():
         for conv in zero_convs:
             conv.weight.normal_(0, 0.5)

@@ -1,0 +1,97 @@
+"""``idcraft train``: train an adapter on a folder of captioned images or a JSONL manifest.
+
+Settings come from defaults, then ``--config FILE`` (YAML or JSON, keys = the long flag names with
+underscores or dashes, plus any :class:`~idcraft.training.TrainConfig` field), then the flags given on the
+command line. For several GPUs, start it through accelerate (one process per GPU)::
+
+    accelerate launch --multi_gpu --num_processes 8 -m idcraft train --method ip-adapter ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+#: Listed in --help without importing the training stack (checked against the recipes by the tests).
+TRAINABLE = ("ip-adapter", "ip-adapter-plus", "ip-adapter-plus-face", "ip-adapter-full-face")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train an adapter (IP-Adapter family) on captioned images",
+        description=(
+            "Train an adapter on a frozen base model. Only the adapter trains; the final weights are written "
+            "to OUTPUT/adapter.safetensors in the official layout. Defaults follow the official training "
+            "scripts; flags left out fall back to --config, then to those defaults."
+        ),
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--method", help=f"method to train ({', '.join(TRAINABLE)})")
+    p.add_argument("--base", help="base model: diffusers folder or hub id (SD1.x or SDXL)")
+    p.add_argument("--data", help="folder of images with .txt caption sidecars, or a .jsonl manifest")
+    p.add_argument("--output", help="run folder: adapter, checkpoints, log.csv, samples")
+    p.add_argument("--image-encoder", dest="image_encoder", help="CLIP image encoder folder or hub id")
+    p.add_argument("--config", dest="config_file", help="YAML or JSON file of settings")
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=int, help="passes over the data when --max-steps is not given (100)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument(
+        "--format",
+        dest="format",
+        choices=["safetensors", "bin"],
+        help="bin also writes the official OUTPUT/adapter.bin",
+    )
+    p.add_argument("--resolution", type=int, help="training image size (default: the base's native size)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="per process (8)")
+    p.add_argument("--gradient-accumulation", dest="gradient_accumulation", type=int)
+    p.add_argument(
+        "--learning-rate", "--lr", dest="learning_rate", type=float, help="AdamW learning rate (1e-4)"
+    )
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (0.01)")
+    p.add_argument("--lr-scheduler", dest="lr_scheduler", help="diffusers schedule name (constant)")
+    p.add_argument("--lr-warmup-steps", dest="lr_warmup_steps", type=int)
+    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-tokens", dest="num_tokens", type=int, help="image tokens (default: the method's)")
+    p.add_argument("--num-workers", dest="num_workers", type=int, help="data loading processes (0)")
+    p.add_argument(
+        "--cache-features",
+        dest="cache_features",
+        action="store_true",
+        help="encode references once into OUTPUT/cache (or --cache-dir) and reuse them",
+    )
+    p.add_argument("--cache-dir", dest="cache_dir")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints")
+    p.add_argument(
+        "--keep-checkpoints", dest="keep_checkpoints", type=int, help="newest checkpoints kept (3)"
+    )
+    p.add_argument("--log-every", dest="log_every", type=int, help="steps between log.csv rows (1)")
+    p.add_argument("--sample-every", dest="sample_every", type=int, help="steps between sample images")
+    p.add_argument("--sample-prompt", dest="sample_prompt")
+    p.add_argument("--sample-reference", dest="sample_reference")
+    p.add_argument("--sample-steps", dest="sample_steps", type=int)
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU exists")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import TrainConfig, train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "config_file")}
+    if "format" in values:
+        values["formats"] = ("safetensors", "bin") if values.pop("format") == "bin" else ("safetensors",)
+    if "progress" not in values:
+        values["progress"] = sys.stderr.isatty()
+    config = TrainConfig.from_sources(getattr(args, "config_file", None), **values)
+    result = train(config)
+    for path in result.files:
+        print(path)
+    if result.main_process and result.skipped.skipped:
+        print(
+            f"{len(result.skipped.skipped)} sample(s) skipped: see {config.output_dir / 'skipped.txt'}",
+            file=sys.stderr,
+        )
+    return 0
