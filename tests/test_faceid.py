@@ -187,3 +187,17 @@ def test_cli_faceid_from_a_saved_embedding(faceid_files, capsys):
     np.save(d / "dlib.npy", np.ones(128, np.float32))
     assert main(common + ["--face-embedding", str(d / "dlib.npy"), "--output", str(d / "bad.png")]) == 2
     assert "ArcFace" in capsys.readouterr().err and not (d / "bad.png").exists()
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_faceid_plusv2_end_to_end_from_photo_and_embedding(request, base, encoder):
+    pytest.importorskip("dlib")
+    pipe_base = request.getfixturevalue(base)
+    adapter = random_adapter(pipe_base.unet, "faceid-plusv2", encoder.model)
+    pipe = IPAdapterPipeline(pipe_base, adapter, encoder)
+    photo = "tests/data/grace_hopper.jpg"
+    e = _embedding()
+    one = _arr(pipe("a portrait", photo, face_embedding=e, s_scale=1.0, **SETTINGS))
+    structure_off = _arr(pipe("a portrait", photo, face_embedding=e, s_scale=0.0, **SETTINGS))
+    assert one.shape == (1, 64, 64, 3)
+    assert np.abs(one - structure_off).mean() > 0.2, "--s-scale weighs the CLIP face structure"

@@ -137,8 +137,15 @@ class IPAdapter(nn.Module):
     # ----------------------------------------------------------------- properties read from the weights
     @property
     def embed_dim(self) -> int:
-        """Width of the image-encoder feature the projection reads."""
+        """Width of the feature the projection reads first: CLIP features, or the identity embedding."""
         return self.image_proj.config.embed_dim
+
+    @property
+    def clip_dim(self) -> int | None:
+        """Width of the CLIP features the projection reads (``None`` for identity-only methods)."""
+        if self.method.inputs == "face":
+            return None
+        return self.image_proj.config.clip_embed_dim if self.method.inputs == "face+image" else self.embed_dim
 
     @property
     def cross_attention_dim(self) -> int:
@@ -206,13 +213,13 @@ class IPAdapter(nn.Module):
                     f"{(name or '?').removesuffix('.processor')} works at width "
                     f"{attn.to_q.out_features if attn is not None else 'none'}."
                 )
-        if encoder_config is not None:
+        if encoder_config is not None and self.clip_dim is not None:
             have = (
                 encoder_config.projection_dim
                 if self.method.feature == "pooled"
                 else encoder_config.hidden_size
             )
-            want = self.embed_dim
+            want = self.clip_dim
             if have != want:
                 what = "pooled, projected embedding" if self.method.feature == "pooled" else "hidden states"
                 raise IncompatibleAdapterError(
