@@ -207,7 +207,23 @@ class Resampler(PerceiverStack, ModelMixin, ConfigMixin):
         return PerceiverStack.config_from_state_dict(sd) | {"num_queries": num_queries}
 
 
-class FaceIDProjection(ModelMixin, ConfigMixin):
+class _IdentityMLP:
+    """The part FaceID and FaceID-Plus share: identity embedding -> ``num_tokens`` tokens (MLP + LayerNorm)."""
+
+    def _build_identity_mlp(self, embed_dim: int, hidden_dim: int, cross_attention_dim: int, num_tokens: int):
+        self.proj = nn.Sequential(
+            nn.Linear(embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, cross_attention_dim * num_tokens),
+        )
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def identity_tokens(self, id_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(id_embeds).reshape(-1, self.config.num_tokens, self.config.cross_attention_dim)
+        return self.norm(tokens)
+
+
+class FaceIDProjection(_IdentityMLP, ModelMixin, ConfigMixin):
     """Identity embedding ``[B, id_dim]`` -> ``[B, num_tokens, cross_attention_dim]`` (MLP + LayerNorm)."""
 
     @register_to_config
@@ -219,16 +235,10 @@ class FaceIDProjection(ModelMixin, ConfigMixin):
         num_tokens: int = 4,
     ):
         super().__init__()
-        self.proj = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, cross_attention_dim * num_tokens),
-        )
-        self.norm = nn.LayerNorm(cross_attention_dim)
+        self._build_identity_mlp(embed_dim, hidden_dim, cross_attention_dim, num_tokens)
 
     def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
-        tokens = self.proj(id_embeds).reshape(-1, self.config.num_tokens, self.config.cross_attention_dim)
-        return self.norm(tokens)
+        return self.identity_tokens(id_embeds)
 
     @staticmethod
     def config_from_state_dict(sd: StateDict) -> dict:
@@ -247,7 +257,7 @@ class FaceIDProjection(ModelMixin, ConfigMixin):
         }
 
 
-class FaceIDPlusProjection(ModelMixin, ConfigMixin):
+class FaceIDPlusProjection(_IdentityMLP, ModelMixin, ConfigMixin):
     """FaceID-Plus: identity tokens query the CLIP features of the aligned face crop.
 
     ``forward(id_embeds, clip_features, shortcut, s_scale)``: with ``shortcut`` (PlusV2) the identity
@@ -269,12 +279,7 @@ class FaceIDPlusProjection(ModelMixin, ConfigMixin):
         ff_mult: float = 4,
     ):
         super().__init__()
-        self.proj = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, cross_attention_dim * num_tokens),
-        )
-        self.norm = nn.LayerNorm(cross_attention_dim)
+        self._build_identity_mlp(embed_dim, hidden_dim, cross_attention_dim, num_tokens)
         self.perceiver_resampler = PerceiverStack(
             cross_attention_dim, depth, dim_head, heads, clip_embed_dim, cross_attention_dim, ff_mult
         )
@@ -286,9 +291,7 @@ class FaceIDPlusProjection(ModelMixin, ConfigMixin):
         shortcut: bool = False,
         s_scale: float = 1.0,
     ) -> torch.Tensor:
-        x = self.norm(
-            self.proj(id_embeds).reshape(-1, self.config.num_tokens, self.config.cross_attention_dim)
-        )
+        x = self.identity_tokens(id_embeds)
         out = self.perceiver_resampler(x, clip_features)
         return x + s_scale * out if shortcut else out
 
