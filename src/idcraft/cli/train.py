@@ -13,13 +13,23 @@ import argparse
 import sys
 
 #: Listed in --help without importing the training stack (checked against the recipes by the tests).
-TRAINABLE = ("ip-adapter", "ip-adapter-plus", "ip-adapter-plus-face", "ip-adapter-full-face")
+TRAINABLE = (
+    "ip-adapter",
+    "ip-adapter-plus",
+    "ip-adapter-plus-face",
+    "ip-adapter-full-face",
+    "faceid",
+    "faceid-plus",
+    "faceid-plusv2",
+    "faceid-portrait",
+    "instantid",
+)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train an adapter (IP-Adapter family) on captioned images",
+        help="train an adapter (IP-Adapter, FaceID, InstantID) on captioned images",
         description=(
             "Train an adapter on a frozen base model. Only the adapter trains; the final weights are written "
             "to OUTPUT/adapter.safetensors in the official layout. Defaults follow the official training "
@@ -56,6 +66,17 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--num-tokens", dest="num_tokens", type=int, help="image tokens (default: the method's)")
     p.add_argument("--num-workers", dest="num_workers", type=int, help="data loading processes (0)")
+    p.add_argument("--lora-rank", dest="lora_rank", type=int, help="FaceID LoRA rank (128, the official)")
+    p.add_argument(
+        "--face-backend",
+        dest="face_backend",
+        choices=["insightface", "default"],
+        help="face analysis for FaceID/InstantID data (insightface: ArcFace embeddings, required unless "
+        "the manifest gives embeddings)",
+    )
+    p.add_argument(
+        "--face-models", dest="face_models", help="insightface model pack folder (antelopev2/buffalo_l)"
+    )
     p.add_argument(
         "--cache-features",
         dest="cache_features",

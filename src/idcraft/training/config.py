@@ -33,6 +33,8 @@ RESUME_INVARIANT = (
     "drop_both",
     "noise_offset",
     "num_tokens",
+    "lora_rank",
+    "face_backend",
     "learning_rate",
     "weight_decay",
     "adam_betas",
@@ -64,6 +66,12 @@ class TrainConfig:
     drop_text: float = 0.05
     drop_both: float = 0.05
     noise_offset: float = 0.0
+    lora_rank: int = 128  # FaceID's LoRA on every attention layer (the official rank)
+
+    # face methods (FaceID, InstantID): where identity embeddings and keypoints come from, when the
+    # manifest does not give them precomputed
+    face_backend: str = "insightface"  # must give ArcFace embeddings (see idcraft.faces)
+    face_models: str | None = None  # insightface model pack folder (default ~/.insightface/models/...)
 
     # optimisation
     batch_size: int = 8  # per process
@@ -109,7 +117,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)  # type: ignore[assignment]
         self.formats = tuple(self.formats)
-        for name in ("base", "data", "output", "image_encoder", "cache_dir", "sample_reference"):
+        for name in (
+            "base",
+            "data",
+            "output",
+            "image_encoder",
+            "cache_dir",
+            "sample_reference",
+            "face_models",
+        ):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
@@ -127,6 +143,7 @@ class TrainConfig:
             "log_every",
             "cache_batch_size",
             "sample_steps",
+            "lora_rank",
         ):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
@@ -144,6 +161,8 @@ class TrainConfig:
         unknown = set(self.formats) - {"safetensors", "bin"}
         if unknown or not self.formats:
             problems.append(f"formats must be among safetensors, bin (got {list(self.formats)})")
+        if self.face_backend not in ("insightface", "default"):
+            problems.append(f"face_backend must be insightface or default (got {self.face_backend!r})")
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
         if problems:

@@ -6,6 +6,9 @@ Two sources:
 * a JSONL manifest, one ``{"image": path, "text": caption, "reference": optional path}`` per line
   (relative paths are relative to the manifest's folder). With a ``reference`` the reference is what the
   adapter sees and ``image`` is the target; without, the image is its own reference (the official setup).
+  Face methods also read: ``reference`` as a list of paths (several photos of one person, FaceID-Portrait),
+  ``embedding`` (a ``.npy`` raw ArcFace embedding, or a list, one per reference) and ``kps`` (the five
+  ``[x, y]`` keypoints of the face in ``image``), so large datasets can be analysed once, offline.
 
 Bad samples never stop a run. What can be seen cheaply is checked when the list is built (missing files,
 malformed lines); a missing caption trains with an empty one and is counted. An image that turns out to
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import IdcraftError, ImageError
+from ..errors import FaceError, IdcraftError, ImageError
 from ..images import load_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -43,6 +46,15 @@ class Record:
     image: str
     caption: str
     reference: str | None = None
+    #: every reference photo when the manifest lists several (``reference`` is the first of them)
+    references: tuple[str, ...] = ()
+    #: precomputed face data from the manifest (``embedding`` paths, ``kps``), read by face recipes
+    face: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def reference_paths(self) -> tuple[str, ...]:
+        """All reference photos: the listed ones, else the single reference, else the image itself."""
+        return self.references or (self.reference_path,)
 
     @property
     def reference_path(self) -> str:
@@ -142,18 +154,54 @@ def _manifest_records(manifest: Path) -> tuple[list[Record], SkipReport]:
             if not Path(image).is_file():
                 report.skip(where, f"image {image}: no such file")
                 continue
-            reference = entry.get("reference")
-            if reference is not None:
-                reference = _resolve(root, str(reference))
-                if not Path(reference).is_file():
-                    report.skip(where, f"reference {reference}: no such file")
-                    continue
+            listed = entry.get("reference")
+            listed = [] if listed is None else listed if isinstance(listed, list) else [listed]
+            references = [_resolve(root, str(r)) for r in listed]
+            missing = [r for r in references if not Path(r).is_file()]
+            if missing:
+                report.skip(where, f"reference {missing[0]}: no such file")
+                continue
+            face = _face_fields(entry, root)
+            if isinstance(face, str):
+                report.skip(where, face)
+                continue
             caption = entry.get("text")
             if not isinstance(caption, str):
                 report.empty_captions.append(where)
                 caption = ""
-            records.append(Record(image, caption.strip(), reference))
+            records.append(
+                Record(
+                    image,
+                    caption.strip(),
+                    references[0] if references else None,
+                    tuple(references) if len(references) > 1 else (),
+                    face,
+                )
+            )
     return records, report
+
+
+def _face_fields(entry: Mapping, root: Path) -> dict | str:
+    """The manifest's precomputed face data (``embedding`` paths resolved, ``kps`` checked as 5x2), or a
+    reason to skip the line."""
+    face: dict = {}
+    embedding = entry.get("embedding")
+    if embedding is not None:
+        paths = embedding if isinstance(embedding, list) else [embedding]
+        face["embedding"] = tuple(_resolve(root, str(p)) for p in paths)
+        missing = [p for p in face["embedding"] if not Path(p).is_file()]
+        if missing:
+            return f"embedding {missing[0]}: no such file"
+    kps = entry.get("kps")
+    if kps is not None:
+        try:
+            array = np.asarray(kps, dtype=np.float32)
+        except (TypeError, ValueError):
+            array = np.zeros(0)
+        if array.shape != (5, 2) or not np.isfinite(array).all():
+            return 'expected "kps" as five [x, y] keypoints'
+        face["kps"] = array.tolist()
+    return face
 
 
 def _resolve(root: Path, value: str) -> str:
@@ -162,16 +210,39 @@ def _resolve(root: Path, value: str) -> str:
 
 
 # ---------------------------------------------------------------------------- images -> tensors
+@dataclass(frozen=True)
+class CropGeometry:
+    """How :func:`resize_and_crop` maps a ``width x height`` image to the ``size x size`` training crop:
+    resize to ``resized`` (w, h), then crop at ``(top, left)``. Recipes map image coordinates (face
+    keypoints) into the crop with :meth:`to_crop`."""
+
+    width: int
+    height: int
+    size: int
+    resized: tuple[int, int]
+    top: int
+    left: int
+
+    @classmethod
+    def of(cls, width: int, height: int, size: int) -> CropGeometry:
+        if width <= height:
+            new_w, new_h = size, max(size, int(size * height / width))
+        else:
+            new_w, new_h = max(size, int(size * width / height)), size
+        return cls(width, height, size, (new_w, new_h), (new_h - size) // 2, (new_w - size) // 2)
+
+    def to_crop(self, points: np.ndarray) -> np.ndarray:
+        """``[N, 2]`` pixel ``(x, y)`` in the original image -> the same points in the crop."""
+        scale = np.array([self.resized[0] / self.width, self.resized[1] / self.height], dtype=np.float32)
+        return np.asarray(points, dtype=np.float32) * scale - np.array([self.left, self.top], np.float32)
+
+
 def resize_and_crop(image: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int]]:
     """Short side to ``size`` (bilinear), then a centre ``size x size`` crop, as the official scripts do.
     Returns the crop and its top-left corner ``(top, left)`` (SDXL's crop-coordinate conditioning)."""
-    width, height = image.size
-    if width <= height:
-        new_w, new_h = size, max(size, int(size * height / width))
-    else:
-        new_w, new_h = max(size, int(size * width / height)), size
-    resized = image.resize((new_w, new_h), Image.BILINEAR)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    geometry = CropGeometry.of(*image.size, size)
+    resized = image.resize(geometry.resized, Image.BILINEAR)
+    top, left = geometry.top, geometry.left
     return resized.crop((left, top, left + size, top + size)), (top, left)
 
 
@@ -212,6 +283,9 @@ class SampleLoader(torch.utils.data.Dataset):
 
     ``reference_inputs`` turns the reference image into the recipe's encoder input (e.g. CLIP pixels);
     with a feature cache, the cached features are returned instead and the reference is not decoded.
+    A preprocessor that needs more than the reference image (face recipes: the record's precomputed
+    identity, keypoints mapped into the training crop) has a ``record_inputs(record, geometry)`` method,
+    called instead; an exception it raises skips the sample with its message as the reason.
     """
 
     def __init__(
@@ -246,11 +320,14 @@ class SampleLoader(torch.utils.data.Dataset):
                         "error": f"{record.reference_path}: changed since its features were cached",
                     }
                 item["features"] = cached
+            elif hasattr(self.reference_inputs, "record_inputs"):
+                geometry = CropGeometry.of(target.width, target.height, self.resolution)
+                item.update(self.reference_inputs.record_inputs(record, geometry))
             else:
                 reference = target if record.reference is None else load_image(record.reference)
                 item.update(self.reference_inputs(reference))
             return item
-        except ImageError as exc:
+        except (ImageError, FaceError) as exc:
             return {"index": index, "error": str(exc)}
         except Exception as exc:  # a decoder bug on one file must not end a week-long run
             return {"index": index, "error": f"{record.image}: cannot load ({type(exc).__name__}: {exc})"}
