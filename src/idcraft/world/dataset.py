@@ -1,0 +1,152 @@
+"""Datasets of rendered samples in ``idcraft train``'s JSONL manifest format, with full ground truth.
+
+``write_dataset`` writes ``images/*.png``, ``references/*.png`` and ``manifest.jsonl``, one line per
+sample::
+
+    {"image": "images/000000.png", "text": "a small red round creature ...",
+     "reference": "references/id_0042.png",
+     "identity_id": 42, "attributes": {...}, "scene": {...}, "kps": [[x, y] x 5], "bbox": [...],
+     "face_bbox": [...], "placement": {...}, "reference_kps": [...], "reference_bbox": [...]}
+
+``image``/``text``/``reference``/``kps`` are what :func:`idcraft.training.data.list_records` reads; the
+other fields are ground truth for the later steps (identity encoder labels, the judge's classifiers).
+
+Sample ``i`` of a dataset depends only on ``(seed, i, ids)`` -- not on how many samples are written -- so
+a larger dataset extends a smaller one with the same seed, and any sample can be re-rendered on its own
+(:func:`sample_for`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import IdcraftError
+from .identity import NUM_IDENTITIES, identity_from_id, train_ids
+from .render import Sample, render, render_reference
+from .scene import Scene, random_scene
+
+MANIFEST = "manifest.jsonl"
+REFERENCE_MODES = ("canonical", "scene")
+
+
+def _rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
+    # SeedSequence-based PCG64: the same numbers on every platform and numpy version
+    return np.random.default_rng([int(seed), int(index), stream])
+
+
+def sample_for(seed: int, index: int, ids: Sequence[int] | None = None, size: int = 64) -> Sample:
+    """Sample ``index`` of the dataset with ``seed`` over ``ids`` (default: :func:`train_ids`)."""
+    ids = train_ids() if ids is None else ids
+    rng = _rng(seed, index)
+    identity = identity_from_id(ids[int(rng.integers(len(ids)))])
+    return render(identity, random_scene(rng), size, rng)
+
+
+def _scene_reference(sample: Sample, seed: int, index: int, size: int) -> Sample:
+    """The same identity in another random scene (differing in at least the background or pose)."""
+    rng = _rng(seed, index, 1)
+    while True:
+        scene = random_scene(rng)
+        if (scene.background, scene.pose) != (sample.scene.background, sample.scene.pose):
+            return render(sample.identity, scene, size, rng)
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    num_samples: int,
+    seed: int = 0,
+    ids: Sequence[int] | None = None,
+    paired: bool = True,
+    reference: str = "canonical",
+    size: int = 64,
+) -> Path:
+    """Render ``num_samples`` samples of identities ``ids`` (default: every training id, never a held-out
+    one) into ``out_dir`` and return the manifest path.
+
+    ``paired``: give each sample a ``reference`` -- its identity's canonical portrait (``reference=
+    "canonical"``, one file per identity, shared) or the identity in a different scene (``"scene"``, one
+    file per sample). Unpaired samples are their own reference, as in the official IP-Adapter setup.
+    """
+    if num_samples < 1:
+        raise IdcraftError(f"--samples {num_samples}: expected at least 1.")
+    if reference not in REFERENCE_MODES:
+        raise IdcraftError(f"reference={reference!r}: expected one of {REFERENCE_MODES}.")
+    ids = tuple(train_ids() if ids is None else (int(i) for i in ids))
+    if not ids:
+        raise IdcraftError("no identity ids to render.")
+    bad = [i for i in ids if not 0 <= i < NUM_IDENTITIES]
+    if bad:
+        raise IdcraftError(f"identity id {bad[0]}: expected 0 to {NUM_IDENTITIES - 1}.")
+    root = Path(out_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    if paired:
+        (root / "references").mkdir(exist_ok=True)
+    references: dict[int, Sample] = {}
+    manifest = root / MANIFEST
+    with manifest.open("w", encoding="utf-8") as f:
+        for index in range(num_samples):
+            sample = sample_for(seed, index, ids, size)
+            name = f"images/{index:06d}.png"
+            sample.image.save(root / name)
+            entry: dict = {"image": name, "text": sample.caption}
+            if paired:
+                if reference == "canonical":
+                    ref_name = f"references/id_{sample.identity.id:04d}.png"
+                    if sample.identity.id not in references:
+                        references[sample.identity.id] = render_reference(sample.identity, size)
+                        references[sample.identity.id].image.save(root / ref_name)
+                    ref = references[sample.identity.id]
+                else:
+                    ref_name = f"references/{index:06d}.png"
+                    ref = _scene_reference(sample, seed, index, size)
+                    ref.image.save(root / ref_name)
+                entry["reference"] = ref_name
+            entry.update(sample.ground_truth())
+            if paired:
+                entry["reference_kps"] = ref.ground_truth()["kps"]
+                entry["reference_bbox"] = ref.ground_truth()["bbox"]
+            f.write(json.dumps(entry) + "\n")
+    info = {
+        "generator": "idcraft.world",
+        "num_samples": num_samples,
+        "seed": seed,
+        "size": size,
+        "paired": paired,
+        "reference": reference if paired else None,
+        "num_ids": len(ids),
+        "ids": list(ids),
+    }
+    (root / "world.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
+    return manifest
+
+
+def load_manifest(path: str | os.PathLike) -> list[dict]:
+    """The entries of a world manifest (a ``manifest.jsonl`` or the folder holding it), with ``image``
+    and ``reference`` resolved to absolute paths; ground-truth fields as written (JSON types)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise IdcraftError(f"{path}: no such manifest.")
+    root = path.parent.resolve()
+    entries = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            for key in ("image", "reference"):
+                if isinstance(entry.get(key), str):
+                    entry[key] = str(root / entry[key])
+            entries.append(entry)
+    return entries
+
+
+def scene_of(entry: dict) -> Scene:
+    """The :class:`Scene` of a manifest entry."""
+    return Scene.from_dict(entry["scene"])

@@ -1,0 +1,1 @@
+"""Tests of the offline procedural character world (idcraft.world)."""
