@@ -15,9 +15,10 @@ from typing import Literal
 from .errors import CheckpointError, IdcraftError
 
 Feature = Literal["pooled", "penultimate"]
-Uncond = Literal["zero-embeds", "zero-image"]
+Uncond = Literal["zero-embeds", "zero-image", "same-tokens"]
 Inputs = Literal["image", "face", "face+image"]
 Combine = Literal["side-by-side", "average"]
+Base = Literal["sd", "flux"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Method:
 
     Attributes:
         name: the ``--method`` name.
-        projection: key into :data:`idcraft.projections.PROJECTIONS`.
+        projection: key into :data:`idcraft.projections.PROJECTIONS` (FLUX methods: the name of their
+            own projector, :mod:`idcraft.instantcharacter.projector`).
         inputs: what a reference becomes before projection: ``"image"`` = CLIP features of the whole
             image; ``"face"`` = a face-recognition (ArcFace) identity embedding; ``"face+image"`` = the
             identity embedding plus CLIP features of the aligned face crop (FaceID-Plus).
@@ -43,6 +45,9 @@ class Method:
         identitynet: the method runs with a ControlNet (InstantID's IdentityNet) that reads the facial
             keypoint image as its condition and the identity tokens, not the text, as its context.
         checkpoints: official file names this method loads (documentation and ``--method`` aliases).
+        base: the base model family, which decides the pipeline that runs the method: ``"sd"`` (SD1.5 /
+            SDXL UNet, :class:`idcraft.pipeline.IPAdapterPipeline`) or ``"flux"`` (FLUX.1 transformer,
+            :class:`idcraft.instantcharacter.pipeline.InstantCharacterPipeline`).
     """
 
     name: str
@@ -58,6 +63,7 @@ class Method:
     identitynet: bool = False
     checkpoints: tuple[str, ...] = ()
     aliases: tuple[str, ...] = field(default=())
+    base: Base = "sd"
 
     @property
     def needs_face(self) -> bool:
@@ -196,6 +202,17 @@ METHODS: dict[str, Method] = {
             description="InstantID (SDXL): raw ArcFace embedding -> 16 tokens (Resampler) + IdentityNet on 5 keypoints.",
             checkpoints=("ip-adapter.bin",),
             aliases=("instant-id", "instantid_sdxl"),
+        ),
+        Method(
+            name="instantcharacter",
+            projection="cross-layer-cross-scale",
+            feature=None,
+            uncond="same-tokens",
+            base="flux",
+            description="InstantCharacter (FLUX.1): SigLIP + DINOv2 features of the reference at 384 and as four "
+            "tiles of 768 -> 1024 timestep-conditioned tokens, attended to in every FLUX block.",
+            checkpoints=("instantcharacter_ip-adapter.bin",),
+            aliases=("instant-character", "instantcharacter_ip-adapter"),
         ),
     )
 }

@@ -19,13 +19,18 @@ def register(subparsers) -> None:
     p.add_argument(
         "--method", help=f"adapter method; detected from the checkpoint when left out ({', '.join(METHODS)})"
     )
-    p.add_argument("--base", required=True, help="base model: a diffusers folder or hub id (SD1.5 or SDXL)")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="base model: a diffusers folder or hub id (SD1.5, SDXL, or FLUX.1 for instantcharacter)",
+    )
     p.add_argument(
         "--adapter", required=True, help="adapter checkpoint (.bin or .safetensors, official layout)"
     )
     p.add_argument(
         "--image-encoder",
-        help="CLIP image encoder: folder or hub id (every method but faceid and faceid-portrait)",
+        help="CLIP image encoder: folder or hub id (every method but faceid and faceid-portrait); "
+        "for instantcharacter the SigLIP encoder (google/siglip-so400m-patch14-384)",
     )
     p.add_argument(
         "--reference",
@@ -60,6 +65,33 @@ def register(subparsers) -> None:
         help="each --reference (or each face of a single group photo) is a different person, kept in its "
         "own region of the output; without it several photos are one person",
     )
+    flux = p.add_argument_group(
+        "instantcharacter (FLUX.1)",
+        "The reference is used as it is (one image; no background removal): a cut-out with transparency "
+        "(RGBA PNG) is composited on white, the background the official examples use.",
+    )
+    flux.add_argument(
+        "--image-encoder-2", metavar="DIR", help="DINOv2 encoder folder or hub id (facebook/dinov2-giant)"
+    )
+    flux.add_argument(
+        "--offload",
+        choices=["none", "model", "sequential"],
+        default="none",
+        help="keep weights in RAM and move them to the GPU when used: per model (diffusers "
+        "enable_model_cpu_offload) or per layer (enable_sequential_cpu_offload, least GPU memory, slowest)",
+    )
+    flux.add_argument(
+        "--true-cfg",
+        type=float,
+        default=1.0,
+        help="true classifier-free guidance scale with --negative-prompt (a second pass per step); 1 = off, "
+        "as in the official pipeline (FLUX-dev is guided by --guidance through its guidance embedding)",
+    )
+    flux.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="run even when the memory estimate printed before loading says it does not fit",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument(
@@ -68,9 +100,21 @@ def register(subparsers) -> None:
         default=0,
         help="seeds torch.Generator('cpu'), as diffusers and the official code do",
     )
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--scale", type=float, default=1.0, help="adapter scale (0 = base model alone)")
+    p.add_argument("--steps", type=int, default=None, help="default: 30 (28 for instantcharacter)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; for instantcharacter FLUX's guidance embedding. "
+        "Default: 7.5 (3.5 for instantcharacter)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="adapter scale, instantcharacter's subject scale (0 = base model alone). Default: 1.0 "
+        "(0.8 for instantcharacter)",
+    )
     p.add_argument("--width", type=int, default=None, help="default: the base model's native size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -106,7 +150,7 @@ def register(subparsers) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "float16", "bfloat16"],
-        help="auto = float16 on GPU, float32 on CPU",
+        help="auto = float16 on GPU (bfloat16 for instantcharacter), float32 on CPU",
     )
     p.add_argument(
         "--output",
@@ -167,13 +211,93 @@ def load_keypoints(path: str):
     return kps
 
 
+def save_images(images, output: str) -> None:
+    for image, path in zip(images, output_paths(output, len(images)), strict=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(path)
+
+
+def runs_on_flux(args: argparse.Namespace) -> bool:
+    """``--method`` names a FLUX method, or (no ``--method``) ``--base`` is a local FLUX pipeline folder."""
+    from ..instantcharacter.pipeline import is_flux_base
+    from ..registry import get_method
+
+    if args.method:
+        return get_method(args.method).base == "flux"
+    return is_flux_base(args.base) or args.image_encoder_2 is not None
+
+
+def run_instantcharacter(args: argparse.Namespace) -> int:
+    from ..errors import IdcraftError
+    from ..images import load_image
+    from ..instantcharacter.pipeline import InstantCharacterPipeline
+
+    unused = [
+        flag
+        for flag, value in (
+            ("--face-embedding", args.face_embedding),
+            ("--keypoints", args.keypoints),
+            ("--controlnet", args.controlnet),
+            ("--control-image", args.control_image),
+            ("--multi-person", args.multi_person),
+        )
+        if value
+    ]
+    if unused:
+        raise IdcraftError(f"{', '.join(unused)}: not used by instantcharacter.")
+    if len(args.reference) != 1:
+        raise IdcraftError(f"instantcharacter takes one --reference image ({len(args.reference)} given).")
+    if not args.image_encoder or not args.image_encoder_2:
+        raise IdcraftError(
+            "instantcharacter reads the reference with two encoders: pass --image-encoder SIGLIP_DIR "
+            "(google/siglip-so400m-patch14-384) and --image-encoder-2 DINOV2_DIR (facebook/dinov2-giant)."
+        )
+    reference = load_image(args.reference[0])  # fail on a bad input before loading models
+    pipe = InstantCharacterPipeline.from_pretrained(
+        args.base,
+        args.adapter,
+        args.image_encoder,
+        args.image_encoder_2,
+        device=args.device,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        offload=args.offload,
+        check_memory=not args.skip_memory_check,
+        width=args.width,
+        height=args.height,
+        report=lambda text: print(text, file=sys.stderr),
+    )
+    images = pipe(
+        args.prompt,
+        reference,
+        seed=args.seed,
+        true_cfg=args.true_cfg,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        progress=sys.stderr.isatty(),
+        **method_defaults(args),
+    )
+    save_images(images, args.output)
+    return 0
+
+
+def method_defaults(args: argparse.Namespace) -> dict:
+    """``--scale``, ``--steps``, ``--guidance`` where given; each pipeline has its method's defaults."""
+    given = {"scale": args.scale, "steps": args.steps, "guidance": args.guidance}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import IdcraftError
     from ..images import load_image
     from ..pipeline import IPAdapterPipeline
 
-    if args.num_images < 1 or args.steps < 1:
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
         raise IdcraftError("--num-images and --steps must be at least 1.")
+    if runs_on_flux(args):
+        return run_instantcharacter(args)
     keypoints = load_keypoints(args.keypoints) if args.keypoints else None
     references = [load_image(r) for r in args.reference]  # fail on a bad input before loading models
     embeddings = [load_embedding(f) for f in args.face_embedding or []] or None
@@ -202,10 +326,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt,
         tokens=tokens,
         negative_prompt=args.negative_prompt,
-        scale=args.scale,
         seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
         width=args.width,
         height=args.height,
         num_images=args.num_images,
@@ -213,9 +334,7 @@ def run(args: argparse.Namespace) -> int:
         controlnet_scale=args.controlnet_scale or [1.0] * len(args.controlnet),
         keypoints=keypoints,
         progress=sys.stderr.isatty(),
+        **method_defaults(args),
     )
-    for image, path in zip(images, output_paths(args.output, len(images)), strict=False):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(path)
+    save_images(images, args.output)
     return 0

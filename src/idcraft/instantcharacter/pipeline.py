@@ -1,0 +1,321 @@
+"""Generation with InstantCharacter on diffusers' ``FluxPipeline``.
+
+The algorithm, as the official ``InstantCharacterFluxPipeline.__call__`` runs it:
+
+1. the reference -> SigLIP + DINOv2 features (:mod:`.encoders`), once;
+2. the projector's timestep-independent half, once (:meth:`SubjectProjector.prepare`);
+3. the unchanged diffusers FLUX loop; before every transformer call a hook runs the resampler at the
+   scheduler's timestep ``t`` (0..1000, cast to the latents' dtype, as the official code passes it) and the
+   processors on all double- and single-stream blocks add the subject attention at ``scale``.
+
+Guidance is FLUX-dev's: a guidance *embedding* (``guidance``, 3.5 officially), one transformer pass per
+step. True classifier-free guidance is off by default, as in the official pipeline (``true_cfg_scale=1``);
+with ``true_cfg > 1`` and a negative prompt each step runs a second pass on the negative prompt, and that
+pass sees the *same* subject tokens at the same scale (the official code keeps them in the shared
+attention kwargs for both passes). Defaults (28 steps, guidance 3.5, subject scale 0.8) are the official
+ones.
+
+Memory: bf16 by default on a GPU; ``offload="model"`` or ``"sequential"`` uses diffusers' CPU offloading
+for the FLUX components, while the encoders and the projector's heavy half are moved to the GPU only for
+their one call per reference and the small resampler stays there. :mod:`.memory` estimates the need
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import IdcraftError
+from ..images import ImageInput
+from ..models import _unreachable, resolve_device, resolve_dtype
+from .adapter import InstantCharacterAdapter
+from .encoders import SubjectEncoder, SubjectFeatures
+from .memory import FLUX_COMPONENTS, MemoryEstimate, estimate_memory
+
+log = logging.getLogger(__name__)
+
+#: The official pipeline's defaults.
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_SCALE = 0.8
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+def flux_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/``"auto"`` -> bfloat16 on an accelerator (FLUX's own dtype; float16 overflows in it),
+    float32 on the CPU; anything else as :func:`idcraft.models.resolve_dtype` reads it."""
+    if dtype in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return resolve_dtype(dtype, device)
+
+
+def is_flux_base(base: str | os.PathLike) -> bool:
+    """Whether ``base`` is a local diffusers FLUX pipeline folder (``model_index.json`` says so)."""
+    index = Path(base) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return str(json.loads(index.read_text()).get("_class_name", "")).startswith("Flux")
+    except (OSError, ValueError):
+        return False
+
+
+def flux_index(base: str | os.PathLike) -> dict:
+    """The ``model_index.json`` of ``base``, which must be a FLUX pipeline (a clear error otherwise)."""
+    from diffusers import FluxPipeline
+
+    try:
+        index = FluxPipeline.load_config(str(base))
+    except Exception as exc:  # diffusers raises OSError, EnvironmentError or hub errors
+        raise _unreachable("base model", str(base), exc) from exc
+    if not str(index.get("_class_name", "")).startswith("Flux"):
+        raise IdcraftError(
+            f"base model {base} is a {index.get('_class_name', '?')}; InstantCharacter runs on FLUX.1 "
+            "(a FluxPipeline folder such as black-forest-labs/FLUX.1-dev)."
+        )
+    return index
+
+
+def load_flux_pipeline(base: str | os.PathLike, *, dtype: torch.dtype, device: torch.device):
+    """Load a ``FluxPipeline`` one component at a time, each moved to ``device`` before the next is read,
+    so that RAM holds at most one component (not the whole 33 GB pipeline) on its way to the GPU."""
+    from diffusers import FluxPipeline
+
+    index = flux_index(base)
+    components = {}
+    try:
+        for name in FLUX_COMPONENTS:
+            library, class_name = index[name]
+            cls = getattr(importlib.import_module(library), class_name)
+            kwargs = {"torch_dtype": dtype} if library == "diffusers" else {"dtype": dtype}
+            model = cls.from_pretrained(str(base), subfolder=name, **kwargs)
+            components[name] = model.to(device=device, dtype=dtype)  # dtype too: older transformers
+        pipe = FluxPipeline.from_pretrained(str(base), torch_dtype=dtype, **components)
+    except Exception as exc:
+        raise _unreachable("base model", str(base), exc) from exc
+    return pipe
+
+
+def _check_offload(offload: str | None, device: torch.device) -> str:
+    offload = offload or "none"
+    if offload not in OFFLOAD_MODES:
+        raise IdcraftError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}.")
+    if offload != "none" and device.type == "cpu":
+        raise IdcraftError(
+            f"--offload {offload} moves weights between RAM and a GPU, but the run is on the CPU: "
+            "use --device cuda, or leave --offload out."
+        )
+    return offload
+
+
+def _meta_transformer(base: str | os.PathLike):
+    """The FLUX transformer built on the meta device: its structure without reading its weights."""
+    from diffusers import FluxTransformer2DModel
+
+    config = FluxTransformer2DModel.load_config(os.path.join(str(base), "transformer"))
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(config)
+
+
+class InstantCharacterPipeline:
+    """A diffusers ``FluxPipeline``, an :class:`InstantCharacterAdapter` and a :class:`SubjectEncoder`.
+
+    Build it with :meth:`from_pretrained` (paths or hub ids) or from objects you hold; ``offload`` is
+    ``"none"``, ``"model"`` or ``"sequential"`` (the last two need a GPU).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        adapter: InstantCharacterAdapter,
+        encoder: SubjectEncoder,
+        *,
+        offload: str | None = None,
+        device: torch.device | str | None = None,
+    ):
+        device = torch.device(device) if device is not None else pipe.device
+        offload = _check_offload(offload, device)
+        adapter.check_compatible(pipe.transformer, encoder.width)
+        dtype = pipe.transformer.dtype
+        self.pipe = pipe
+        self.adapter = adapter
+        self.encoder = encoder
+        self.offload = offload
+        self._device = device
+        adapter.to(dtype=dtype).eval()
+        adapter.attach(pipe.transformer, lambda: self.pipe.current_timestep)
+        for model in encoder.models:
+            model.to(dtype=dtype)
+        if offload == "none":
+            pipe.to(device)
+            adapter.to(device)
+            for model in encoder.models:
+                model.to(device)
+        else:
+            adapter.projector.resampler.to(device)  # small, used at every step: stays on the GPU
+            if offload == "model":
+                pipe.enable_model_cpu_offload(device=device)
+            else:
+                pipe.enable_sequential_cpu_offload(device=device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        adapter: str | os.PathLike,
+        image_encoder: str | os.PathLike,
+        image_encoder_2: str | os.PathLike,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        offload: str | None = None,
+        check_memory: bool = True,
+        width: int | None = None,
+        height: int | None = None,
+        report: Callable[[str], None] | None = None,
+    ) -> InstantCharacterPipeline:
+        """Load everything, checking memory and compatibility before the FLUX weights are read.
+
+        ``image_encoder`` is SigLIP (so400m-patch14-384), ``image_encoder_2`` DINOv2 (giant). The memory
+        estimate (local folders only) goes to ``report`` (default: the log); with ``check_memory`` a run
+        that does not fit stops here with a message saying what would fit. ``width``/``height`` are only
+        used for the estimate.
+        """
+        flux_index(base)  # a wrong or unreachable base fails first, in milliseconds
+        dev = resolve_device(device)
+        dt = flux_dtype(dtype, dev)
+        offload = _check_offload(offload, dev)
+        estimate = _estimate_or_none(
+            base,
+            adapter,
+            image_encoder,
+            image_encoder_2,
+            device=dev,
+            dtype=dt,
+            offload=offload,
+            width=width,
+            height=height,
+        )
+        if estimate is None:
+            (report or log.info)("memory estimate: not available (it reads local folders and files only)")
+        else:
+            (report or log.info)(estimate.summary())
+            if check_memory:
+                estimate.check()
+        ic = InstantCharacterAdapter.from_checkpoint(adapter)
+        names = {
+            "base_name": f"base model {base}",
+            "encoder_name": f"image encoders {image_encoder}, {image_encoder_2}",
+        }
+        meta = _meta_transformer(base) if is_flux_base(base) else None  # fail in milliseconds, before
+        ic.check_compatible(meta, **names)  # reading gigabytes
+        encoder = SubjectEncoder.from_pretrained(image_encoder, image_encoder_2, dtype=dt)
+        ic.check_compatible(meta, encoder.width, **names)
+        # Put the adapter and encoders where they run before the FLUX components pass through RAM.
+        ic.to(dtype=dt)
+        if offload == "none":
+            ic.to(dev)
+            for model in encoder.models:
+                model.to(dev)
+        pipe = load_flux_pipeline(base, dtype=dt, device=dev if offload == "none" else torch.device("cpu"))
+        return cls(pipe, ic, encoder, offload=offload, device=dev)
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def device(self) -> torch.device:
+        """Where the computation runs (the GPU also when offloading)."""
+        return self._device
+
+    @contextlib.contextmanager
+    def _visiting(self, modules: list[nn.Module]) -> Iterator[None]:
+        """With offloading: ``modules`` on the GPU for the duration, back in RAM after."""
+        if self.offload == "none":
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+
+    def encode_reference(self, reference: ImageInput) -> SubjectFeatures:
+        """The reference's SigLIP + DINOv2 features (reuse them across prompts, seeds and scales)."""
+        with self._visiting(self.encoder.models):
+            return self.encoder.encode(reference)
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        reference: ImageInput | None = None,
+        *,
+        features: SubjectFeatures | None = None,
+        scale: float = DEFAULT_SCALE,
+        seed: int | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        true_cfg: float = 1.0,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        max_sequence_length: int = 512,
+        progress: bool = True,
+    ) -> list[Image.Image]:
+        """Generate ``num_images`` images of the reference's subject following ``prompt``.
+
+        ``scale`` is the official ``subject_scale`` (0 gives the base FLUX image exactly). ``guidance`` is
+        FLUX's guidance embedding; ``true_cfg > 1`` with a ``negative_prompt`` adds a negative pass per
+        step. ``seed`` seeds ``torch.Generator("cpu")``. ``features`` (from :meth:`encode_reference`) skip
+        the encoders.
+        """
+        if features is None:
+            if reference is None:
+                raise IdcraftError("instantcharacter needs a reference image (--reference).")
+            features = self.encode_reference(reference)
+        prepared = None
+        if scale != 0:
+            with self._visiting(self.adapter.projector.heavy_modules):
+                prepared = self.adapter.prepare(features)
+            prepared = prepared.to(self.device)
+        self.adapter.set_subject(prepared, scale)
+        self.pipe.set_progress_bar_config(disable=not progress)
+        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        try:
+            return self.pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                true_cfg_scale=true_cfg,
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                generator=generator,
+                width=width,
+                height=height,
+                num_images_per_prompt=num_images,
+                max_sequence_length=max_sequence_length,
+            ).images
+        finally:
+            self.adapter.set_subject(None, scale)
+
+
+def _estimate_or_none(base, adapter, image_encoder, image_encoder_2, **kwargs) -> MemoryEstimate | None:
+    """:func:`~idcraft.instantcharacter.memory.estimate_memory`, or ``None`` (logged) when a file cannot be
+    read: the estimate must never be why a run fails."""
+    try:
+        return estimate_memory(base, adapter, image_encoder, image_encoder_2, **kwargs)
+    except (OSError, ValueError, KeyError, IdcraftError) as exc:
+        log.warning("memory estimate skipped: %s", exc)
+        return None
