@@ -33,7 +33,7 @@ def main() -> None:
     )
     parser.add_argument("--unet", choices=CONFIGS, default="sd15")
     parser.add_argument("--tokens", type=int, default=4, help="image tokens (4 = IP-Adapter, 16 = Plus)")
-    parser.add_argument("--rounds", type=int, default=3, help="A/B pairs timed")
+    parser.add_argument("--rounds", type=int, default=6, help="A/B pairs timed")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -82,9 +82,14 @@ def main() -> None:
         for fn in order:
             (a if fn is bare else b).append(timed(fn))
     ma, mb = statistics.median(a), statistics.median(b)
+    paired = sorted(y / x for x, y in zip(a, b, strict=True))  # back-to-back pairs cancel slow drift
+    ratio = statistics.median(paired)
     print(f"bare UNet step:    median {ma:.3f} s (min {min(a):.3f}, max {max(a):.3f})")
     print(f"with IP-Adapter:   median {mb:.3f} s (min {min(b):.3f}, max {max(b):.3f})")
-    print(f"ratio (adapter / bare): {mb / ma:.3f}  ({(mb / ma - 1) * 100:+.1f} %)")
+    print(
+        f"ratio (adapter / bare), median of {len(paired)} back-to-back pairs: {ratio:.3f} "
+        f"({(ratio - 1) * 100:+.1f} %; pairs range {paired[0]:.3f}-{paired[-1]:.3f})"
+    )
 
 
 if __name__ == "__main__":
