@@ -46,6 +46,7 @@ from ..registry import FACE_EMBEDDING_DIM, Method, get_method
 from .config import TrainConfig
 from .data import CropGeometry, Record, list_records
 from .diffusion import UNetDiffusionRecipe
+from .ip_adapter import preview_images
 from .recipe import register_recipe
 
 log = logging.getLogger(__name__)
@@ -499,25 +500,16 @@ class FaceIDRecipe(FaceRecipeBase):
     ) -> list[Image.Image]:
         """Generate with a copy of the adapter (see :meth:`IPAdapterRecipe.sample`), the reference's
         identity found with the run's face backend."""
-        from ..pipeline import IPAdapterPipeline
-
-        preview = IPAdapter.from_checkpoint(self.adapter.to_checkpoint(), method=self.method.name)
-        pipeline = IPAdapterPipeline(self.pipe, preview, self.encoder)
-        try:
-            tokens = pipeline.encode_references(
-                [reference], face_backend=self.config.face_backend, face_models=self.config.face_models
-            )
-            size = self.resolution
-            return pipeline(
-                prompt,
-                tokens=tokens,
-                seed=seed,
-                steps=steps,
-                guidance=guidance,
-                width=size,
-                height=size,
-                progress=False,
-            )
-        finally:
-            preview.detach()
-            self.adapter.layout.num_tokens = 0
+        return preview_images(
+            self.adapter,
+            self.pipe,
+            prompt,
+            reference,
+            self.resolution,
+            encoder=self.encoder,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            face_backend=self.config.face_backend,
+            face_models=self.config.face_models,
+        )

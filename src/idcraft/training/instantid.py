@@ -17,7 +17,6 @@ DIR/adapter.safetensors --controlnet DIR/ControlNetModel`` uses the result.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from ..adapter import IPAdapter
 from ..registry import FACE_EMBEDDING_DIM, get_method
 from .faceid import FacePreprocess, FaceRecipeBase
+from .ip_adapter import preview_images
 from .recipe import register_recipe
 
 #: ``ControlNetModel``'s default condition-embedding widths (three 2x downsamplings: 8x, SD's VAE factor).
@@ -145,26 +145,16 @@ class InstantIDRecipe(FaceRecipeBase):
         """Generate with copies of the adapter and IdentityNet through :class:`IPAdapterPipeline` (which
         casts and attaches what it is given; the trained modules must keep their processors and dtype).
         The reference's identity and keypoints come from the run's face backend."""
-        from ..pipeline import IPAdapterPipeline
-
-        preview = IPAdapter.from_checkpoint(self.adapter.to_checkpoint(), method=self.method.name)
-        identitynet = copy.deepcopy(self.controlnet).to(dtype=self.unet.dtype).eval()
-        pipeline = IPAdapterPipeline(self.pipe, preview, controlnet=identitynet)
-        try:
-            tokens = pipeline.encode_references(
-                [reference], face_backend=self.config.face_backend, face_models=self.config.face_models
-            )
-            size = self.resolution
-            return pipeline(
-                prompt,
-                tokens=tokens,
-                seed=seed,
-                steps=steps,
-                guidance=guidance,
-                width=size,
-                height=size,
-                progress=False,
-            )
-        finally:
-            preview.detach()
-            self.adapter.layout.num_tokens = 0
+        return preview_images(
+            self.adapter,
+            self.pipe,
+            prompt,
+            reference,
+            self.resolution,
+            controlnet=self.controlnet,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            face_backend=self.config.face_backend,
+            face_models=self.config.face_models,
+        )

@@ -11,6 +11,7 @@ tensor (``zero-image``: Plus, Plus-Face, Full-face). Both are one fixed tensor, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,22 +148,58 @@ class IPAdapterRecipe(UNetDiffusionRecipe):
         """Generate with a copy of the adapter through :class:`IPAdapterPipeline`: the pipeline casts and
         attaches its adapter, which must not happen to the trained one; detaching the copy puts the
         trained processors back."""
-        from ..pipeline import IPAdapterPipeline
+        return preview_images(
+            self.adapter,
+            self.pipe,
+            prompt,
+            reference,
+            self.resolution,
+            encoder=self.encoder,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+        )
 
-        preview = IPAdapter.from_checkpoint(self.adapter.to_checkpoint(), method=self.method.name)
-        pipeline = IPAdapterPipeline(self.pipe, preview, self.encoder)
-        try:
-            size = self.resolution
-            return pipeline(
-                prompt,
-                reference,
-                seed=seed,
-                steps=steps,
-                guidance=guidance,
-                width=size,
-                height=size,
-                progress=False,
-            )
-        finally:
-            preview.detach()
-            self.adapter.layout.num_tokens = 0
+
+def preview_images(
+    adapter: IPAdapter,
+    pipe,
+    prompt: str,
+    reference: str,
+    resolution: int,
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    encoder=None,
+    controlnet=None,
+    face_backend: str = "insightface",
+    face_models: str | None = None,
+) -> list[Image.Image]:
+    """Sample images from the adapter being trained, through :class:`~idcraft.pipeline.IPAdapterPipeline`.
+
+    The pipeline casts and attaches the adapter (and ControlNet) it is given, which must not happen to
+    the trained modules: it gets copies, and detaching the copy puts the trained processors back.
+    """
+    from ..pipeline import IPAdapterPipeline
+
+    preview = IPAdapter.from_checkpoint(adapter.to_checkpoint(), method=adapter.method.name)
+    if controlnet is not None:
+        controlnet = copy.deepcopy(controlnet).to(dtype=pipe.unet.dtype).eval()
+    pipeline = IPAdapterPipeline(pipe, preview, encoder, controlnet=controlnet)
+    try:
+        face = {"face_backend": face_backend, "face_models": face_models} if adapter.method.needs_face else {}
+        tokens = pipeline.encode_references([reference], **face)
+        return pipeline(
+            prompt,
+            tokens=tokens,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            width=resolution,
+            height=resolution,
+            progress=False,
+        )
+    finally:
+        preview.detach()
+        adapter.layout.num_tokens = 0
