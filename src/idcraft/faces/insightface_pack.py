@@ -84,8 +84,9 @@ def find_model_pack(models_dir: str | os.PathLike | None = None, pack: str | Non
     raise FaceError(
         f"no insightface model pack found ({' or '.join(packs)}): no .onnx files in\n  {listed}\n"
         "Put the pack's .onnx files (antelopev2 for InstantID, buffalo_l for IP-Adapter FaceID; both "
-        "non-commercial research licence) in one of these folders, or name the folder with --models / "
-        "models_dir=."
+        "non-commercial research licence) in one of these folders, or name the folder (`idcraft faces --models DIR`, "
+        "`idcraft generate/train --face-models DIR`, models_dir= in Python). With a saved ArcFace embedding "
+        "(`--face-embedding FILE.npy`) no pack is needed."
     )
 
 
