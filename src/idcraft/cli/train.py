@@ -23,13 +23,14 @@ TRAINABLE = (
     "faceid-plusv2",
     "faceid-portrait",
     "instantid",
+    "instantcharacter",
 )
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train an adapter (IP-Adapter, FaceID, InstantID) on captioned images",
+        help="train an adapter (IP-Adapter, FaceID, InstantID, InstantCharacter) on captioned images",
         description=(
             "Train an adapter on a frozen base model. Only the adapter trains; the final weights are written "
             "to OUTPUT/adapter.safetensors in the official layout. Defaults follow the official training "
@@ -41,7 +42,29 @@ def register(subparsers) -> None:
     p.add_argument("--base", help="base model: diffusers folder or hub id (SD1.x or SDXL)")
     p.add_argument("--data", help="folder of images with .txt caption sidecars, or a .jsonl manifest")
     p.add_argument("--output", help="run folder: adapter, checkpoints, log.csv, samples")
-    p.add_argument("--image-encoder", dest="image_encoder", help="CLIP image encoder folder or hub id")
+    p.add_argument(
+        "--image-encoder",
+        dest="image_encoder",
+        help="CLIP image encoder folder or hub id (instantcharacter: SigLIP, google/siglip-so400m-patch14-384)",
+    )
+    p.add_argument(
+        "--image-encoder-2",
+        dest="image_encoder_2",
+        help="instantcharacter: the DINOv2 encoder folder or hub id (facebook/dinov2-giant)",
+    )
+    p.add_argument(
+        "--stage",
+        type=int,
+        choices=[1, 2, 3],
+        help="instantcharacter's training stage (1: 512 px, image = its own reference; 2: 512 px, paired "
+        "references; 3: 1024 px, both); sets the default resolution and pairing",
+    )
+    p.add_argument(
+        "--init-from",
+        dest="init_from",
+        help="start the trained weights from this adapter file in the official layout (e.g. the previous "
+        "stage's OUTPUT/adapter.safetensors)",
+    )
     p.add_argument("--config", dest="config_file", help="YAML or JSON file of settings")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=int, help="passes over the data when --max-steps is not given (100)")

@@ -149,7 +149,10 @@ class SubjectAttnProcessor(nn.Module):
             return hidden_states, encoder_hidden_states
         if subject is not None:
             text = self.state.text_len
-            hidden_states[:, text:] = hidden_states[:, text:] + subject * self.state.scale
+            # Out of place: the attention output is saved for the backward pass (training).
+            hidden_states = torch.cat(
+                [hidden_states[:, :text], hidden_states[:, text:] + subject * self.state.scale], dim=1
+            )
         return hidden_states
 
     def _subject_attention(

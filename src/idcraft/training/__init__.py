@@ -3,7 +3,8 @@
 A run is a :class:`TrainConfig` (defaults, then a YAML/JSON file, then flags); the generic loop
 (:mod:`.loop`) drives a method-specific :class:`TrainingRecipe` (:mod:`.recipe`) found by method name.
 The IP-Adapter family's recipe is :class:`~.ip_adapter.IPAdapterRecipe`, FaceID's
-:class:`~.faceid.FaceIDRecipe`, InstantID's :class:`~.instantid.InstantIDRecipe`; new families register
+:class:`~.faceid.FaceIDRecipe`, InstantID's :class:`~.instantid.InstantIDRecipe`, InstantCharacter's
+:class:`~.instantcharacter.InstantCharacterRecipe` (FLUX, flow matching); new families register
 their own.
 
     from idcraft.training import TrainConfig, train
@@ -13,6 +14,7 @@ their own.
 """
 
 from . import faceid as _faceid  # noqa: F401  (registers the FaceID family's recipe)
+from . import instantcharacter as _instantcharacter  # noqa: F401  (registers InstantCharacter's recipe)
 from . import instantid as _instantid  # noqa: F401  (registers InstantID's recipe)
 from . import ip_adapter as _ip_adapter  # noqa: F401  (registers the IP-Adapter family's recipe)
 from .config import TrainConfig

@@ -35,6 +35,7 @@ RESUME_INVARIANT = (
     "num_tokens",
     "lora_rank",
     "face_backend",
+    "stage",
     "learning_rate",
     "weight_decay",
     "adam_betas",
@@ -58,6 +59,7 @@ class TrainConfig:
     data: str
     output: str
     image_encoder: str | None = None
+    image_encoder_2: str | None = None  # a second image encoder (InstantCharacter: DINOv2 beside SigLIP)
 
     # model / objective
     resolution: int | None = None  # None: 512 for SD1.x, 1024 for SDXL
@@ -67,6 +69,8 @@ class TrainConfig:
     drop_both: float = 0.05
     noise_offset: float = 0.0
     lora_rank: int = 128  # FaceID's LoRA on every attention layer (the official rank)
+    stage: int | None = None  # a multi-stage recipe's stage (InstantCharacter: 1, 2, 3); sets its defaults
+    init_from: str | None = None  # start the trainable weights from this official-layout adapter file
 
     # face methods (FaceID, InstantID): where identity embeddings and keypoints come from, when the
     # manifest does not give them precomputed
@@ -122,6 +126,8 @@ class TrainConfig:
             "data",
             "output",
             "image_encoder",
+            "image_encoder_2",
+            "init_from",
             "cache_dir",
             "sample_reference",
             "face_models",
@@ -163,6 +169,17 @@ class TrainConfig:
             problems.append(f"formats must be among safetensors, bin (got {list(self.formats)})")
         if self.face_backend not in ("insightface", "default"):
             problems.append(f"face_backend must be insightface or default (got {self.face_backend!r})")
+        if self.stage is not None and self.stage not in (1, 2, 3):
+            problems.append(f"stage must be 1, 2 or 3 (got {self.stage})")
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            problems.append(f"init_from {self.init_from}: no such file")
+        if self.init_from is not None and self.method.lower() != "instantcharacter":
+            problems.append(
+                "init_from (--init-from) is implemented for instantcharacter's staged training only so far; "
+                "other methods start from the official initialisation"
+            )
+        if self.stage is not None and self.method.lower() != "instantcharacter":
+            problems.append("stage (--stage) applies to instantcharacter only")
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
         if problems:
