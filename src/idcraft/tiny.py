@@ -49,12 +49,9 @@ def tiny_tokenizer(directory: str | Path | None = None):
     vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        vocab_file=str(directory / "vocab.json"),
-        merges_file=str(directory / "merges.txt"),
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
+    # from_pretrained reads vocab.json + merges.txt under every transformers version (the constructor's
+    # argument names changed in transformers 5)
+    return CLIPTokenizer.from_pretrained(str(directory), pad_token="<|endoftext|>", model_max_length=77)
 
 
 def tiny_text_encoder(with_projection: bool = False, hidden: int = TEXT_WIDTH, seed: int = 0):
