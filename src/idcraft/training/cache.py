@@ -31,6 +31,23 @@ from .data import Record, SkipReport
 SHARD_GLOB = "features-*.safetensors"
 
 
+def claim_cache_dir(directory: Path, fingerprint: dict, entries: str) -> None:
+    """Make ``directory`` a cache for ``fingerprint``: entries (``entries`` glob) left by a cache with a
+    different fingerprint (another encoder, face backend ...) are deleted, then the fingerprint is
+    recorded in ``meta.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = directory / "meta.json"
+    if meta.is_file():
+        try:
+            same = json.loads(meta.read_text()) == fingerprint
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            for entry in directory.glob(entries):
+                entry.unlink()
+    meta.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+
+
 class FeatureLookup:
     """``record -> cached features`` (or ``None``), reading shards lazily; picklable for DataLoader workers
     (open file handles are not carried across)."""
@@ -63,19 +80,8 @@ class FeatureCache:
 
     def prepare(self, is_main: bool) -> None:
         """Create the folder; drop shards made for another encoder or feature kind (main process only)."""
-        if not is_main:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        meta = self.directory / "meta.json"
-        if meta.is_file():
-            try:
-                same = json.loads(meta.read_text()) == self.fingerprint
-            except (OSError, json.JSONDecodeError):
-                same = False
-            if not same:
-                for shard in self.directory.glob(SHARD_GLOB):
-                    shard.unlink()
-        meta.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        if is_main:
+            claim_cache_dir(self.directory, self.fingerprint, SHARD_GLOB)
 
     def chunks(self, records: Sequence[Record]) -> list[list[tuple[str, str]]]:
         """Unique ``(key, reference path)`` pairs in first-seen order, cut into chunks."""

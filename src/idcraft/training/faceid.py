@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from ..encoders import ClipImageEncoder
 from ..errors import FaceError, IdcraftError
 from ..models import load_image_encoder
 from ..registry import FACE_EMBEDDING_DIM, Method, get_method
+from .cache import claim_cache_dir
 from .config import TrainConfig
 from .data import CropGeometry, Record, list_records
 from .diffusion import UNetDiffusionRecipe
@@ -89,17 +89,7 @@ class FaceAnalysisCache:
         self._analyser = None
 
     def prepare(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        meta = self.directory / "meta.json"
-        if meta.is_file():
-            try:
-                same = json.loads(meta.read_text()) == self.fingerprint
-            except (OSError, json.JSONDecodeError):
-                same = False
-            if not same:
-                for entry in self.directory.glob("*.npz"):
-                    entry.unlink()
-        meta.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        claim_cache_dir(self.directory, self.fingerprint, "*.npz")
 
     def path(self, photo: str) -> Path:
         return self.directory / f"{_file_key(photo)}.npz"
