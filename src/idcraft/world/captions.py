@@ -49,13 +49,23 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def caption(identity: Identity, scene: Scene, rng: np.random.Generator | None = None) -> str:
+def caption(
+    identity: Identity | None, scene: Scene, rng: np.random.Generator | None = None
+) -> str:
     """A caption for ``identity`` in ``scene``; with ``rng`` a random paraphrase and size synonym,
-    without it the first template (the canonical caption)."""
+    without it the first template (the canonical caption).
+
+    ``identity=None`` gives the scene-only caption ("a small creature ..."): what a user types when the
+    identity is to come from the reference image alone, and the text-only baseline that knows nothing of
+    who is meant.
+    """
     template = TEMPLATES[0] if rng is None else TEMPLATES[int(rng.integers(len(TEMPLATES)))]
     sizes = SIZE_WORDS[scene.size]
     size = sizes[0] if rng is None else sizes[int(rng.integers(len(sizes)))]
-    who = f"a {size} {identity.colour} {SHAPE_WORDS[identity.shape]} creature"
+    if identity is None:
+        who = f"a {size} creature"
+    else:
+        who = f"a {size} {identity.colour} {SHAPE_WORDS[identity.shape]} creature"
     background = BACKGROUND_WORDS[scene.background]
     return template.format(
         who=who,
