@@ -15,7 +15,6 @@ Labels are indices into the value tuples of :data:`.identity.ATTRIBUTES` and
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -25,7 +24,7 @@ import numpy as np
 
 from .backgrounds import backdrop
 from .captions import caption
-from .dataset import _rng, sample_for
+from .dataset import _rng, parallel_map, sample_for
 from .identity import ATTRIBUTES, identity_from_id, train_ids
 from .render import SUPERSAMPLE, render_reference
 from .scene import SCENE_ATTRIBUTES, random_scene
@@ -89,14 +88,6 @@ def _render_one(job: tuple[int, int, tuple[int, ...], int]) -> tuple:
     )
 
 
-def _map(fn, jobs: list, workers: int | None) -> list:
-    workers = os.cpu_count() or 1 if workers is None else workers
-    if workers <= 1 or len(jobs) < 64:
-        return [fn(job) for job in jobs]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.map(fn, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
-
-
 def render_arrays(
     num_samples: int,
     seed: int = 0,
@@ -115,7 +106,7 @@ def render_arrays(
         path = Path(cache) / f"world-{num_samples}-{seed}-{size}-{key}.npz"
         if path.is_file():
             return WorldArrays.load(path)
-    rows = _map(_render_one, [(seed, i, ids, size) for i in range(num_samples)], workers)
+    rows = parallel_map(_render_one, [(seed, i, ids, size) for i in range(num_samples)], workers)
     columns = list(zip(*rows, strict=True))
     arrays = WorldArrays(
         images=np.stack(columns[0]),

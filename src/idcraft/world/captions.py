@@ -49,9 +49,7 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def caption(
-    identity: Identity | None, scene: Scene, rng: np.random.Generator | None = None
-) -> str:
+def caption(identity: Identity | None, scene: Scene, rng: np.random.Generator | None = None) -> str:
     """A caption for ``identity`` in ``scene``; with ``rng`` a random paraphrase and size synonym,
     without it the first template (the canonical caption).
 

@@ -19,8 +19,10 @@ a larger dataset extends a smaller one with the same seed, and any sample can be
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,7 @@ def write_dataset(
     paired: bool = True,
     reference: str = "canonical",
     size: int = 64,
+    workers: int | None = 1,
 ) -> Path:
     """Render ``num_samples`` samples of identities ``ids`` (default: every training id, never a held-out
     one) into ``out_dir`` and return the manifest path.
@@ -86,30 +89,14 @@ def write_dataset(
     (root / "images").mkdir(parents=True, exist_ok=True)
     if paired:
         (root / "references").mkdir(exist_ok=True)
-    references: dict[int, Sample] = {}
+    jobs = [(root, seed, index, ids, size, paired, reference) for index in range(num_samples)]
+    entries = parallel_map(_write_one, jobs, workers)
+    if paired and reference == "canonical":  # one portrait per identity, shared by its samples
+        for identity_id in sorted({entry["identity_id"] for entry in entries}):
+            _canonical(identity_id, size).image.save(root / f"references/id_{identity_id:04d}.png")
     manifest = root / MANIFEST
     with manifest.open("w", encoding="utf-8") as f:
-        for index in range(num_samples):
-            sample = sample_for(seed, index, ids, size)
-            name = f"images/{index:06d}.png"
-            sample.image.save(root / name)
-            entry: dict = {"image": name, "text": sample.caption}
-            if paired:
-                if reference == "canonical":
-                    ref_name = f"references/id_{sample.identity.id:04d}.png"
-                    if sample.identity.id not in references:
-                        references[sample.identity.id] = render_reference(sample.identity, size)
-                        references[sample.identity.id].image.save(root / ref_name)
-                    ref = references[sample.identity.id]
-                else:
-                    ref_name = f"references/{index:06d}.png"
-                    ref = _scene_reference(sample, seed, index, size)
-                    ref.image.save(root / ref_name)
-                entry["reference"] = ref_name
-            entry.update(sample.ground_truth())
-            if paired:
-                entry["reference_kps"] = ref.ground_truth()["kps"]
-                entry["reference_bbox"] = ref.ground_truth()["bbox"]
+        for entry in entries:
             f.write(json.dumps(entry) + "\n")
     info = {
         "generator": "idcraft.world",
@@ -123,6 +110,42 @@ def write_dataset(
     }
     (root / "world.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
     return manifest
+
+
+def _write_one(job: tuple) -> dict:
+    """Render and save sample ``index``; return its manifest entry."""
+    root, seed, index, ids, size, paired, reference = job
+    sample = sample_for(seed, index, ids, size)
+    name = f"images/{index:06d}.png"
+    sample.image.save(root / name)
+    entry: dict = {"image": name, "text": sample.caption}
+    if paired:
+        if reference == "canonical":
+            entry["reference"] = f"references/id_{sample.identity.id:04d}.png"
+            ref = _canonical(sample.identity.id, size)
+        else:
+            entry["reference"] = f"references/{index:06d}.png"
+            ref = _scene_reference(sample, seed, index, size)
+            ref.image.save(root / entry["reference"])
+    entry.update(sample.ground_truth())
+    if paired:
+        entry["reference_kps"] = ref.ground_truth()["kps"]
+        entry["reference_bbox"] = ref.ground_truth()["bbox"]
+    return entry
+
+
+def parallel_map(fn, jobs: list, workers: int | None) -> list:
+    """``[fn(job) for job in jobs]`` in ``workers`` forked processes (``None``: every core), in order."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers <= 1 or len(jobs) < 64:
+        return [fn(job) for job in jobs]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(fn, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+
+
+@lru_cache(maxsize=1024)
+def _canonical(identity_id: int, size: int) -> Sample:
+    return render_reference(identity_from_id(identity_id), size)
 
 
 def load_manifest(path: str | os.PathLike) -> list[dict]:
