@@ -55,7 +55,28 @@ def register(subparsers) -> None:
         "or none (each image is its own reference)",
     )
     d.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
+    d.add_argument("--workers", type=int, default=None, help="render processes (default: every core)")
     d.set_defaults(func=run_dataset)
+
+    from ..world.rebuild import PROFILES, STAGES
+
+    b = sub.add_parser(
+        "build",
+        help="retrain every bundled world model (VAE, text encoder, UNet, encoders, judge, adapters)",
+        description="Rebuild the world bundle in order, skipping stages already in --output, and record "
+        "settings, seeds and wall times in OUTPUT/BUILD.json. Use it with IDCRAFT_WORLD_BUNDLE=OUTPUT.",
+    )
+    b.add_argument("--output", required=True, metavar="DIR", help="bundle folder to write")
+    b.add_argument(
+        "--profile", choices=list(PROFILES), default="full", help="full (the shipped bundle) or reduced"
+    )
+    b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    b.add_argument(
+        "--stages", nargs="+", choices=STAGES, metavar="STAGE", help=f"only these: {' '.join(STAGES)}"
+    )
+    b.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE", help="retrain these")
+    b.add_argument("--workers", type=int, default=None, help="render processes (default: every core)")
+    b.set_defaults(func=run_build)
 
 
 def run_render(args: argparse.Namespace) -> int:
@@ -92,6 +113,22 @@ def run_dataset(args: argparse.Namespace) -> int:
         paired=args.reference != "none",
         reference="canonical" if args.reference == "none" else args.reference,
         size=args.resolution,
+        workers=args.workers,
     )
     print(f"wrote {args.samples} samples ({args.split} identities) to {manifest}", file=sys.stderr)
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from ..world.rebuild import rebuild
+
+    rebuild(
+        args.output,
+        profile=args.profile,
+        device=args.device,
+        stages=args.stages,
+        force=args.force,
+        workers=args.workers,
+    )
+    print(f"bundle written to {args.output}; use it with IDCRAFT_WORLD_BUNDLE={args.output}")
     return 0

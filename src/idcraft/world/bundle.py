@@ -1,6 +1,6 @@
 """Where the world's trained models live: one folder, laid out like real checkpoints.
 
-The models that ship with idcraft were trained by ``python scripts/build_world.py`` (its record of
+The models that ship with idcraft were trained by ``idcraft world build`` (its record of
 commands, seeds and wall times is ``BUILD.json`` in the folder). Each is stored in the format its real
 counterpart uses, so the same loaders read both::
 
@@ -54,6 +54,6 @@ def bundle_path(relative: str, root: str | os.PathLike | None = None) -> Path:
     if not path.exists():
         raise IdcraftError(
             f"{path}: not in the world bundle at {base}. The bundle ships with idcraft; rebuild it with "
-            f"`python scripts/build_world.py --output DIR` and point {ENV}=DIR at the result."
+            f"`idcraft world build --output DIR` and point {ENV}=DIR at the result."
         )
     return path

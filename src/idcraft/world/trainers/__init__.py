@@ -1,4 +1,4 @@
-"""Trainers of the world's bundled models, one module per model (run in order by scripts/build_world.py).
+"""Trainers of the world's bundled models, one module per model (run in order by ``idcraft world build``).
 
 Each trains on :class:`idcraft.world.arrays.WorldArrays` (renders in memory), writes its model in the
 format of its real counterpart, and returns a dict of measurements for the bundle's ``BUILD.json``.

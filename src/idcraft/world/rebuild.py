@@ -1,0 +1,264 @@
+"""Rebuild every model of the world bundle, in order, and record how: ``idcraft world build``.
+
+The order follows what depends on what: renders -> judge (scores only) -> VAE -> text encoder + UNet ->
+CLIP vision tower -> identity models (the face-analysis role) -> adapters, trained with
+:func:`idcraft.training.train` exactly as a user trains theirs, on a dataset written in ``idcraft train``'s
+manifest format. Each stage's settings live in :data:`PROFILES` (``full`` made the shipped bundle;
+``reduced`` is a minutes-long version for tests), and ``BUILD.json`` records, per stage, its settings,
+seed, wall time, device and measurements (losses, held-out accuracies), beside the command that ran.
+
+A stage whose output already exists is skipped, so an interrupted build continues where it stopped;
+``force`` retrains the stages named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import IdcraftError
+from . import bundle
+from .arrays import render_arrays
+from .identity import held_out_ids
+
+#: Stage names in build order.
+STAGES: tuple[str, ...] = (
+    "judge",
+    "vae",
+    "text_unet",
+    "clip_vision",
+    "identity",
+    "ip-adapter",
+    "ip-adapter-plus",
+    "faceid",
+    "instantid",
+)
+ADAPTER_STAGES = ("ip-adapter", "ip-adapter-plus", "faceid", "instantid")
+
+#: Per profile: the renders (``samples``/``seed`` of the training arrays), then each stage's settings.
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {
+        "renders": {"samples": 40_000, "seed": 0},
+        "judge": {"steps": 3000, "batch_size": 128, "learning_rate": 2e-3, "seed": 11, "samples": 20_000},
+        "vae": {"steps": 3000, "batch_size": 32, "learning_rate": 1e-3, "seed": 12},
+        "text_unet": {"steps": 8000, "batch_size": 64, "learning_rate": 5e-4, "seed": 13},
+        "clip_vision": {"steps": 2000, "batch_size": 256, "learning_rate": 1e-3, "seed": 14},
+        "identity": {"steps": 3000, "batch_size": 128, "learning_rate": 2e-3, "seed": 15},
+        "adapters": {
+            "samples": 20_000,
+            "seed": 3,
+            "max_steps": 2000,
+            "batch_size": 32,
+            "learning_rate": 3e-4,
+        },
+    },
+    "reduced": {
+        "renders": {"samples": 2000, "seed": 0},
+        "judge": {"steps": 200, "batch_size": 64, "learning_rate": 2e-3, "seed": 11, "samples": 2000},
+        "vae": {"steps": 100, "batch_size": 16, "learning_rate": 1e-3, "seed": 12},
+        "text_unet": {"steps": 100, "batch_size": 16, "learning_rate": 5e-4, "seed": 13},
+        "clip_vision": {"steps": 100, "batch_size": 64, "learning_rate": 1e-3, "seed": 14},
+        "identity": {"steps": 200, "batch_size": 64, "learning_rate": 2e-3, "seed": 15},
+        "adapters": {"samples": 500, "seed": 3, "max_steps": 50, "batch_size": 8, "learning_rate": 3e-4},
+    },
+}
+
+
+def _stage_output(root: Path, stage: str) -> Path:
+    if stage in ADAPTER_STAGES:
+        return root / bundle.ADAPTERS[stage]
+    return (
+        root
+        / {
+            "judge": bundle.JUDGE,
+            "vae": "work/vae",
+            "text_unet": bundle.SD,
+            "clip_vision": bundle.IMAGE_ENCODER,
+            "identity": bundle.IDENTITY,
+        }[stage]
+    )
+
+
+class Builder:
+    """One build: the output folder, the profile's settings, the record, the renders (made once)."""
+
+    def __init__(self, output: str | os.PathLike, profile: str, device: str, workers: int | None):
+        import torch
+
+        if profile not in PROFILES:
+            raise IdcraftError(f"profile {profile!r}: expected one of {', '.join(PROFILES)}.")
+        self.root = Path(output)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.settings = PROFILES[profile]
+        self.profile, self.device, self.workers = profile, device, workers
+        self.record_path = self.root / bundle.BUILD_RECORD
+        self.record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
+        self.record.update(
+            {
+                "command": " ".join(["idcraft", *sys.argv[1:]]) if sys.argv else "",
+                "profile": profile,
+                "renders": self.settings["renders"],
+                "environment": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "device": device,
+                    "cpu_threads": torch.get_num_threads(),
+                },
+            }
+        )
+        self.record.setdefault("stages", {})
+        self._arrays = None
+
+    @property
+    def arrays(self):
+        if self._arrays is None:
+            start = time.perf_counter()
+            spec = self.settings["renders"]
+            self._arrays = render_arrays(
+                spec["samples"], spec["seed"], workers=self.workers, cache=self.root / "work"
+            )
+            self.record["renders_seconds"] = round(time.perf_counter() - start, 1)
+        return self._arrays
+
+    def run(self, stages: Sequence[str], force: Sequence[str] = ()) -> dict:
+        for stage in stages:
+            out = _stage_output(self.root, stage)
+            if out.exists() and stage not in force:
+                print(f"[{stage}] exists, skipped ({out})")
+                continue
+            print(f"[{stage}] training ...", flush=True)
+            start = time.perf_counter()
+            settings = self.settings["adapters" if stage in ADAPTER_STAGES else stage]
+            measurements = STAGE_FUNCTIONS[stage](self, out, dict(settings))
+            seconds = round(time.perf_counter() - start, 1)
+            self.record["stages"][stage] = {
+                "settings": settings,
+                "seconds": seconds,
+                "device": self.device,
+                "measurements": measurements,
+            }
+            self._save_record()
+            print(f"[{stage}] done in {seconds:.0f} s: {json.dumps(measurements)[:300]}", flush=True)
+        return self.record
+
+    def _save_record(self) -> None:
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record, indent=2) + "\n")
+        os.replace(tmp, self.record_path)
+
+
+# ---------------------------------------------------------------------------- stages
+def _judge(b: Builder, out: Path, s: dict) -> dict:
+    from .judge import train_judge
+
+    judge_arrays = render_arrays(s.pop("samples"), s["seed"] + 1000, ids=range(960), workers=b.workers)
+    return train_judge(judge_arrays, out, device=b.device, **s)
+
+
+def _vae(b: Builder, out: Path, s: dict) -> dict:
+    from .trainers.base import train_vae
+
+    return train_vae(b.arrays, out, device=b.device, **s)
+
+
+def _text_unet(b: Builder, out: Path, s: dict) -> dict:
+    from .trainers.base import train_text_unet
+
+    return train_text_unet(b.arrays, _stage_output(b.root, "vae"), out, device=b.device, **s)
+
+
+def _clip_vision(b: Builder, out: Path, s: dict) -> dict:
+    from .trainers.clip_vision import train_clip_vision
+
+    return train_clip_vision(b.arrays, out, device=b.device, **s)
+
+
+def _identity(b: Builder, out: Path, s: dict) -> dict:
+    from .trainers.identity import train_identity
+
+    return train_identity(b.arrays, out, device=b.device, **s)
+
+
+def _adapter_data(b: Builder, s: dict) -> Path:
+    from .dataset import MANIFEST, write_dataset
+
+    folder = b.root / "work" / f"adapter-data-{s['samples']}-{s['seed']}"
+    if not (folder / MANIFEST).is_file():
+        write_dataset(folder, s["samples"], seed=s["seed"], workers=b.workers)
+    return folder / MANIFEST
+
+
+def _adapter(method: str) -> Callable[[Builder, Path, dict], dict]:
+    def stage(b: Builder, out: Path, s: dict) -> dict:
+        from ..training import TrainConfig, train
+
+        run_dir = b.root / "work" / "runs" / method
+        config = TrainConfig(
+            method=method,
+            base=str(b.root / bundle.SD),
+            data=str(_adapter_data(b, s)),
+            output=str(run_dir),
+            image_encoder=str(b.root / bundle.IMAGE_ENCODER),
+            face_backend="world",
+            face_models=str(b.root / bundle.IDENTITY),
+            max_steps=s["max_steps"],
+            batch_size=s["batch_size"],
+            learning_rate=s["learning_rate"],
+            seed=s["seed"],
+            cache_features=True,
+            checkpoint_every=max(1, s["max_steps"] // 2),
+            keep_checkpoints=1,
+            tensorboard=False,
+            mixed_precision="no",
+            cpu=b.device == "cpu",
+            resume=(run_dir / "checkpoints").is_dir(),
+        )
+        result = train(config)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "adapter.safetensors", out)
+        if method == "instantid":
+            target = b.root / bundle.IDENTITYNET
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(run_dir / "ControlNetModel", target)
+        tail = result.losses[-50:] or [float("nan")]
+        return {"steps": result.step, "final_loss": round(sum(tail) / len(tail), 5)}
+
+    return stage
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Builder, Path, dict], dict]] = {
+    "judge": _judge,
+    "vae": _vae,
+    "text_unet": _text_unet,
+    "clip_vision": _clip_vision,
+    "identity": _identity,
+    **{method: _adapter(method) for method in ADAPTER_STAGES},
+}
+
+
+def rebuild(
+    output: str | os.PathLike,
+    *,
+    profile: str = "full",
+    device: str = "cpu",
+    stages: Sequence[str] | None = None,
+    force: Sequence[str] = (),
+    workers: int | None = None,
+) -> dict:
+    """Train the world's models into ``output`` (a bundle folder, see :mod:`.bundle`); return the record."""
+    stages = tuple(stages or STAGES)
+    unknown = [s for s in (*stages, *force) if s not in STAGES]
+    if unknown:
+        raise IdcraftError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}.")
+    builder = Builder(output, profile, device, workers)
+    record = builder.run(stages, force)
+    record["held_out_ids"] = len(held_out_ids())
+    builder._save_record()
+    return record
