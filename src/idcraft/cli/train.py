@@ -2,9 +2,11 @@
 
 Settings come from defaults, then ``--config FILE`` (YAML or JSON, keys = the long flag names with
 underscores or dashes, plus any :class:`~idcraft.training.TrainConfig` field), then the flags given on the
-command line. For several GPUs, start it through accelerate (one process per GPU)::
+command line. For several GPUs, start it through accelerate (one process per GPU); DDP, FSDP2 and
+DeepSpeed ZeRO-1/2 come from accelerate's own configuration (see :mod:`idcraft.training.loop`)::
 
     accelerate launch --multi_gpu --num_processes 8 -m idcraft train --method ip-adapter ...
+    accelerate launch --config_file fsdp2.yaml -m idcraft train --method instantcharacter ...
 """
 
 from __future__ import annotations
@@ -62,8 +64,17 @@ def register(subparsers) -> None:
     p.add_argument(
         "--init-from",
         dest="init_from",
-        help="start the trained weights from this adapter file in the official layout (e.g. the previous "
-        "stage's OUTPUT/adapter.safetensors)",
+        metavar="FILE",
+        help="start the trained weights from this adapter file in the official layout (a released adapter "
+        "to fine-tune, FaceID's LoRA included, or the previous instantcharacter stage's "
+        "OUTPUT/adapter.safetensors); checked against the method, base model and encoder first",
+    )
+    p.add_argument(
+        "--init-controlnet",
+        dest="init_controlnet",
+        metavar="DIR",
+        help="instantid: start IdentityNet from this ControlNet folder (e.g. InstantX's ControlNetModel/) "
+        "instead of the base UNet's copy",
     )
     p.add_argument("--config", dest="config_file", help="YAML or JSON file of settings")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="optimizer steps (default: --epochs)")
@@ -75,6 +86,14 @@ def register(subparsers) -> None:
         choices=["safetensors", "bin"],
         help="bin also writes the official OUTPUT/adapter.bin",
     )
+    p.add_argument(
+        "--export-dtype",
+        dest="export_dtype",
+        choices=["fp32", "fp16", "bf16"],
+        help="dtype of the written adapter files (fp32; official releases are fp16); training and resume "
+        "always use the float32 weights",
+    )
+    p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, help="clip gradients (off)")
     p.add_argument("--resolution", type=int, help="training image size (default: the base's native size)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="per process (8)")
     p.add_argument("--gradient-accumulation", dest="gradient_accumulation", type=int)
@@ -93,9 +112,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--face-backend",
         dest="face_backend",
-        choices=["insightface", "default"],
-        help="face analysis for FaceID/InstantID data (insightface: ArcFace embeddings, required unless "
-        "the manifest gives embeddings)",
+        help="face analysis for FaceID/InstantID data, any idcraft.faces backend that gives ArcFace "
+        "embeddings (insightface, the default), unless the manifest gives embeddings",
     )
     p.add_argument(
         "--face-models", dest="face_models", help="insightface model pack folder (antelopev2/buffalo_l)"

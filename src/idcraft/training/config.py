@@ -18,6 +18,10 @@ from typing import Any, Literal
 from ..errors import IdcraftError
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+ExportDtype = Literal["fp32", "fp16", "bf16"]
+
+#: The ``export_dtype`` names (``idcraft.training.recipe.EXPORT_DTYPES`` maps them to torch dtypes).
+EXPORT_DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 #: Settings that must match between a run and its resume, or the resumed run would not continue the
 #: same computation (data order, batch composition, objective). Anything else may change on resume
@@ -71,6 +75,7 @@ class TrainConfig:
     lora_rank: int = 128  # FaceID's LoRA on every attention layer (the official rank)
     stage: int | None = None  # a multi-stage recipe's stage (InstantCharacter: 1, 2, 3); sets its defaults
     init_from: str | None = None  # start the trainable weights from this official-layout adapter file
+    init_controlnet: str | None = None  # InstantID: start IdentityNet from this ControlNet folder
 
     # face methods (FaceID, InstantID): where identity embeddings and keypoints come from, when the
     # manifest does not give them precomputed
@@ -105,6 +110,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = False
     formats: tuple[str, ...] = ("safetensors",)
+    export_dtype: ExportDtype = "fp32"  # the written adapter files (official releases are fp16)
 
     # reporting
     log_every: int = 1
@@ -128,6 +134,7 @@ class TrainConfig:
             "image_encoder",
             "image_encoder_2",
             "init_from",
+            "init_controlnet",
             "cache_dir",
             "sample_reference",
             "face_models",
@@ -167,18 +174,26 @@ class TrainConfig:
         unknown = set(self.formats) - {"safetensors", "bin"}
         if unknown or not self.formats:
             problems.append(f"formats must be among safetensors, bin (got {list(self.formats)})")
-        if self.face_backend not in ("insightface", "default"):
-            problems.append(f"face_backend must be insightface or default (got {self.face_backend!r})")
+        if self.export_dtype not in EXPORT_DTYPE_NAMES:
+            problems.append(
+                f"export_dtype must be one of {', '.join(EXPORT_DTYPE_NAMES)} (got {self.export_dtype!r})"
+            )
+        backends = face_backends()
+        if self.face_backend not in backends:
+            problems.append(f"face_backend must be one of {', '.join(backends)} (got {self.face_backend!r})")
         if self.stage is not None and self.stage not in (1, 2, 3):
             problems.append(f"stage must be 1, 2 or 3 (got {self.stage})")
         if self.init_from is not None and not Path(self.init_from).is_file():
             problems.append(f"init_from {self.init_from}: no such file")
-        if self.init_from is not None and self.method.lower() != "instantcharacter":
-            problems.append(
-                "init_from (--init-from) is implemented for instantcharacter's staged training only so far; "
-                "other methods start from the official initialisation"
-            )
-        if self.stage is not None and self.method.lower() != "instantcharacter":
+        if self.init_controlnet is not None:
+            if self.canonical_method != "instantid":
+                problems.append("init_controlnet (--init-controlnet) applies to instantid only")
+            elif not (Path(self.init_controlnet) / "config.json").is_file():
+                problems.append(
+                    f"init_controlnet {self.init_controlnet}: not a diffusers ControlNet folder "
+                    "(no config.json)"
+                )
+        if self.stage is not None and self.canonical_method != "instantcharacter":
             problems.append("stage (--stage) applies to instantcharacter only")
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
@@ -221,12 +236,31 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @property
+    def canonical_method(self) -> str:
+        """The registry's name for ``method`` (aliases, any case); unknown names lowercased."""
+        from ..registry import get_method
+
+        try:
+            return get_method(self.method).name
+        except IdcraftError:
+            return self.method.lower()
+
+    @property
     def output_dir(self) -> Path:
         return Path(self.output)
 
     @property
     def feature_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else self.output_dir / "cache"
+
+
+def face_backends() -> tuple[str, ...]:
+    """The face analysis backends :mod:`idcraft.faces` knows, read when validating (not a copy that could
+    fall behind when a backend is added). Whether a backend's embeddings can train (ArcFace) is checked
+    when the face data is built."""
+    from ..faces.analyser import BACKENDS
+
+    return tuple(BACKENDS)
 
 
 def read_config_file(path: str | os.PathLike) -> Mapping[str, Any]:

@@ -5,7 +5,8 @@ What trains is what the official FaceID models carry: the projection (``image_pr
 layer's ``to_k_ip`` / ``to_v_ip`` (starting as copies of the text ``to_k`` / ``to_v``) and, except for
 Portrait, LoRA on the q/k/v/out projections of *every* attention layer (``--lora-rank``, 128 officially;
 the up-projections start at zero so training starts from the base model). The base model and, for Plus,
-the CLIP image encoder are frozen.
+the CLIP image encoder are frozen. ``--init-from`` starts from a released FaceID file instead, LoRA included
+(its rank must be the run's ``--lora-rank``; see :func:`~idcraft.training.ip_adapter.adapter_from_file`).
 
 Conditioning follows the registry's method description, as at inference (:func:`idcraft.conditioning.identity_tokens`):
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,6 @@ from PIL import Image
 from torch import nn
 
 from ..adapter import IPAdapter
-from ..checkpoints import save_checkpoint
 from ..encoders import ClipImageEncoder
 from ..errors import FaceError, IdcraftError
 from ..models import load_image_encoder
@@ -46,8 +46,8 @@ from .cache import claim_cache_dir
 from .config import TrainConfig
 from .data import CropGeometry, Record, list_records
 from .diffusion import UNetDiffusionRecipe
-from .ip_adapter import preview_images
-from .recipe import register_recipe
+from .ip_adapter import adapter_from_file, preview_images
+from .recipe import adapter_checkpoint, export_tensors, register_adapter, register_recipe, write_adapter
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class FaceIDDenoiser(nn.Module):
     def __init__(self, unet: nn.Module, adapter: IPAdapter):
         super().__init__()
         self.unet = unet
-        self.adapter = adapter
+        register_adapter(self, adapter, "image_proj")  # its attention processors are in the denoiser
 
     def tokens(self, condition: dict) -> torch.Tensor:
         """``{"embeds": [B, S, 512], "clip": [B, N, width] or None}`` -> ``[B, tokens, cross]``."""
@@ -392,12 +392,16 @@ class FaceRecipeBase(UNetDiffusionRecipe):
         return embeds * keep.to(embeds.dtype)
 
     def _export_adapter(
-        self, directory: Path, formats: Sequence[str], metadata: dict[str, str]
+        self,
+        directory: Path,
+        formats: Sequence[str],
+        metadata: dict[str, str],
+        state: Mapping[str, torch.Tensor],
     ) -> list[Path]:
-        checkpoint = self.adapter.to_checkpoint()
-        checkpoint.metadata = {"method": self.method.name, **metadata}
-        suffixes = {"safetensors": ".safetensors", "bin": ".bin"}
-        return [save_checkpoint(checkpoint, Path(directory) / f"adapter{suffixes[f]}") for f in formats]
+        """The adapter file(s) from ``state``, the adapter module's tensors (``image_proj.*``,
+        ``layers.*``)."""
+        checkpoint = adapter_checkpoint(export_tensors(state, self.config.export_dtype))
+        return write_adapter(checkpoint, directory, formats, {"method": self.method.name, **metadata})
 
 
 @register_recipe
@@ -420,14 +424,24 @@ class FaceIDRecipe(FaceRecipeBase):
             )
             clip_width = self.encoder.config.hidden_size
         self.load_base(device, weight_dtype)
-        adapter = IPAdapter.for_unet(
-            self.unet,
-            method,
-            FACE_EMBEDDING_DIM,
-            num_tokens=self.config.num_tokens,
-            clip_embed_dim=clip_width,
-            lora_rank=self.config.lora_rank,
-        )
+        if self.config.init_from:
+            adapter = adapter_from_file(
+                self.config,
+                method,
+                self.unet,
+                embed_dim=FACE_EMBEDDING_DIM,
+                encoder_config=self.encoder.config if self.encoder is not None else None,
+                lora_rank=self.config.lora_rank if method.lora else None,
+            )
+        else:
+            adapter = IPAdapter.for_unet(
+                self.unet,
+                method,
+                FACE_EMBEDDING_DIM,
+                num_tokens=self.config.num_tokens,
+                clip_embed_dim=clip_width,
+                lora_rank=self.config.lora_rank,
+            )
         adapter.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         adapter.attach(self.unet)
         self.adapter = adapter
@@ -481,8 +495,15 @@ class FaceIDRecipe(FaceRecipeBase):
         return condition
 
     # ------------------------------------------------------------------ results
-    def export(self, directory: Path, formats: Sequence[str], metadata: dict[str, str]) -> list[Path]:
-        return self._export_adapter(directory, formats, metadata)
+    def export(
+        self,
+        directory: Path,
+        formats: Sequence[str],
+        metadata: dict[str, str],
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> list[Path]:
+        state = self.trainable_state_dict() if state is None else state
+        return self._export_adapter(directory, formats, metadata, state)
 
     @torch.no_grad()
     def sample(

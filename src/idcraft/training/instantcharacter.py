@@ -23,8 +23,8 @@ projector's timestep-independent half once per reference, the resampler at each 
 
 Classifier-free-guidance drops are the shared ones (``drop_image``, ``drop_text``, ``drop_both``). A
 dropped reference is what the pipeline's reference-free call is: the subject branch switched off
-(``scale = 0``, the base FLUX output exactly), so dropped samples go through the transformer without subject
-tokens, the others with them. A dropped caption is the empty prompt.
+(``scale = 0``, the base FLUX output exactly), here per sample within one batched call
+(:class:`PerSampleScale`). A dropped caption is the empty prompt.
 
 **Stages** (the InstantCharacter paper's three-stage schedule) are configuration: ``stage`` (``--stage``)
 sets the defaults for the training resolution and which reference a sample uses; each stage is its own
@@ -48,13 +48,13 @@ stage     resolution  reference
 ========  ==========  ===========================================================================
 
 ``--resolution`` overrides the stage's resolution. ``--image-encoder`` is SigLIP, ``--image-encoder-2``
-DINOv2. The result is ``OUTPUT/adapter.safetensors`` in the official layout (float32), which
-``idcraft generate --method instantcharacter`` and :class:`InstantCharacterPipeline` load.
+DINOv2. The result is ``OUTPUT/adapter.safetensors`` in the official layout (``--export-dtype``, float32 by
+default), which ``idcraft generate --method instantcharacter`` and :class:`InstantCharacterPipeline` load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -62,11 +62,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..checkpoints import AdapterCheckpoint, load_checkpoint, save_checkpoint
+from ..checkpoints import AdapterCheckpoint, load_checkpoint
 from ..errors import IdcraftError
 from ..images import load_image
 from .diffusion import draw_drops
-from .recipe import TrainingRecipe, register_recipe
+from .recipe import (
+    TrainingRecipe,
+    adapter_checkpoint,
+    export_tensors,
+    register_adapter,
+    register_recipe,
+    write_adapter,
+)
 
 #: stage -> (default resolution, pairing)
 STAGES = {1: (512, "self"), 2: (512, "paired"), 3: (1024, "any"), None: (1024, "any")}
@@ -116,14 +123,41 @@ class SubjectPreprocess:
         return self(load_image(path))
 
 
+class PerSampleScale:
+    """The subject branch's scale per sample (1 kept, 0 dropped), standing in for the shared state's float
+    ``scale`` while the whole batch goes through the transformer in one call.
+
+    The processors use the scale twice: ``scale == 0`` switches the branch off (never true here: the branch
+    runs for the batch) and ``subject * scale`` weights it, which this masks per sample (``__rmul__``). A
+    dropped sample's output is then the base model's exactly (plus exact zeros), as in the pipeline's
+    reference-free call, and its subject tokens get zero gradient."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    def __rmul__(self, subject: torch.Tensor) -> torch.Tensor:
+        mask = self.keep.to(device=subject.device, dtype=subject.dtype)
+        return subject * mask.view(-1, *([1] * (subject.dim() - 1)))
+
+
 class SubjectDenoiser(nn.Module):
-    """FLUX transformer + adapter as one module (what ``accelerate.prepare`` wraps): subject tokens with
-    gradient, then the transformer with the subject branch on for kept samples and off for dropped ones."""
+    """FLUX transformer + projector as one module (what ``accelerate.prepare`` wraps; the subject attention
+    weights are the transformer's processors): subject tokens with gradient, then one transformer call
+    for the whole batch with the subject branch weighted 1 for kept samples and 0 for dropped ones.
+
+    One call, whatever the drops: under FSDP every process must run the same sequence of (sharded) module
+    calls, and a call per kept/dropped subset would depend on each process's own drops. Every trainable
+    parameter is in the graph of every step (DDP requires that), with zero gradient from dropped samples."""
 
     def __init__(self, transformer: nn.Module, adapter):
         super().__init__()
         self.transformer = transformer
-        self.adapter = adapter
+        register_adapter(self, adapter, "projector")  # its attention processors are in the transformer
 
     def forward(
         self,
@@ -139,41 +173,27 @@ class SubjectDenoiser(nn.Module):
     ) -> torch.Tensor:
         projector, state = self.adapter.projector, self.adapter.state
         dtype = projector.resampler.latents.dtype
-        kept = keep.nonzero().flatten()
-        dropped = (~keep).nonzero().flatten()
-        # A graph through every trainable parameter even when all samples of a batch are dropped (DDP
-        # requires that every parameter gets a gradient); adds exactly zero.
-        anchor = sum(p.reshape(-1)[0] for p in self.adapter.parameters()) * 0.0
-        out = torch.empty(
-            (*latents.shape[:2], self.transformer.config.in_channels),
-            device=latents.device,
-            dtype=latents.dtype,
+        shallow, deep, high = split_features(features.to(dtype))
+        prepared = projector.prepare(shallow, deep, high)
+        tokens = projector.tokens(prepared, sigmas.to(dtype) * 1000)
+        state.tokens, state.scale, state.text_len = (
+            tokens.to(latents.dtype),
+            PerSampleScale(keep),
+            text.shape[1],
         )
-
-        def run(index: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-            state.tokens, state.scale, state.text_len = tokens, 1.0, text.shape[1]
-            try:
-                return self.transformer(
-                    hidden_states=latents[index],
-                    encoder_hidden_states=text[index],
-                    pooled_projections=pooled[index],
-                    timestep=sigmas[index],
-                    img_ids=image_ids,
-                    txt_ids=text_ids,
-                    guidance=None if guidance is None else guidance[index],
-                    return_dict=False,
-                )[0]
-            finally:
-                state.tokens = None
-
-        if len(kept):
-            shallow, deep, high = split_features(features[kept].to(dtype))
-            prepared = projector.prepare(shallow, deep, high)
-            tokens = projector.tokens(prepared, sigmas[kept].to(dtype) * 1000)
-            out = out.index_put((kept,), run(kept, tokens.to(latents.dtype)).to(out.dtype))
-        if len(dropped):
-            out = out.index_put((dropped,), run(dropped, None).to(out.dtype))
-        return out + anchor.to(out.dtype)
+        try:
+            return self.transformer(
+                hidden_states=latents,
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+                timestep=sigmas,
+                img_ids=image_ids,
+                txt_ids=text_ids,
+                guidance=guidance,
+                return_dict=False,
+            )[0]
+        finally:
+            state.tokens, state.scale = None, 1.0
 
 
 def split_features(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -414,18 +434,17 @@ class InstantCharacterRecipe(TrainingRecipe):
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
 
     # ------------------------------------------------------------------ results
-    def export(self, directory: Path, formats: Sequence[str], metadata: dict[str, str]) -> list[Path]:
-        checkpoint = self.adapter.to_checkpoint()
-        checkpoint = AdapterCheckpoint(
-            *({k: t.detach().contiguous().cpu() for k, t in g.items()} for g in checkpoint.groups().values())
-        )
-        checkpoint.metadata = {
-            "method": "instantcharacter",
-            "stage": str(self.config.stage or ""),
-            **metadata,
-        }
-        suffixes = {"safetensors": ".safetensors", "bin": ".bin"}
-        return [save_checkpoint(checkpoint, Path(directory) / f"adapter{suffixes[f]}") for f in formats]
+    def export(
+        self,
+        directory: Path,
+        formats: Sequence[str],
+        metadata: dict[str, str],
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> list[Path]:
+        state = self.trainable_state_dict() if state is None else state
+        checkpoint = adapter_checkpoint(export_tensors(state, self.config.export_dtype), "projector.")
+        info = {"method": "instantcharacter", "stage": str(self.config.stage or ""), **metadata}
+        return write_adapter(checkpoint, directory, formats, info)
 
     @torch.no_grad()
     def sample(

@@ -11,14 +11,19 @@ crop at the training resolution, and its cross-attention context is the face tok
 A dropped image (classifier-free guidance) is a zero embedding; the keypoint image is always given.
 
 The run folder holds ``adapter.safetensors`` (official layout: ``ip-adapter.bin`` of InstantX/InstantID)
-and ``ControlNetModel/`` (``save_pretrained``), so ``idcraft generate --method instantid --adapter
-DIR/adapter.safetensors --controlnet DIR/ControlNetModel`` uses the result.
+and ``ControlNetModel/`` (diffusers layout: ``config.json`` + ``diffusion_pytorch_model.safetensors``), so
+``idcraft generate --method instantid --adapter DIR/adapter.safetensors --controlnet DIR/ControlNetModel``
+uses the result. Both are written in ``--export-dtype`` (the official release is float16).
+
+Fine-tuning a released InstantID starts from its files: ``--init-from ip-adapter.bin`` for the Resampler and
+key/value weights, ``--init-controlnet ControlNetModel/`` for IdentityNet (each checked against the base:
+an IdentityNet made for another UNet is refused, naming the first tensors that differ).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,10 +31,11 @@ from PIL import Image
 from torch import nn
 
 from ..adapter import IPAdapter
+from ..errors import IdcraftError
 from ..registry import FACE_EMBEDDING_DIM, get_method
 from .faceid import FacePreprocess, FaceRecipeBase
-from .ip_adapter import preview_images
-from .recipe import register_recipe
+from .ip_adapter import adapter_from_file, preview_images
+from .recipe import export_tensors, register_adapter, register_recipe
 
 #: ``ControlNetModel``'s default condition-embedding widths (three 2x downsamplings: 8x, SD's VAE factor).
 CONDITIONING_CHANNELS = (16, 32, 96, 256)
@@ -42,7 +48,7 @@ class IdentityNetDenoiser(nn.Module):
     def __init__(self, unet: nn.Module, adapter: IPAdapter, controlnet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.adapter = adapter
+        register_adapter(self, adapter, "image_proj")  # its attention processors are in the denoiser
         self.controlnet = controlnet
 
     def forward(
@@ -89,13 +95,20 @@ class InstantIDRecipe(FaceRecipeBase):
 
         self.method = method = get_method(self.config.method)
         self.load_base(device, weight_dtype)
-        adapter = IPAdapter.for_unet(self.unet, method, FACE_EMBEDDING_DIM, num_tokens=self.config.num_tokens)
+        if self.config.init_from:
+            adapter = adapter_from_file(self.config, method, self.unet, embed_dim=FACE_EMBEDDING_DIM)
+        else:
+            adapter = IPAdapter.for_unet(
+                self.unet, method, FACE_EMBEDDING_DIM, num_tokens=self.config.num_tokens
+            )
         adapter.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         # The condition image is at pixel resolution: one 2x downsampling per power of 2 of the VAE factor.
         levels = int(math.log2(self.pipe.vae_scale_factor)) + 1
         controlnet = ControlNetModel.from_unet(
             self.unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS[:levels]
         )
+        if self.config.init_controlnet:
+            load_identitynet(controlnet, self.config.init_controlnet, self.config.base)
         controlnet.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         if self.config.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
@@ -132,10 +145,21 @@ class InstantIDRecipe(FaceRecipeBase):
         return {"embeds": self._embeds(batch, drop_image), "control": batch["control"].to(self.device)}
 
     # ------------------------------------------------------------------ results
-    def export(self, directory: Path, formats: Sequence[str], metadata: dict[str, str]) -> list[Path]:
-        files = self._export_adapter(directory, formats, metadata)
+    def export(
+        self,
+        directory: Path,
+        formats: Sequence[str],
+        metadata: dict[str, str],
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> list[Path]:
+        state = self.trainable_state_dict() if state is None else state
+        parts = {
+            prefix: {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            for prefix in ("adapter.", "controlnet.")
+        }
+        files = self._export_adapter(directory, formats, metadata, parts["adapter."])
         folder = Path(directory) / "ControlNetModel"
-        self.controlnet.save_pretrained(folder)
+        save_controlnet(self.controlnet, parts["controlnet."], folder, self.config.export_dtype)
         return [*files, folder]
 
     @torch.no_grad()
@@ -158,3 +182,51 @@ class InstantIDRecipe(FaceRecipeBase):
             face_backend=self.config.face_backend,
             face_models=self.config.face_models,
         )
+
+
+def load_identitynet(controlnet: nn.Module, folder: str, base: str) -> None:
+    """``--init-controlnet``: copy a saved IdentityNet (diffusers ControlNet folder) into ``controlnet``, the
+    one built for this base, refusing one made for another UNet (different tensors or shapes) by name."""
+    from diffusers import ControlNetModel
+
+    try:
+        loaded = ControlNetModel.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise IdcraftError(f"--init-controlnet {folder}: cannot load a ControlNet from it ({exc}).") from exc
+    mine, theirs = controlnet.state_dict(), loaded.state_dict()
+    missing = sorted(set(mine) - set(theirs))
+    extra = sorted(set(theirs) - set(mine))
+    shapes = [k for k in mine if k in theirs and mine[k].shape != theirs[k].shape]
+    if missing or extra or shapes:
+        details = []
+        if shapes:
+            k = shapes[0]
+            details.append(
+                f"{len(shapes)} tensor(s) of other shapes, e.g. {k} {tuple(theirs[k].shape)} where this base "
+                f"needs {tuple(mine[k].shape)}"
+            )
+        if missing:
+            details.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+        if extra:
+            details.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+        raise IdcraftError(
+            f"--init-controlnet {folder} is not an IdentityNet for base model {base}: "
+            + "; ".join(details)
+            + "."
+        )
+    controlnet.load_state_dict(theirs, strict=True)
+
+
+def save_controlnet(
+    controlnet: nn.Module, state: Mapping[str, torch.Tensor], folder: Path, dtype: str
+) -> None:
+    """Write ``state`` (the ControlNet's tensors) as a diffusers model folder in ``dtype``: what
+    ``save_pretrained`` writes, from given tensors (under FSDP/DeepSpeed the live module holds shards)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    controlnet.save_config(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_file(export_tensors(state, dtype), str(tmp), metadata={"format": "pt"})
+    tmp.replace(weights)

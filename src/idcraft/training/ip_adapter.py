@@ -7,12 +7,16 @@ cross-attention layer's ``to_k_ip`` / ``to_v_ip``, the latter starting as copies
 A dropped image is represented as the method's registry rule says, as in the official scripts: zero
 pooled embeddings (``zero-embeds``: IP-Adapter) or the encoder's features of an all-zero normalised pixel
 tensor (``zero-image``: Plus, Plus-Face, Full-face). Both are one fixed tensor, computed once here.
+
+``--init-from FILE`` starts from an official-layout adapter file instead (fine-tuning a released adapter,
+or Plus-Face from Plus as the official Plus-Face was made): :func:`adapter_from_file` checks that it is the
+method's kind of adapter and fits the base model, the image encoder and the run's settings first.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,13 +24,75 @@ from PIL import Image
 from torch import nn
 
 from ..adapter import IPAdapter
-from ..checkpoints import save_checkpoint
+from ..checkpoints import load_checkpoint
 from ..encoders import ClipImageEncoder
-from ..errors import IdcraftError
+from ..errors import CheckpointError, IdcraftError, IncompatibleAdapterError
 from ..models import load_image_encoder
-from ..registry import get_method
+from ..registry import Method, get_method
+from .config import TrainConfig
 from .diffusion import UNetDiffusionRecipe
-from .recipe import register_recipe
+from .recipe import adapter_checkpoint, export_tensors, register_adapter, register_recipe, write_adapter
+
+
+def projection_tokens(adapter: IPAdapter) -> int | None:
+    """The image tokens a projection makes, where its weights fix the count (``None``: one per patch)."""
+    config = adapter.image_proj.config
+    return getattr(config, "num_tokens", None) or getattr(config, "num_queries", None)
+
+
+def adapter_from_file(
+    config: TrainConfig,
+    method: Method,
+    unet: nn.Module,
+    *,
+    embed_dim: int | None = None,
+    encoder_config=None,
+    lora_rank: int | None = None,
+) -> IPAdapter:
+    """``--init-from``: the adapter in ``config.init_from`` (official layout), as the starting weights.
+
+    Refused with a message naming the file and the mismatch: another kind of adapter (the projection or
+    LoRA do not match ``method``), another base model (cross-attention width, layer layout), another image
+    encoder (feature width; ``embed_dim`` for identity embeddings), or a token count / LoRA rank other
+    than the run's ``--num-tokens`` / ``--lora-rank``.
+    """
+    path = config.init_from
+    try:
+        checkpoint = load_checkpoint(path)
+        adapter = IPAdapter.from_checkpoint(checkpoint, method=method.name)
+    except CheckpointError as exc:
+        raise IdcraftError(f"--init-from {path}: {exc}") from exc
+    made_for = checkpoint.metadata.get("method")
+    try:
+        adapter.check_compatible(
+            unet,
+            encoder_config,
+            base_name=f"base model {config.base}",
+            encoder_name=f"image encoder {config.image_encoder}",
+        )
+    except IncompatibleAdapterError as exc:
+        raise IdcraftError(f"--init-from {path} cannot train on this run's models: {exc}") from exc
+    problems = []
+    if embed_dim is not None and adapter.embed_dim != embed_dim:
+        problems.append(
+            f"its projection reads {adapter.embed_dim}-wide embeddings, this run gives {embed_dim}"
+        )
+    tokens = projection_tokens(adapter)
+    if config.num_tokens is not None and tokens is not None and tokens != config.num_tokens:
+        problems.append(f"it makes {tokens} image tokens but --num-tokens is {config.num_tokens}")
+    if lora_rank is not None:
+        ranks = {p.lora_rank for p in adapter.layers.values()}
+        if ranks != {lora_rank}:
+            problems.append(
+                f"its LoRA rank is {', '.join(str(r) for r in sorted(ranks, key=str))} but --lora-rank is "
+                f"{lora_rank} (pass --lora-rank {next(iter(ranks))} to continue it)"
+            )
+    if problems:
+        what = f" (a {made_for} file)" if made_for else ""
+        raise IdcraftError(
+            f"--init-from {path}{what} does not fit this {method.name} run: " + "; ".join(problems) + "."
+        )
+    return adapter
 
 
 class AdapterDenoiser(nn.Module):
@@ -36,7 +102,7 @@ class AdapterDenoiser(nn.Module):
     def __init__(self, unet: nn.Module, adapter: IPAdapter):
         super().__init__()
         self.unet = unet
-        self.adapter = adapter
+        register_adapter(self, adapter, "image_proj")  # its attention processors are in the denoiser
 
     def forward(
         self,
@@ -82,7 +148,10 @@ class IPAdapterRecipe(UNetDiffusionRecipe):
         self.load_base(device, weight_dtype)
         cfg = self.encoder.config
         width = cfg.projection_dim if self.method.feature == "pooled" else cfg.hidden_size
-        adapter = IPAdapter.for_unet(self.unet, self.method, width, num_tokens=self.config.num_tokens)
+        if self.config.init_from:
+            adapter = adapter_from_file(self.config, self.method, self.unet, encoder_config=cfg)
+        else:
+            adapter = IPAdapter.for_unet(self.unet, self.method, width, num_tokens=self.config.num_tokens)
         adapter.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         adapter.attach(self.unet)
         self.adapter = adapter
@@ -135,11 +204,16 @@ class IPAdapterRecipe(UNetDiffusionRecipe):
         return torch.where(mask, null, features)
 
     # ------------------------------------------------------------------ results
-    def export(self, directory: Path, formats: Sequence[str], metadata: dict[str, str]) -> list[Path]:
-        checkpoint = self.adapter.to_checkpoint()
-        checkpoint.metadata = {"method": self.method.name, **metadata}
-        suffixes = {"safetensors": ".safetensors", "bin": ".bin"}
-        return [save_checkpoint(checkpoint, Path(directory) / f"adapter{suffixes[f]}") for f in formats]
+    def export(
+        self,
+        directory: Path,
+        formats: Sequence[str],
+        metadata: dict[str, str],
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> list[Path]:
+        state = self.trainable_state_dict() if state is None else state
+        checkpoint = adapter_checkpoint(export_tensors(state, self.config.export_dtype))
+        return write_adapter(checkpoint, directory, formats, {"method": self.method.name, **metadata})
 
     @torch.no_grad()
     def sample(

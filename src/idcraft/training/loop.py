@@ -8,9 +8,23 @@ launcher's ``--mixed_precision`` or ``accelerate config`` apply unless ``--mixed
         --method ip-adapter-plus --base ./stable-diffusion-v1-5 --image-encoder ./image_encoder \\
         --data ./data.jsonl --output ./runs/plus --mixed-precision fp16 --cache-features
 
-DDP is the supported backend (the adapter is small and replicated; the frozen base is replicated
-too); FSDP and DeepSpeed are refused until sharded states are checkpointed. ``--batch-size`` is per
-process; the global batch is ``batch size x processes x accumulation``.
+``--batch-size`` is per process; the global batch is ``batch size x processes x accumulation``. Three ways
+to spread a run, all chosen by accelerate's own configuration (``accelerate config`` / ``--config_file``):
+
+* DDP (``--multi_gpu``): everything replicated; the adapter is small, the frozen base fits one GPU.
+* FSDP, version 2 (``fsdp_version: 2``): the prepared model, frozen base included, sharded across processes
+  (what makes FLUX-sized bases fit). FSDP1 is refused: it cannot hold frozen and trainable tensors in one
+  flat parameter without ``use_orig_params``, and accelerate and torch are retiring it.
+* DeepSpeed ZeRO stages 0-2: optimizer state (and gradients) partitioned. The DeepSpeed config's
+  ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps`` and ``gradient_clipping`` must be
+  ``auto`` or equal this run's ``--batch-size``, ``--gradient-accumulation``, ``--max-grad-norm``. ZeRO-3
+  is refused (the recipes read adapter parameters outside the engine's gathering hooks).
+
+Checkpoints hold the same files under every backend (the full trainable tensors, gathered; RNG and data
+position per process), plus the optimizer state the backend's own way: accelerate's FSDP optimizer
+checkpoint (``optimizer_0/``, sharded, or ``optimizer.bin``), DeepSpeed's ``deepspeed/`` checkpoint
+(frozen parameters excluded). Only the main process writes the final adapter files. A run resumes under
+the backend and process count it was written with.
 
 Reproducibility is by construction: the data order is a function of ``(seed, epoch)``, every random
 draw of the objective comes from one checkpointed CPU generator per process, and checkpoints hold the
@@ -39,12 +53,17 @@ from . import state as ckpt
 from .cache import FeatureCache
 from .config import TrainConfig, check_resumable
 from .data import BatchStream, DataPosition, Record, SampleLoader, SkipReport, list_records
-from .recipe import TrainingRecipe, canonical_method, recipe_for
+from .recipe import TrainingRecipe, canonical_method, exports_state, model_state_keys, recipe_for
 from .reporting import Reporter
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+#: How a run is spread over processes (recorded in checkpoints; a resume must use the same).
+PLAIN, FSDP2, DEEPSPEED = "ddp", "fsdp2", "deepspeed"
+#: Under DeepSpeed, the engine's own checkpoint inside ours (folder, tag).
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 
 
 @dataclass
@@ -93,10 +112,15 @@ class _Run:
     report: SkipReport
     total: int
     generator: torch.Generator
+    backend: str = PLAIN
+    #: DeepSpeed: trainable key -> the keys of the same tensor in the model's state dict
+    model_keys: dict[str, list[str]] | None = None
     position: DataPosition = field(default_factory=DataPosition)
     step: int = 0
     samples: int = 0
     elapsed: float = 0.0
+    #: the last gathered trainable state (step, tensors), reused when the end follows a checkpoint
+    gathered: tuple[int, dict] | None = None
 
 
 class Trainer:
@@ -174,7 +198,7 @@ class Trainer:
 
         config = self.config
         accelerator = self.accelerator = self._accelerator()
-        _check_backend(accelerator)
+        backend = _backend(accelerator, config)
         precision = accelerator.mixed_precision
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         if accelerator.is_main_process:
@@ -187,8 +211,15 @@ class Trainer:
         recipe = self.recipe = recipe_cls(config)
         recipe.build(accelerator.device, weight_dtype)
         config.resolution = recipe.resolution
+        if backend != PLAIN and not exports_state(recipe):
+            raise IdcraftError(
+                f"{type(recipe).__name__}.export takes no state= argument, so its result cannot be written "
+                f"from gathered tensors under {backend}; train it under DDP."
+            )
         if resume_from is not None:
-            self._check_resume(resume_from, accelerator.num_processes)
+            self._check_resume(resume_from, accelerator.num_processes, backend)
+            # Before accelerate wraps (and FSDP shards, DeepSpeed flattens) the parameters.
+            recipe.load_trainable_state_dict(_load_safetensors(resume_from / "trainable.safetensors"))
         if accelerator.is_main_process:
             ckpt.write_json(config.output_dir / "config.json", config.to_dict())
 
@@ -218,28 +249,49 @@ class Trainer:
         lr_scheduler = get_scheduler(
             config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total
         )
+        model_keys = None
+        if backend == DEEPSPEED:
+            model_keys = model_state_keys(recipe)  # by identity: before the engine flattens the parameters
+            _configure_deepspeed(accelerator, config)
         model, optimizer = accelerator.prepare(recipe.model, optimizer)
         generator = ckpt.training_generator(config.seed, accelerator.process_index)
         return _Run(
-            accelerator, recipe, model, optimizer, lr_scheduler, stream, records, report, total, generator
+            accelerator,
+            recipe,
+            model,
+            optimizer,
+            lr_scheduler,
+            stream,
+            records,
+            report,
+            total,
+            generator,
+            backend,
+            model_keys,
         )
 
     def _accelerator(self):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
+        from accelerate.utils import InitProcessGroupKwargs
 
         # Unset: what `accelerate launch --mixed_precision` / `accelerate config` put in the environment.
         # Passed explicitly, so that a run never inherits another in-process run's setting.
         precision = self.config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        options: dict[str, Any] = {"mixed_precision": precision, "cpu": self.config.cpu}
+        if _deepspeed_requested() and not torch.cuda.is_available():
+            # Without a GPU accelerate names no backend for DeepSpeed and counts one process per process;
+            # DeepSpeed's CPU accelerator talks gloo, so say so (a CPU-only DeepSpeed run, as the tests do).
+            options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         try:
-            return Accelerator(mixed_precision=precision, cpu=self.config.cpu)
+            return Accelerator(**options)
         except ValueError as exc:
             if "already been initialized" not in str(exc):
                 raise
             # A second run in the same process (a notebook, tests) with other precision settings:
             # accelerate keeps its state process-wide; reset it (the process group, if any, stays).
             AcceleratorState._reset_state()
-            return Accelerator(mixed_precision=precision, cpu=self.config.cpu)
+            return Accelerator(**options)
 
     def _resume_point(self, output: Path) -> Path | None:
         latest = ckpt.latest_checkpoint(output)
@@ -254,7 +306,7 @@ class Trainer:
             )
         return None
 
-    def _check_resume(self, folder: Path, world: int) -> None:
+    def _check_resume(self, folder: Path, world: int, backend: str) -> None:
         saved = ckpt.read_json(folder / "state.json")
         check_resumable(saved["config"], self.config)
         if saved["world"] != world:
@@ -262,6 +314,12 @@ class Trainer:
                 f"cannot resume: the checkpoint was written by {saved['world']} processes and this run "
                 f"has {world}; the data split (and so the result) depends on it. "
                 f"Launch with {saved['world']}."
+            )
+        written = saved.get("backend", PLAIN)
+        if written != backend:
+            raise IdcraftError(
+                f"cannot resume: the checkpoint was written under {written} and this run is {backend}; its "
+                f"optimizer state is stored the {written} way. Launch with the same accelerate configuration."
             )
 
     def _cache_features(self, recipe: TrainingRecipe, records: list[Record], report: SkipReport):
@@ -300,12 +358,20 @@ class Trainer:
         losses = []
         for micro in range(accum):
             batch = next(batches)
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(run.model)
-            with sync:  # DDP all-reduces gradients on the last micro-batch only
+            last = micro == accum - 1
+            if run.backend == DEEPSPEED:
+                # The engine accumulates itself: it divides by its gradient_accumulation_steps (= accum, see
+                # _configure_deepspeed) and reduces and steps at the boundary we mark.
+                loss = run.recipe.loss(run.model, batch, run.generator)
+                accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+                losses.append(loss.detach())
+                continue
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(run.model)
+            with sync:  # DDP/FSDP reduce gradients on the last micro-batch only
                 loss = run.recipe.loss(run.model, batch, run.generator)
                 accelerator.backward(loss / accum)
             losses.append(loss.detach())
-        if self.config.max_grad_norm:
+        if self.config.max_grad_norm and run.backend != DEEPSPEED:  # DeepSpeed clips in its step
             accelerator.clip_grad_norm_(run.recipe.trainable_parameters(), self.config.max_grad_norm)
         run.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule advance
@@ -319,16 +385,64 @@ class Trainer:
         return loss, run.lr_scheduler.get_last_lr()[0], seconds
 
     # ------------------------------------------------------------------ checkpoints
+    def _trainable_state(self, run: _Run) -> dict[str, torch.Tensor]:
+        """The full trainable tensors, on the main process (``{}`` on the others). Under FSDP2 each sharded
+        trainable parameter is all-gathered (only those: gathering the frozen base as well, as
+        ``get_state_dict`` does, would move a FLUX-sized model to one process's RAM at every checkpoint);
+        under DeepSpeed they come out of ``accelerator.get_state_dict``. Collective: every process calls
+        it."""
+        if run.gathered is not None and run.gathered[0] == run.step:
+            return run.gathered[1]
+        main = run.accelerator.is_main_process
+        if run.backend == FSDP2:
+            from torch.distributed.tensor import DTensor
+
+            state = {}
+            for key, value in run.recipe.trainable_state_dict().items():
+                full = value.full_tensor() if isinstance(value, DTensor) else value
+                if main:
+                    state[key] = full.detach().cpu().contiguous()
+        elif run.backend == DEEPSPEED:
+            model_state = run.accelerator.get_state_dict(run.model)
+            state = {}
+            if main:
+                for key, names in (run.model_keys or {}).items():
+                    name = next((n for n in names if n in model_state), None)
+                    if name is None:
+                        raise IdcraftError(f"DeepSpeed's state dict has no {names[0]} (trainable {key}).")
+                    state[key] = model_state[name].detach().cpu().contiguous()
+        else:  # replicated: the main process's own tensors are the full ones
+            trainable = run.recipe.trainable_state_dict().items() if main else ()
+            state = {k: v.detach().cpu().contiguous() for k, v in trainable}
+        run.gathered = (run.step, state)
+        return state
+
     def _save(self, run: _Run) -> None:
         from safetensors.torch import save_file
 
         config, accelerator, recipe = self.config, run.accelerator, run.recipe
+        trainable = self._trainable_state(run)
+
+        def write_all(folder: Path) -> None:
+            """The backend's own optimizer checkpoint, written by every process."""
+            if run.backend == FSDP2:
+                from accelerate.utils import save_fsdp_optimizer
+
+                save_fsdp_optimizer(
+                    accelerator.state.fsdp_plugin, accelerator, run.optimizer, run.model, folder
+                )
+            elif run.backend == DEEPSPEED:
+                run.model.save_checkpoint(
+                    str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True
+                )
 
         def write_main(folder: Path) -> None:
-            trainable = {k: v.contiguous().cpu() for k, v in recipe.trainable_state_dict().items()}
             save_file(trainable, str(folder / "trainable.safetensors"))
-            recipe.export(folder, ("safetensors",), {"step": str(run.step)})
-            torch.save(run.optimizer.state_dict(), folder / "optimizer.pt")
+            if run.backend == PLAIN:  # the live modules; recipes from before sharded training take no state
+                recipe.export(folder, ("safetensors",), {"step": str(run.step)})
+                torch.save(run.optimizer.state_dict(), folder / "optimizer.pt")
+            else:
+                recipe.export(folder, ("safetensors",), {"step": str(run.step)}, state=trainable)
             torch.save(run.lr_scheduler.state_dict(), folder / "lr_scheduler.pt")
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), folder / "grad_scaler.pt")
@@ -340,6 +454,7 @@ class Trainer:
                     "samples": run.samples,
                     "elapsed": run.elapsed,
                     "world": accelerator.num_processes,
+                    "backend": run.backend,
                     "config": config.to_dict(),
                 },
             )
@@ -356,18 +471,34 @@ class Trainer:
             config.output_dir,
             run.step,
             write_main=write_main,
+            write_all=write_all,
             rank_state=rank_state,
             keep=config.keep_checkpoints,
         )
 
     def _restore(self, run: _Run, folder: Path) -> None:
-        from safetensors.torch import load_file
-
+        """Everything but the trainable weights (loaded before ``prepare``, in :meth:`_setup`)."""
         accelerator = run.accelerator
         saved = ckpt.read_json(folder / "state.json")
         run.step, run.samples, run.elapsed = saved["step"], saved["samples"], saved["elapsed"]
-        run.recipe.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors"), device="cpu"))
-        run.optimizer.load_state_dict(ckpt.load_tensors(folder / "optimizer.pt"))
+        if run.backend == FSDP2:
+            from accelerate.utils import load_fsdp_optimizer
+
+            load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, run.optimizer, run.model, folder)
+        elif run.backend == DEEPSPEED:
+            path, _ = run.model.load_checkpoint(
+                str(folder / DEEPSPEED_DIR),
+                tag=DEEPSPEED_TAG,
+                load_module_strict=False,  # frozen parameters are not in it
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,  # ours, saved beside it
+            )
+            if path is None:
+                raise IdcraftError(
+                    f"{folder}: no DeepSpeed checkpoint in {DEEPSPEED_DIR}/; it is incomplete."
+                )
+        else:
+            run.optimizer.load_state_dict(ckpt.load_tensors(folder / "optimizer.pt"))
         run.lr_scheduler.load_state_dict(ckpt.load_tensors(folder / "lr_scheduler.pt"))
         if accelerator.scaler is not None and (folder / "grad_scaler.pt").is_file():
             accelerator.scaler.load_state_dict(ckpt.load_tensors(folder / "grad_scaler.pt"))
@@ -383,6 +514,8 @@ class Trainer:
     # ------------------------------------------------------------------ samples and the end
     def _sample(self, run: _Run, reporter: Reporter) -> None:
         config = self.config
+        if run.backend == FSDP2:
+            return  # refused at set-up (_backend); the sharded base cannot run on one process
         if run.accelerator.is_main_process:
             rng = ckpt.capture_rng()  # building the preview adapter draws from the global RNG
             try:
@@ -414,8 +547,13 @@ class Trainer:
             for index, reason in part.items():
                 report.skip(run.records[int(index)].image, reason)
         files: list[Path] = []
+        metadata = {"step": str(run.step)}
+        state = self._trainable_state(run) if run.backend != PLAIN else None  # collective
         if accelerator.is_main_process:
-            files = run.recipe.export(output, self.config.formats, {"step": str(run.step)})
+            if state is None:
+                files = run.recipe.export(output, self.config.formats, metadata)
+            else:
+                files = run.recipe.export(output, self.config.formats, metadata, state=state)
             report.write(output / "skipped.txt")
             if report.skipped or report.empty_captions:
                 reporter.message(
@@ -426,17 +564,79 @@ class Trainer:
         return files
 
 
-def _check_backend(accelerator) -> None:
-    """DDP (and single-process) only, for now: under FSDP or DeepSpeed ZeRO the adapter's parameters and
-    optimizer state are sharded, and the checkpoints and exports here would hold one shard. The trainable
-    part is small (22-100M parameters), so replicating it with DDP costs little."""
+def _deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _backend(accelerator, config: TrainConfig) -> str:
+    """Which of :data:`PLAIN`, :data:`FSDP2`, :data:`DEEPSPEED` this run is, refusing what cannot work with
+    a message saying what to change (see the module docstring)."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
         raise IdcraftError(
-            f"idcraft train runs under DDP (accelerate launch --multi_gpu), not {accelerator.distributed_type.value}: "
-            "sharded adapter and optimizer states are not checkpointed yet."
+            f"the launcher started {launched} processes but accelerate counts {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}): each would train alone and overwrite the others' "
+            "files. On a machine without GPUs pass --cpu (DDP over gloo); accelerate's FSDP needs GPUs."
         )
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise IdcraftError(
+                "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config (FSDP2 keeps "
+                "frozen and trainable parameters apart; FSDP1 needs use_orig_params and is being retired)."
+            )
+        if config.sample_every:
+            raise IdcraftError(
+                "--sample-every is not available under FSDP: the base model is sharded across processes and "
+                "the main process alone cannot generate with it. Generate from a checkpoint's "
+                "adapter.safetensors instead."
+            )
+        return FSDP2
+    if kind == DistributedType.DEEPSPEED:
+        stage = int(accelerator.state.deepspeed_plugin.zero_stage)
+        if stage >= 3:
+            raise IdcraftError(
+                "DeepSpeed ZeRO-3 is not supported (the recipes read adapter weights outside DeepSpeed's "
+                "gathering hooks); use ZeRO stage 1 or 2, or FSDP (fsdp_version: 2) to shard the base model."
+            )
+        return DEEPSPEED
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or _deepspeed_requested():
+        log.warning(
+            "the accelerate configuration asks for FSDP/DeepSpeed but accelerate runs %s here (accelerate's "
+            "FSDP needs GPUs); training with plain data parallelism.",
+            kind.value,
+        )
+    return PLAIN
+
+
+def _configure_deepspeed(accelerator, config: TrainConfig) -> None:
+    """Fill the DeepSpeed config's ``auto`` batch, accumulation and clipping entries from this run (the loop
+    draws its own batches, so accelerate cannot read them off a dataloader), refusing contradictions."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": (config.batch_size, "--batch-size"),
+        "gradient_accumulation_steps": (config.gradient_accumulation, "--gradient-accumulation"),
+        "gradient_clipping": (float(config.max_grad_norm or 0.0), "--max-grad-norm"),  # 0: off
+    }
+    for key, (value, flag) in wanted.items():
+        current = ds.get(key, "auto")
+        if current == "auto":
+            ds[key] = value
+        elif float(current) != float(value):
+            raise IdcraftError(
+                f"the DeepSpeed config sets {key} = {current}, but this run has {flag} {value or 'unset'}; "
+                f"make them equal or set {key} to auto."
+            )
+    # accelerate's own count, which it would otherwise find out of step with DeepSpeed's and warn about
+    accelerator.gradient_accumulation_steps = config.gradient_accumulation
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:

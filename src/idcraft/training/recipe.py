@@ -12,6 +12,12 @@ The loop (:mod:`idcraft.training.loop`) knows nothing about adapters, encoders o
   its randomness from, so that runs are reproducible and resumable bit for bit);
 * what the trained result is on disk (:meth:`export`) and how to preview it (:meth:`sample`).
 
+Under FSDP or DeepSpeed the live trainable modules hold shards (or half-precision copies), so the loop
+gathers the full trainable tensors itself and hands them to :meth:`export` as ``state``; a recipe whose
+:meth:`export` takes that argument can train sharded. The tensors of :meth:`trainable_state_dict` are
+found in the prepared model's state by identity (:func:`model_state_keys`), so no recipe has to spell
+out its model's key names.
+
 New families plug in by subclassing and registering, without touching the loop:
 
 * FaceID: an IP-Adapter recipe whose references go through a face-recognition model, plus LoRA
@@ -23,8 +29,9 @@ New families plug in by subclassing and registering, without touching the loop:
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,10 +39,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..checkpoints import AdapterCheckpoint, save_checkpoint
 from ..errors import IdcraftError
 from .config import TrainConfig
 
 ReferencePreprocessor = Callable[[Image.Image], dict[str, torch.Tensor]]
+
+#: ``--export-dtype`` -> torch dtype of the floating-point tensors in the written files.
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``--format`` -> file suffix of the official adapter file.
+SUFFIXES = {"safetensors": ".safetensors", "bin": ".bin"}
 
 
 class TrainingRecipe(ABC):
@@ -101,14 +114,107 @@ class TrainingRecipe(ABC):
 
     # ------------------------------------------------------------------ results
     @abstractmethod
-    def export(self, directory: Path, formats: Sequence[str], metadata: dict[str, str]) -> list[Path]:
-        """Write the trained result in its official layout; returns the files written."""
+    def export(
+        self,
+        directory: Path,
+        formats: Sequence[str],
+        metadata: dict[str, str],
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> list[Path]:
+        """Write the trained result in its official layout; returns the files written.
+
+        ``state`` is the trainable tensors to write, keyed as :meth:`trainable_state_dict` keys them; ``None``
+        means the live modules. The loop passes it under FSDP/DeepSpeed, where the live modules hold shards
+        (recipes written before sharded training may leave the argument out; they then train under DDP
+        only). Built-in recipes write floating-point tensors in ``config.export_dtype``."""
 
     def sample(
         self, prompt: str, reference: str, *, seed: int, steps: int, guidance: float
     ) -> list[Image.Image]:
         """Preview images with the current weights; must not disturb training state."""
         raise IdcraftError(f"{type(self).__name__} cannot make sample images.")
+
+
+def register_adapter(model: nn.Module, adapter: nn.Module, projection: str) -> None:
+    """Make ``adapter`` usable as ``model.adapter`` while registering only its projection (as
+    ``model.<projection>``) as a submodule of ``model``.
+
+    Attached adapters' attention processors are already submodules of the denoiser (the UNet or FLUX
+    transformer holds them), so registering the whole adapter as well would make each processor reachable
+    under two paths. DDP does not mind; FSDP2 does when it shards the denoiser's blocks separately (the usual
+    policy for large bases): the block shards the processor, then the root finds it again, already sharded,
+    and fails. Reached once, every trainable parameter still belongs to ``model`` for DDP, FSDP and
+    DeepSpeed."""
+    object.__setattr__(model, "adapter", adapter)  # a plain attribute, not in model._modules
+    setattr(model, projection, getattr(adapter, projection))
+
+
+def exports_state(recipe: TrainingRecipe) -> bool:
+    """Whether ``recipe.export`` accepts gathered tensors (``state=``), as sharded training needs."""
+    return "state" in inspect.signature(recipe.export).parameters
+
+
+def model_state_keys(recipe: TrainingRecipe) -> dict[str, list[str]]:
+    """For each key of ``recipe.trainable_state_dict()``, the keys under which ``recipe.model.state_dict()``
+    holds the same tensor (same storage, offset and shape), before the model is wrapped.
+
+    Under DeepSpeed the loop reads the trainable tensors out of ``accelerator.get_state_dict(model)``,
+    which is keyed by the model's module paths; matching by identity spares every recipe from listing them.
+    A module reachable twice (an attention processor is both ``adapter.layers.3`` and a UNet attribute)
+    gives several keys; any of them holds the tensor."""
+    model_state = recipe.model.state_dict(keep_vars=True)
+    by_storage: dict[tuple, list[str]] = {}
+    for key, tensor in model_state.items():
+        by_storage.setdefault(_storage_id(tensor), []).append(key)
+    found, missing = {}, []
+    for key, tensor in recipe.trainable_state_dict().items():
+        keys = by_storage.get(_storage_id(tensor))
+        if keys:
+            found[key] = keys
+        else:
+            missing.append(key)
+    if missing:
+        raise IdcraftError(
+            f"{type(recipe).__name__}: trainable tensors {missing[:3]} are not part of the model handed to "
+            "accelerate (recipe.model), so FSDP/DeepSpeed could not train or save them."
+        )
+    return found
+
+
+def _storage_id(tensor: torch.Tensor) -> tuple:
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+
+
+def export_tensors(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of ``state``, floating-point tensors cast to ``dtype`` (``fp32``, ``fp16``,
+    ``bf16``); training keeps float32 master weights, official releases ship float16."""
+    target = EXPORT_DTYPES[dtype]
+    return {
+        k: (t.detach().to(target) if t.is_floating_point() else t.detach()).cpu().contiguous()
+        for k, t in state.items()
+    }
+
+
+def adapter_checkpoint(
+    state: Mapping[str, torch.Tensor], projection: str = "image_proj."
+) -> AdapterCheckpoint:
+    """The official layout from an adapter module's state dict: ``<projection>*`` -> ``image_proj``,
+    ``layers.<i>.<name>`` -> ``ip_adapter`` ``<i>.<name>`` (what ``IPAdapter.to_checkpoint`` and
+    ``InstantCharacterAdapter.to_checkpoint`` give for the live modules, key for key, in order)."""
+    image_proj = {k[len(projection) :]: t for k, t in state.items() if k.startswith(projection)}
+    ip_adapter = {k[len("layers.") :]: t for k, t in state.items() if k.startswith("layers.")}
+    unknown = [k for k in state if not k.startswith((projection, "layers."))]
+    if unknown:
+        raise IdcraftError(f"unexpected adapter tensors {unknown[:3]} (not {projection}* or layers.*).")
+    return AdapterCheckpoint(image_proj, ip_adapter)
+
+
+def write_adapter(
+    checkpoint: AdapterCheckpoint, directory: Path, formats: Sequence[str], metadata: Mapping[str, str]
+) -> list[Path]:
+    """``directory/adapter.<suffix>`` per format, with ``metadata`` (safetensors only)."""
+    checkpoint.metadata = dict(metadata)
+    return [save_checkpoint(checkpoint, Path(directory) / f"adapter{SUFFIXES[f]}") for f in formats]
 
 
 RECIPES: dict[str, type[TrainingRecipe]] = {}

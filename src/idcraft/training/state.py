@@ -5,13 +5,16 @@ A checkpoint is a folder ``OUTPUT/checkpoints/step-00001000/`` holding
 * ``trainable.safetensors``: the trainable tensors, exact dtypes (what resume loads);
 * ``adapter.safetensors``: the same weights in the official layout (usable with ``idcraft generate``);
 * ``optimizer.pt``, ``lr_scheduler.pt`` (and ``grad_scaler.pt`` under fp16): their ``state_dict()``s;
+  under FSDP the optimizer is accelerate's FSDP optimizer checkpoint instead (``optimizer_0/``, one shard
+  per process, or ``optimizer.bin``), under DeepSpeed the engine's checkpoint ``deepspeed/`` (its
+  partitioned optimizer state; frozen parameters excluded), both written by every process;
 * ``rank-<r>.pt`` per process: the Python, NumPy, torch (and CUDA) RNG states, the training generator
   (noise, timesteps, drops) and the data position ``(epoch, step, cursor)`` plus samples found bad;
 * ``state.json`` (written last): global step, samples seen, elapsed time, world size and the config.
 
 Own files rather than ``accelerator.save_state``: that would also save the frozen base model with the
 prepared module (gigabytes per checkpoint) and not the training generator or data cursor. Everything
-here loads with ``torch.load(weights_only=True)``.
+here loads with ``torch.load(weights_only=True)`` (DeepSpeed's own files load the DeepSpeed way).
 
 The folder is written as ``.tmp-step-...`` and renamed when complete, so a run killed while saving
 leaves the previous checkpoint as the latest; only the newest ``keep`` checkpoints are kept.
@@ -88,9 +91,17 @@ def training_generator(seed: int, rank: int) -> torch.Generator:
 
 # ---------------------------------------------------------------------------- save / load
 def save(
-    accelerator, output: Path, step: int, *, write_main: Callable[[Path], None], rank_state: dict, keep: int
+    accelerator,
+    output: Path,
+    step: int,
+    *,
+    write_main: Callable[[Path], None],
+    rank_state: dict,
+    keep: int,
+    write_all: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically from all processes; returns its folder."""
+    """Write checkpoint ``step`` atomically from all processes; returns its folder. ``write_all`` runs on
+    every process (sharded optimizer states), ``write_main`` on the main one, last (it writes state.json)."""
     root = checkpoint_root(output)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -99,6 +110,9 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    if write_all is not None:
+        write_all(tmp)
+        accelerator.wait_for_everyone()
     torch.save(rank_state, tmp / f"rank-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         write_main(tmp)  # writes state.json last
