@@ -14,7 +14,7 @@ import sys
 from ..errors import IdcraftError
 
 #: Subcommand modules, in the order ``idcraft --help`` lists them.
-COMMANDS = ("generate", "demo", "faces", "train", "world")
+COMMANDS = ("generate", "demo", "eval", "faces", "train", "world")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from ..images import ImageInput, load_image
 from .types import Face, FaceAnalyser, NoFaceError
 
 #: Backend names accepted by :func:`get_face_analyser` and ``idcraft faces --backend``.
-BACKENDS = ("default", "insightface")
+BACKENDS = ("default", "insightface", "world")
 
 _shared: dict[tuple[Any, ...], FaceAnalyser] = {}
 _shared_lock = threading.Lock()
@@ -37,7 +37,10 @@ def get_face_analyser(
     ArcFace-compatible. ``"insightface"``: an insightface model pack (``models_dir``, else
     ``~/.insightface/models/{antelopev2,buffalo_l}``; ``pack=`` picks one) run with onnxruntime on
     ``providers`` (default CUDA when available, else CPU); ArcFace embeddings for FaceID/InstantID.
-    Other keyword options go to the backend's constructor.
+    ``"world"``: the offline world's character detector + recogniser (:mod:`idcraft.world.face_backend`;
+    ``models_dir``: its ``identity/`` folder or a bundle holding one, default the bundled models), whose
+    embeddings play ArcFace's part inside the world only. Other keyword options go to the backend's
+    constructor.
     """
     if backend == "default":
         if models_dir is not None or providers is not None:
@@ -52,6 +55,14 @@ def get_face_analyser(
         from .insightface_pack import InsightFacePackAnalyser
 
         return InsightFacePackAnalyser(models_dir, providers=providers, **options)
+    if backend == "world":
+        if providers is not None:
+            raise FaceError(
+                "providers (--providers) apply to the insightface backend; the world backend runs torch."
+            )
+        from ..world.face_backend import WorldFaceAnalyser
+
+        return WorldFaceAnalyser(models_dir, **options)
     raise FaceError(f"unknown face backend {backend!r}; choose one of: {', '.join(BACKENDS)}.")
 
 

@@ -7,7 +7,7 @@ manifest format. Each stage's settings live in :data:`PROFILES` (``full`` made t
 ``reduced`` is a minutes-long version for tests), and ``BUILD.json`` records, per stage, its settings,
 seed, wall time, device and measurements (losses, held-out accuracies), beside the command that ran.
 
-A stage whose output already exists is skipped, so an interrupted build continues where it stopped;
+A stage already recorded whose output exists is skipped, so an interrupted build continues where it stopped;
 ``force`` retrains the stages named.
 """
 
@@ -47,16 +47,17 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "renders": {"samples": 40_000, "seed": 0},
         "judge": {"steps": 3000, "batch_size": 128, "learning_rate": 2e-3, "seed": 11, "samples": 20_000},
-        "vae": {"steps": 3000, "batch_size": 32, "learning_rate": 1e-3, "seed": 12},
-        "text_unet": {"steps": 8000, "batch_size": 64, "learning_rate": 5e-4, "seed": 13},
-        "clip_vision": {"steps": 2000, "batch_size": 256, "learning_rate": 1e-3, "seed": 14},
+        "vae": {"steps": 2000, "batch_size": 32, "learning_rate": 1e-3, "seed": 12},
+        "text_unet": {"steps": 4000, "batch_size": 64, "learning_rate": 5e-4, "seed": 13},
+        "clip_vision": {"steps": 1500, "batch_size": 128, "learning_rate": 1e-3, "seed": 14},
         "identity": {"steps": 3000, "batch_size": 128, "learning_rate": 2e-3, "seed": 15},
         "adapters": {
             "samples": 20_000,
             "seed": 3,
-            "max_steps": 2000,
+            "max_steps": 1000,
             "batch_size": 32,
             "learning_rate": 3e-4,
+            "lora_rank": 16,
         },
     },
     "reduced": {
@@ -66,7 +67,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         "text_unet": {"steps": 100, "batch_size": 16, "learning_rate": 5e-4, "seed": 13},
         "clip_vision": {"steps": 100, "batch_size": 64, "learning_rate": 1e-3, "seed": 14},
         "identity": {"steps": 200, "batch_size": 64, "learning_rate": 2e-3, "seed": 15},
-        "adapters": {"samples": 500, "seed": 3, "max_steps": 50, "batch_size": 8, "learning_rate": 3e-4},
+        "adapters": {
+            "samples": 500,
+            "seed": 3,
+            "max_steps": 50,
+            "batch_size": 8,
+            "learning_rate": 3e-4,
+            "lora_rank": 16,
+        },
     },
 }
 
@@ -130,7 +138,7 @@ class Builder:
     def run(self, stages: Sequence[str], force: Sequence[str] = ()) -> dict:
         for stage in stages:
             out = _stage_output(self.root, stage)
-            if out.exists() and stage not in force:
+            if out.exists() and stage in self.record["stages"] and stage not in force:
                 print(f"[{stage}] exists, skipped ({out})")
                 continue
             print(f"[{stage}] training ...", flush=True)
@@ -163,13 +171,13 @@ def _judge(b: Builder, out: Path, s: dict) -> dict:
 
 
 def _vae(b: Builder, out: Path, s: dict) -> dict:
-    from .trainers.base import train_vae
+    from .trainers.vae import train_vae
 
     return train_vae(b.arrays, out, device=b.device, **s)
 
 
 def _text_unet(b: Builder, out: Path, s: dict) -> dict:
-    from .trainers.base import train_text_unet
+    from .trainers.text_unet import train_text_unet
 
     return train_text_unet(b.arrays, _stage_output(b.root, "vae"), out, device=b.device, **s)
 
@@ -211,8 +219,9 @@ def _adapter(method: str) -> Callable[[Builder, Path, dict], dict]:
             max_steps=s["max_steps"],
             batch_size=s["batch_size"],
             learning_rate=s["learning_rate"],
+            lora_rank=s["lora_rank"],  # FaceID's LoRA; the official 128 exceeds the miniature UNet's widths
             seed=s["seed"],
-            cache_features=True,
+            cache_features=method.startswith("ip-adapter"),  # face methods cache their face analysis
             checkpoint_every=max(1, s["max_steps"] // 2),
             keep_checkpoints=1,
             tensorboard=False,

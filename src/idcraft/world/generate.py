@@ -1,0 +1,343 @@
+"""Generation in the world: (method, reference identity, scene, scale, seed) -> 64x64 images.
+
+One place for ``idcraft demo`` and ``idcraft eval`` to make images with the bundled models, so both show
+the same thing. Every image has a :class:`Request`: whose reference portrait is given (the identity's
+canonical :func:`~idcraft.world.render.render_reference`), which scene the prompt asks for, and the seed of
+its initial noise (one ``torch.Generator`` per image, so an image does not depend on what else is in its
+batch, and the same request gives the same noise under every method and scale: comparisons are paired).
+
+Methods are the bundled adapters (:data:`ADAPTER_METHODS`), run through the same :class:`IPAdapterPipeline`
+a user runs on real checkpoints, and baselines (:data:`BASELINES`) that bracket them:
+
+* ``text-scene``: the base model with the scene-only prompt -- knows nothing of who is meant;
+* ``text-coarse``: the base model with the caption naming the coarse identity (shape, colour) in words --
+  the most text alone can do;
+* ``copy``: the reference image itself -- identity perfect, prompt ignored;
+* ``render``: the world's own render of the identity in the requested scene -- what a perfect model
+  would draw (the judge's ceiling; used by ``idcraft eval``).
+
+Adapter methods get the caption with the coarse identity words by default (``prompt="coarse"``), as a user
+would describe the character; ``prompt="scene"`` leaves identity to the reference alone. Face methods read
+the world's face analyser (``identity/`` in the bundle: detector + ArcFace-role recogniser); InstantID's
+IdentityNet gets the keypoints of the face where the scene puts it (``instantid_keypoints="scene"``: the
+pose image an InstantID user supplies) or the reference's own (``"reference"``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import IdcraftError
+from . import bundle
+from .captions import caption
+from .identity import Identity, identity_from_id
+from .render import render, render_reference
+from .scene import Scene
+
+#: The bundled adapters, in the order rows are shown.
+ADAPTER_METHODS: tuple[str, ...] = ("ip-adapter", "ip-adapter-plus", "faceid", "instantid")
+#: Reference points measured beside the adapters (see the module docstring).
+BASELINES: tuple[str, ...] = ("text-scene", "text-coarse", "copy", "render")
+METHODS: tuple[str, ...] = ADAPTER_METHODS + BASELINES
+PROMPTS: tuple[str, ...] = ("coarse", "scene")
+
+#: Sampling defaults for the miniature SD (arguments everywhere; tune with ``idcraft eval --steps``).
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image to make: the reference identity, the scene the prompt asks for, the noise seed."""
+
+    identity_id: int
+    scene: Scene
+    seed: int
+
+    @property
+    def identity(self) -> Identity:
+        return identity_from_id(self.identity_id)
+
+    def prompt(self, mode: str = "coarse") -> str:
+        """The canonical caption: naming the coarse identity (``"coarse"``) or the scene only (``"scene"``)."""
+        return caption(self.identity if mode == "coarse" else None, self.scene)
+
+
+def reference_image(identity_id: int):
+    """The reference portrait every method is given for ``identity_id`` (PIL, 64x64)."""
+    return render_reference(identity_from_id(identity_id)).image
+
+
+def prompt_for(method: str, request: Request, prompt: str = "coarse") -> str | None:
+    """The prompt ``method`` is run with for ``request`` (None: the method reads no prompt)."""
+    if method == "text-scene":
+        return request.prompt("scene")
+    if method == "text-coarse":
+        return request.prompt("coarse")
+    if method in ("copy", "render"):
+        return None
+    return request.prompt(prompt)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise IdcraftError(f"unknown world method {method!r}; choose from {', '.join(METHODS)}.")
+
+
+def available_methods(root: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """Adapter methods whose files are in the bundle (and, for face methods, its face analyser)."""
+    base = Path(root) if root is not None else bundle.bundle_dir()
+    out = []
+    for method in ADAPTER_METHODS:
+        needs = [bundle.ADAPTERS[method]]
+        if method in ("faceid", "instantid"):
+            needs.append(bundle.IDENTITY)
+        if method == "instantid":
+            needs.append(bundle.IDENTITYNET)
+        if all((base / n).exists() for n in needs):
+            out.append(method)
+    return tuple(out)
+
+
+def _face_analyser(identity_dir: Path):
+    """The world's face analyser (detector + ArcFace-role recogniser), built once per folder."""
+    from ..faces import shared_face_analyser
+
+    return shared_face_analyser("world", models_dir=str(identity_dir))
+
+
+class WorldGenerator:
+    """The bundle's models, each loaded once when first needed, and batched generation with them.
+
+    ``bundle_root``: a bundle folder (default :func:`idcraft.world.bundle.bundle_dir`). ``device``:
+    ``"auto"`` (CUDA when there is one), ``"cpu"``, ``"cuda"``...; always float32 (the models are small).
+    """
+
+    def __init__(self, bundle_root: str | os.PathLike | None = None, device: str | None = "auto"):
+        from ..models import resolve_device
+
+        self.root = Path(bundle_root) if bundle_root is not None else bundle.bundle_dir()
+        bundle.bundle_path(bundle.SD, self.root)  # a missing bundle fails here, before any loading
+        self.device = resolve_device(device)
+        self._pipelines: dict = {}
+        self._tokens: dict[tuple[str, int], object] = {}
+        self._active: str | None = None
+
+    # ------------------------------------------------------------------ models
+    @cached_property
+    def base(self):
+        """The miniature SD1.5 (diffusers ``StableDiffusionPipeline``)."""
+        import torch
+
+        from ..models import load_base_pipeline
+
+        pipe = load_base_pipeline(
+            bundle.bundle_path(bundle.SD, self.root), device=self.device, dtype=torch.float32
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @cached_property
+    def encoder(self):
+        """The CLIP-role image encoder."""
+        from ..encoders import ClipImageEncoder
+
+        return ClipImageEncoder.from_pretrained(
+            bundle.bundle_path(bundle.IMAGE_ENCODER, self.root), device=self.device
+        )
+
+    @property
+    def size(self) -> int:
+        """Output side in pixels: the base model's native size (64 for the world)."""
+        return int(self.base.unet.config.sample_size * self.base.vae_scale_factor)
+
+    def pipeline(self, method: str):
+        """The :class:`~idcraft.pipeline.IPAdapterPipeline` of an adapter method, attached to the shared base
+        model (the adapter of the previous method is detached first)."""
+        import torch
+
+        from ..adapter import IPAdapter
+        from ..models import load_controlnet
+        from ..pipeline import IPAdapterPipeline
+
+        if method not in ADAPTER_METHODS:
+            raise IdcraftError(f"{method!r} is not an adapter method ({', '.join(ADAPTER_METHODS)}).")
+        if self._active == method:
+            return self._pipelines[method]
+        self._detach()
+        if method in self._pipelines:
+            pipe = self._pipelines[method]
+            controlnets = [pipe.pipe.controlnet] if pipe.method.identitynet else []
+            pipe.adapter.attach(pipe.pipe.unet, controlnets)
+        else:
+            adapter = IPAdapter.from_checkpoint(
+                str(bundle.bundle_path(bundle.ADAPTERS[method], self.root)), method=method
+            )
+            encoder = self.encoder if adapter.method.needs_image_encoder else None
+            controlnet = None
+            if adapter.method.identitynet:
+                path = bundle.bundle_path(bundle.IDENTITYNET, self.root)
+                controlnet = load_controlnet(path, device=self.device, dtype=torch.float32)
+            pipe = IPAdapterPipeline(self.base, adapter, encoder, controlnet=controlnet)
+            pipe.pipe.set_progress_bar_config(disable=True)
+            self._pipelines[method] = pipe
+        self._active = method
+        return pipe
+
+    def _detach(self) -> None:
+        if self._active is not None:
+            self._pipelines[self._active].adapter.detach()
+            self._active = None
+
+    def face_of(self, identity_id: int):
+        """The world face analyser's largest face in ``identity_id``'s reference portrait."""
+        from ..faces import analyse_reference
+
+        analyser = _face_analyser(bundle.bundle_path(bundle.IDENTITY, self.root))
+        return analyse_reference(reference_image(identity_id), analyser)
+
+    def tokens(self, method: str, identity_id: int):
+        """Image tokens of ``identity_id``'s reference for ``method`` (computed once per pair)."""
+        from ..conditioning import Identity as FaceIdentity
+        from ..conditioning import identity_tokens, image_tokens
+        from ..faces import require_arcface
+
+        key = (method, identity_id)
+        if key not in self._tokens:
+            pipe = self.pipeline(method)
+            if pipe.method.needs_face:
+                face = self.face_of(identity_id)
+                found = FaceIdentity(
+                    require_arcface(face, pipe.method.name), kps=face.kps, image_size=(self.size, self.size)
+                )
+                self._tokens[key] = identity_tokens(pipe.adapter, [found], pipe.encoder)
+            else:
+                self._tokens[key] = image_tokens(pipe.adapter, pipe.encoder, [reference_image(identity_id)])
+        return self._tokens[key]
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        method: str,
+        requests: Sequence[Request],
+        *,
+        scale: float = 1.0,
+        prompt: str = "coarse",
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        batch_size: int = DEFAULT_BATCH,
+        instantid_keypoints: str = "scene",
+        identitynet_scale: float = 1.0,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Images for ``requests`` with ``method``, uint8 ``[N, size, size, 3]``, ``batch_size`` images per
+        pipeline call (each call runs the UNet on twice that: classifier-free guidance). ``scale``: the
+        adapter scale (ignored by baselines). ``on_batch(n)`` is called after each batch of ``n`` images."""
+        check_method(method)
+        if prompt not in PROMPTS:
+            raise IdcraftError(f"prompt {prompt!r}: choose from {', '.join(PROMPTS)}.")
+        if instantid_keypoints not in ("scene", "reference"):
+            raise IdcraftError(f"instantid_keypoints {instantid_keypoints!r}: choose scene or reference.")
+        if steps < 1 or batch_size < 1:
+            raise IdcraftError("steps and batch_size must be at least 1.")
+        if method in ("copy", "render"):
+            out = np.stack([self._no_model(method, r) for r in requests]) if requests else self._empty()
+            if on_batch is not None:
+                on_batch(len(requests))
+            return out
+        import torch
+
+        chunks = []
+        with torch.no_grad():
+            for lo in range(0, len(requests), batch_size):
+                chunk = list(requests[lo : lo + batch_size])
+                chunks.append(
+                    self._batch(
+                        method, chunk, scale, prompt, steps, guidance, instantid_keypoints, identitynet_scale
+                    )
+                )
+                if on_batch is not None:
+                    on_batch(len(chunk))
+        return np.concatenate(chunks) if chunks else self._empty()
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, 64, 64, 3), dtype=np.uint8)
+
+    @staticmethod
+    def _no_model(method: str, request: Request) -> np.ndarray:
+        if method == "copy":
+            return np.asarray(reference_image(request.identity_id), dtype=np.uint8)
+        return np.asarray(render(request.identity, request.scene).image, dtype=np.uint8)
+
+    def _batch(
+        self,
+        method: str,
+        requests: list[Request],
+        scale: float,
+        prompt: str,
+        steps: int,
+        guidance: float,
+        instantid_keypoints: str,
+        identitynet_scale: float,
+    ) -> np.ndarray:
+        import torch
+
+        prompts = [prompt_for(method, r, prompt) for r in requests]
+        extra: dict = {}
+        if method in ADAPTER_METHODS:
+            pipe = self.pipeline(method)
+            tokens = [self.tokens(method, r.identity_id) for r in requests]
+            runner = pipe.pipe
+            pipe.adapter.set_scale(scale)
+            pipe.adapter.layout.num_tokens = tokens[0].num_tokens
+            if pipe.method.identitynet:
+                extra = {
+                    "image": [
+                        self._keypoint_image(r, t, instantid_keypoints)
+                        for r, t in zip(requests, tokens, strict=True)
+                    ],
+                    "controlnet_conditioning_scale": identitynet_scale,
+                }
+        else:
+            self._detach()
+            runner, tokens = self.base, None
+        cond, uncond = runner.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=[""] * len(prompts),
+        )
+        if tokens is not None:
+            cond = torch.cat([cond, torch.cat([t.cond for t in tokens]).to(cond)], dim=1)
+            uncond = torch.cat([uncond, torch.cat([t.uncond for t in tokens]).to(uncond)], dim=1)
+        generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
+        images = runner(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            generator=generators,
+            width=self.size,
+            height=self.size,
+            output_type="np",
+            **extra,
+        ).images
+        return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+    def _keypoint_image(self, request: Request, tokens, mode: str):
+        """IdentityNet's condition: InstantID's keypoint drawing of where the face goes."""
+        from ..multiperson import keypoint_image
+
+        if mode == "scene":
+            kps = render(request.identity, request.scene, self.size).kps
+        else:
+            kps = tokens.identities[0].kps
+        return keypoint_image([np.asarray(kps, dtype=np.float32)], (self.size, self.size))

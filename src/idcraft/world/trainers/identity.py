@@ -1,0 +1,394 @@
+"""The world's face-analysis role: train the character detector and the ArcFace-style recogniser.
+
+Real FaceID and InstantID read an insightface pack: a detector giving 5 keypoints, then ArcFace on the
+face aligned to a template. The world needs the same pair for its characters
+(:mod:`idcraft.world.face_backend` runs them):
+
+* the **detector** learns keypoints, the face box and presence from renders (exact ground truth) and
+  from backdrops with no character (:func:`~idcraft.world.arrays.empty_scenes`), with random zoom,
+  rotation, shift, blur and noise so it also finds characters in references and generated images;
+* the **recogniser** learns identity with ArcFace's additive angular margin loss on the training ids only
+  (held-out ids are refused), on crops aligned from ground-truth keypoints plus jitter of the size of the
+  detector's error, so at inference the detector's keypoints align crops the way training did.
+
+Identification is then measured on the held-out ids, which no model has seen: scene renders against
+each id's reference portrait, once with ground-truth keypoints and once through the saved analyser
+(detector -> align -> recogniser).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arrays import WorldArrays, empty_scenes, render_arrays
+from ..face_backend import (
+    DEFAULT_CONFIG as MODEL_CONFIG,
+)
+from ..face_backend import (
+    WorldFaceAnalyser,
+    build_models,
+    crop_template,
+    save_identity_models,
+    similarity_matrices,
+    to_unit_range,
+    warp_crops,
+)
+from ..identity import held_out_ids, identity_from_id
+from ..render import render_reference
+
+#: Model sizes (:data:`idcraft.world.face_backend.DEFAULT_CONFIG`) and run settings; ``config=`` overrides.
+DEFAULT_CONFIG: dict[str, Any] = {
+    **MODEL_CONFIG,
+    "arcface_scale": 30.0,
+    "arcface_margin": 0.4,
+    "margin_warmup": 0.2,  # fraction of the steps over which the margin grows from 0 (ArcFace from scratch)
+    "kps_jitter": 1.5,  # max std (px) of the noise added to ground-truth keypoints before alignment
+    "detector_steps": None,  # None: as many as the recogniser
+    "detector_learning_rate": None,  # None: learning_rate
+    "negatives": 0.2,  # share of each detector batch that has no character
+    "augment": 0.7,  # share of detector samples zoomed / rotated / shifted
+    "weight_decay": 5e-4,
+    "eval_samples": 1024,
+    "eval_negatives": 128,
+}
+
+
+def reference_arrays(ids: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference portraits of ``ids`` with their ground truth: images, keypoints, face boxes."""
+    samples = [render_reference(identity_from_id(int(i)), 64) for i in ids]
+    images = np.stack([np.asarray(s.image, dtype=np.uint8) for s in samples])
+    kps = np.stack([np.asarray(s.kps, dtype=np.float32) for s in samples])
+    boxes = np.asarray([s.face_bbox for s in samples], dtype=np.float32)
+    return images, kps, boxes
+
+
+def negative_images(num: int, seed: int) -> np.ndarray:
+    """Images with no character: the world's backdrops (studio included) as scenes show them."""
+    from PIL import Image
+
+    from ..backgrounds import backdrop
+    from ..render import SUPERSAMPLE
+    from ..scene import NUM_VARIANTS, STUDIO
+
+    studio = [
+        np.asarray(backdrop(STUDIO, v, SUPERSAMPLE * 64).convert("RGB").resize((64, 64), Image.LANCZOS))
+        for v in range(NUM_VARIANTS)
+    ]
+    return np.concatenate([empty_scenes(num, seed=seed), np.stack(studio).astype(np.uint8)])
+
+
+class ArcFaceHead(nn.Module):
+    """ArcFace's additive angular margin softmax: logit ``s * cos(theta + m)`` for the true class, ``s *
+    cos(theta)`` for the others, with the usual fallback where ``theta + m`` would pass pi."""
+
+    def __init__(self, dim: int, classes: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(classes, dim) * 0.01)
+        self.scale = scale
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, margin: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = F.normalize(embeddings) @ F.normalize(self.weight).T
+        target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
+        with_margin = torch.cos(torch.acos(target) + margin)
+        fallback = target - math.sin(math.pi - margin) * margin
+        target = torch.where(target > math.cos(math.pi - margin), with_margin, fallback)
+        logits = cos.scatter(1, labels[:, None], target) * self.scale
+        return F.cross_entropy(logits, labels), (cos.argmax(1) == labels).float().mean()
+
+
+def _random_similarity(n: int, generator: torch.Generator, share: float) -> torch.Tensor:
+    """``[n, 2, 3]`` random zoom (0.8-1.3), rotation (+-10 deg) and shift (+-4 px) about the image centre,
+    for a ``share`` of the rows; the rest stay the identity."""
+    scale = torch.empty(n).uniform_(0.8, 1.3, generator=generator)
+    angle = torch.empty(n).uniform_(-10, 10, generator=generator) * math.pi / 180
+    shift = torch.empty(n, 2).uniform_(-4, 4, generator=generator)
+    keep = torch.rand(n, generator=generator) >= share
+    scale[keep], angle[keep], shift[keep] = 1.0, 0.0, 0.0
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
+    centre = torch.full((n, 2), 31.5)
+    offset = centre + shift - torch.einsum("bij,bj->bi", rot, centre)
+    return torch.cat([rot, offset[..., None]], 2)
+
+
+def _transform(points: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bij,bkj->bki", matrices[:, :, :2], points) + matrices[:, None, :, 2]
+
+
+def _degrade(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mild blur on a third of the images and Gaussian noise on all (generated images are softer)."""
+    n = x.shape[0]
+    blur = (torch.rand(n, generator=generator) < 0.33).to(x.device)
+    soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    x = torch.where(blur[:, None, None, None], 0.5 * x + 0.5 * soft, x)
+    sigma = torch.rand(n, 1, 1, 1, generator=generator).to(x.device) * 0.06
+    return x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
+
+
+def _detector_batch(
+    images: torch.Tensor,
+    kps: torch.Tensor,
+    boxes: torch.Tensor,
+    negatives: torch.Tensor,
+    cfg: dict[str, Any],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Augmented detector inputs and targets: positives then negatives (some as flat colour fields)."""
+    b = images.shape[0]
+    matrices = _random_similarity(b, generator, cfg["augment"])
+    new_kps = _transform(kps, matrices)
+    corners = torch.stack(
+        [boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [0, 3]], boxes[:, [2, 3]]], 1
+    )  # edges -> centres -> transform -> edges
+    moved = _transform(corners - 0.5, matrices) + 0.5
+    new_boxes = torch.cat([moved.amin(1), moved.amax(1)], 1).clamp(0, 64)
+    outside = ((new_kps < 1) | (new_kps > 62)).flatten(1).any(1)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    matrices[outside] = identity
+    new_kps[outside], new_boxes[outside] = kps[outside], boxes[outside]
+    x = to_unit_range(images)
+    x = warp_crops(x, matrices.to(x.device), 64, 64, padding="border")
+    m = negatives.shape[0]
+    neg = warp_crops(
+        to_unit_range(negatives),
+        _random_similarity(m, generator, cfg["augment"]).to(x.device),
+        64,
+        64,
+        padding="border",
+    )
+    flat = torch.rand(m, generator=generator) < 0.25
+    colour = torch.empty(m, 3, 1, 1).uniform_(-1, 1, generator=generator).to(x.device)
+    neg = torch.where(flat.to(x.device)[:, None, None, None], colour.expand_as(neg), neg)
+    inputs = _degrade(torch.cat([x, neg]), generator).clamp(-1, 1)
+    present = torch.cat([torch.ones(b), torch.zeros(m)]).to(x.device)
+    return inputs, new_kps.to(x.device), new_boxes.to(x.device), present
+
+
+def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        ),
+    )
+
+
+def _top1(
+    queries: np.ndarray, query_ids: np.ndarray, refs: np.ndarray, ref_ids: np.ndarray
+) -> dict[str, float]:
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    r = refs / np.linalg.norm(refs, axis=1, keepdims=True)
+    sims = q @ r.T
+    own = sims[np.arange(len(q)), np.searchsorted(ref_ids, query_ids)]
+    impostor = np.where(ref_ids[None, :] == query_ids[:, None], -np.inf, sims).max(1)
+    return {
+        "top1": float(np.mean(ref_ids[sims.argmax(1)] == query_ids)),
+        "mean_cosine_same": float(own.mean()),
+        "mean_cosine_best_other": float(impostor.mean()),
+    }
+
+
+def evaluate_identity(
+    analyser: WorldFaceAnalyser, eval_arrays: WorldArrays, negatives: np.ndarray
+) -> dict[str, float]:
+    """Detection and held-out identification of a saved analyser (see the module docstring)."""
+    ids = np.union1d(held_out_ids(), eval_arrays.identity_ids)  # every held-out reference is a candidate
+    ref_images, ref_kps, _ = reference_arrays(ids)
+    out: dict[str, float] = {"identification_ids": len(ids), "identification_chance": 1.0 / len(ids)}
+    gt = _top1(
+        analyser.embed_batch(eval_arrays.images, eval_arrays.kps),
+        eval_arrays.identity_ids,
+        analyser.embed_batch(ref_images, ref_kps),
+        ids,
+    )
+    out.update({f"gt_kps_{k}": v for k, v in gt.items()})
+    found = analyser.detect_batch(eval_arrays.images)
+    found_refs = analyser.detect_batch(ref_images)
+    full = _top1(
+        analyser.embed_batch(eval_arrays.images, found["kps"]),
+        eval_arrays.identity_ids,
+        analyser.embed_batch(ref_images, found_refs["kps"]),
+        ids,
+    )
+    out.update({f"analyser_{k}": v for k, v in full.items()})
+    error = np.linalg.norm(found["kps"] - eval_arrays.kps, axis=-1)
+    box, truth = found["bbox"], eval_arrays.face_bbox
+    inter = np.clip(
+        np.minimum(box[:, 2:], truth[:, 2:]) - np.maximum(box[:, :2], truth[:, :2]), 0, None
+    ).prod(1)
+    union = (box[:, 2:] - box[:, :2]).clip(0).prod(1) + (truth[:, 2:] - truth[:, :2]).prod(1) - inter
+    threshold = analyser.threshold
+    out.update(
+        {
+            "detector_kps_error_px": float(error.mean()),
+            "detector_kps_error_px_p95": float(np.percentile(error.mean(1), 95)),
+            "reference_kps_error_px": float(np.linalg.norm(found_refs["kps"] - ref_kps, axis=-1).mean()),
+            "detector_box_iou": float((inter / np.maximum(union, 1e-6)).mean()),
+            "detector_recall": float(np.mean(found["score"] >= threshold)),
+            "reference_recall": float(np.mean(found_refs["score"] >= threshold)),
+            "detector_false_positive_rate": float(
+                np.mean(analyser.detect_batch(negatives)["score"] >= threshold)
+            ),
+        }
+    )
+    return out
+
+
+def train_identity(
+    arrays: WorldArrays,
+    output_dir: str | os.PathLike,
+    *,
+    steps: int = 3000,
+    batch_size: int = 128,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+    eval_arrays: WorldArrays | None = None,
+) -> dict[str, Any]:
+    """Train the detector and the recogniser on ``arrays`` (training ids only, plus their reference
+    portraits) and save both to ``output_dir`` (:func:`~idcraft.world.face_backend.save_identity_models`).
+    Returns losses, detector error and held-out identification (``eval_arrays``: default
+    ``config["eval_samples"]`` renders of the held-out ids)."""
+    from tqdm.auto import tqdm
+
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    held_out = set(held_out_ids())
+    if any(int(i) in held_out for i in np.unique(arrays.identity_ids)):
+        raise ValueError("train_identity: the training arrays contain held-out identities.")
+    started = time.perf_counter()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    train_ids = np.unique(arrays.identity_ids)
+    ref_images, ref_kps, ref_boxes = reference_arrays(train_ids)
+    images = torch.from_numpy(np.concatenate([arrays.images, ref_images]))
+    kps = torch.from_numpy(np.concatenate([arrays.kps, ref_kps]).astype(np.float32))
+    boxes = torch.from_numpy(np.concatenate([arrays.face_bbox, ref_boxes]).astype(np.float32))
+    labels = torch.from_numpy(np.searchsorted(train_ids, np.concatenate([arrays.identity_ids, train_ids])))
+    negatives = torch.from_numpy(negative_images(64, seed))
+    n = len(images)
+
+    detector, recogniser = build_models(cfg)
+    channels_last = torch.channels_last  # about a third faster for these small convolutions, CPU and GPU
+    detector = detector.to(dev, memory_format=channels_last)
+    recogniser = recogniser.to(dev, memory_format=channels_last)
+    head = ArcFaceHead(cfg["embedding_dim"], len(train_ids), cfg["arcface_scale"]).to(dev)
+    detector_steps = steps if cfg["detector_steps"] is None else int(cfg["detector_steps"])
+    warmup = max(1, min(200, steps // 20))
+    rec_opt = torch.optim.AdamW(
+        [*recogniser.parameters(), *head.parameters()], lr=learning_rate, weight_decay=cfg["weight_decay"]
+    )
+    det_lr = learning_rate if cfg["detector_learning_rate"] is None else float(cfg["detector_learning_rate"])
+    det_opt = torch.optim.AdamW(detector.parameters(), lr=det_lr, weight_decay=cfg["weight_decay"])
+    rec_sched = _cosine_schedule(rec_opt, steps, warmup)
+    det_sched = _cosine_schedule(det_opt, detector_steps, warmup)
+    template = torch.from_numpy(crop_template(cfg)).to(dev)
+    n_neg = max(1, round(batch_size * cfg["negatives"]))
+
+    history: dict[str, list[float]] = {"recogniser": [], "train_accuracy": [], "detector": [], "kps_px": []}
+    detector.train()
+    recogniser.train()
+    bar = tqdm(range(max(steps, detector_steps)), desc="identity", disable=not progress)
+    train_started, cpu_started = time.perf_counter(), time.process_time()
+    for step in bar:
+        index = torch.randint(0, n, (batch_size,), generator=generator)
+        batch_images, batch_kps = images[index], kps[index]
+        postfix = {}
+        if step < steps:
+            sigma = torch.rand(batch_size, 1, 1, generator=generator) * cfg["kps_jitter"]
+            noisy = batch_kps + sigma * torch.randn(batch_kps.shape, generator=generator)
+            crops = warp_crops(
+                to_unit_range(batch_images.to(dev)),
+                similarity_matrices(noisy.to(dev), template),
+                cfg["crop_width"],
+                cfg["crop_height"],
+            )
+            margin = cfg["arcface_margin"] * min(1.0, (step + 1) / max(1.0, cfg["margin_warmup"] * steps))
+            embeddings = recogniser(crops.contiguous(memory_format=channels_last))
+            loss, accuracy = head(embeddings, labels[index].to(dev), margin)
+            rec_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            rec_opt.step()
+            rec_sched.step()
+            history["recogniser"].append(float(loss.detach()))
+            history["train_accuracy"].append(float(accuracy))
+            postfix["arcface"] = f"{history['recogniser'][-1]:.2f}"
+        if step < detector_steps:
+            neg = negatives[torch.randint(0, len(negatives), (n_neg,), generator=generator)]
+            inputs, target_kps, target_boxes, present = _detector_batch(
+                batch_images.to(dev), batch_kps, boxes[index], neg.to(dev), cfg, generator
+            )
+            pred_kps, pred_boxes, logits = detector(inputs.contiguous(memory_format=channels_last))
+            positive = slice(0, batch_size)
+            kps_l1 = (pred_kps[positive] - target_kps).abs().mean()
+            box_l1 = (pred_boxes[positive] - target_boxes).abs().mean()
+            loss = kps_l1 + 0.5 * box_l1 + F.binary_cross_entropy_with_logits(logits, present)
+            det_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            det_opt.step()
+            det_sched.step()
+            history["detector"].append(float(loss.detach()))
+            with torch.no_grad():
+                history["kps_px"].append(float((pred_kps[positive] - target_kps).norm(dim=-1).mean()))
+            postfix["kps_px"] = f"{history['kps_px'][-1]:.2f}"
+        bar.set_postfix(postfix)
+    train_seconds = time.perf_counter() - train_started
+    train_cpu_seconds = time.process_time() - cpu_started  # all threads: what a busy machine hides
+
+    folder = save_identity_models(output_dir, detector.cpu().eval(), recogniser.cpu().eval(), cfg)
+    analyser = WorldFaceAnalyser(folder, device=dev)
+    if eval_arrays is None:
+        eval_arrays = render_arrays(cfg["eval_samples"], seed=seed + 7919, ids=held_out_ids())
+    metrics = evaluate_identity(analyser, eval_arrays, empty_scenes(cfg["eval_negatives"], seed=seed + 7919))
+
+    def _tail(values: list[float]) -> float | None:
+        return float(np.mean(values[-max(1, min(50, len(values) // 10)) :])) if values else None
+
+    def _head(values: list[float]) -> float | None:
+        return float(np.mean(values[: max(1, min(20, len(values) // 10))])) if values else None
+
+    size = sum(p.stat().st_size for p in Path(folder).iterdir())
+    return {
+        "output_dir": str(folder),
+        "steps": steps,
+        "detector_steps": detector_steps,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "train_samples": n,
+        "train_identities": len(train_ids),
+        "config": cfg,
+        "bytes": size,
+        "recogniser_initial_loss": _head(history["recogniser"]),
+        "recogniser_final_loss": _tail(history["recogniser"]),
+        "recogniser_train_accuracy": _tail(history["train_accuracy"]),
+        "detector_initial_loss": _head(history["detector"]),
+        "detector_final_loss": _tail(history["detector"]),
+        "detector_initial_kps_px": _head(history["kps_px"]),
+        "detector_final_train_kps_px": _tail(history["kps_px"]),
+        "seconds_per_step": train_seconds / max(1, max(steps, detector_steps)),
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
+        "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - started,
+        **metrics,
+    }
