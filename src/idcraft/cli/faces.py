@@ -31,10 +31,11 @@ def register(subparsers) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to analyse")
     p.add_argument(
         "--backend",
-        choices=["default", "insightface"],
+        choices=["default", "insightface", "world"],
         default="default",
         help="default (the default): offline dlib + MediaPipe models, embeddings not ArcFace-compatible; "
-        "insightface: an antelopev2/buffalo_l ONNX pack, ArcFace embeddings",
+        "insightface: an antelopev2/buffalo_l ONNX pack, ArcFace embeddings; world: the offline world's "
+        "character analyser (embeddings play ArcFace's role inside the world only)",
     )
     p.add_argument(
         "--models",
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         options = {"models_dir": args.models, "providers": args.providers}
         if args.pack:
             options["pack"] = args.pack
+    elif args.backend == "world" and not (args.providers or args.pack):
+        options = {"models_dir": args.models}  # None: the bundled identity/ models
     elif args.models or args.providers or args.pack:
         raise IdcraftError("--models, --pack and --providers apply to --backend insightface only.")
     with warnings.catch_warnings(record=True) as caught:

@@ -2,8 +2,11 @@
 
 This plays CLIP's role for the world's IP-Adapters. Like the real CLIP it never sees an identity label: it
 learns what captions say (shape, colour, size, pose, position, background) and whatever else helps tell
-one render from another in a batch, which is why IP-Adapter on top of it transfers coarse looks far better
-than fine identity -- the real method's known weakness, reproduced for the same reason.
+one render from another in a batch. Measured on held-out renders it names colour, background and size
+almost perfectly and shape, pose and position less well, and finds a character's own reference portrait
+far less often than the recogniser does (``identification_top1``): IP-Adapter on top of it is expected
+to transfer coarse looks better than fine identity -- the real method's known weakness, for the same
+reason.
 
 Only the vision tower is kept, saved as a ``CLIPVisionModelWithProjection`` folder with the default
 ``CLIPImageProcessor`` config beside it, so :func:`idcraft.models.load_image_encoder` and
@@ -194,7 +197,10 @@ class GroupedBatches:
 
     In a random batch of 64 renders, colour, background and size already tell almost every sample apart,
     so the contrastive loss never asks for shape, pose or position; within a group only those differ.
-    Groups are ``(colour, background)`` classes drawn at random, members drawn at random within them."""
+    Groups are ``(colour, background)`` classes drawn at random, members drawn at random within them;
+    ``group=1`` gives (nearly) plain random batches. In short CPU runs random batches learned faster
+    (300 steps x 64, lr 5e-3: exact caption retrieval 13.9 % against 5.1 % with groups of 4, colour 92 %
+    against 34 %, shape at chance in both); long runs have not compared the two."""
 
     def __init__(self, content: np.ndarray, batch_size: int, group: int, generator: torch.Generator):
         keys = content[:, 1] * 1000 + content[:, 2]  # colour, background
