@@ -36,7 +36,7 @@ import torch
 
 from ..arrays import WorldArrays, render_arrays
 from ..identity import held_out_ids
-from .vae import to_pixels
+from .vae import loss_curve, to_pixels
 
 #: Model and run settings; ``config=`` overrides any of them (CI trains a smaller model).
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -385,6 +385,7 @@ def train_text_unet(
         "vae_scaling_factor": scaling,
         "initial_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(tail)) if losses else None,
+        "loss_curve": loss_curve(losses),
         "initial_eval": initial_eval,
         "final_eval_raw": final_eval,
         "final_eval_ema": ema_eval,

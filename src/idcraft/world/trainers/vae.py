@@ -137,6 +137,13 @@ def evaluate_vae(vae, arrays: WorldArrays, device: torch.device, batch: int = 12
     }
 
 
+def loss_curve(losses: list[float], points: int = 20) -> list[float]:
+    """Mean training loss over each of ``points`` equal stretches of the run (for the build record)."""
+    if not losses:
+        return []
+    return [float(np.mean(chunk)) for chunk in np.array_split(np.asarray(losses), min(points, len(losses)))]
+
+
 def train_vae(
     arrays: WorldArrays,
     output_dir: str | os.PathLike,
@@ -234,6 +241,7 @@ def train_vae(
         "parameters": sum(p.numel() for p in vae.parameters()),
         "initial_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(tail)) if losses else None,
+        "loss_curve": loss_curve(losses),
         "scaling_factor": scaling,
         "seconds_per_step": train_seconds / max(1, steps),
         "train_seconds": train_seconds,
