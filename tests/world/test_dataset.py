@@ -62,6 +62,18 @@ def test_scene_references_and_unpaired(tmp_path):
     assert len(records) == 6 and not report.skipped and all(r.reference is None for r in records)
 
 
+def test_scene_only_captions_name_no_identity(tmp_path):
+    from idcraft.world.captions import SHAPE_WORDS, caption
+    from idcraft.world.dataset import scene_of
+    from idcraft.world.identity import COLOURS
+
+    write_dataset(tmp_path / "d", 8, seed=2, scene_only_captions=True)
+    for entry in load_manifest(tmp_path / "d"):
+        assert entry["text"] == caption(None, scene_of(entry))
+        words = set(entry["text"].replace(",", "").split())
+        assert not words & {*COLOURS, *SHAPE_WORDS.values()}, entry["text"]
+
+
 def _cli(argv):
     parser = argparse.ArgumentParser()
     world_cli.register(parser.add_subparsers(dest="command"))

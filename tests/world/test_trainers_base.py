@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from idcraft.world.arrays import render_arrays
-from idcraft.world.trainers.text_unet import sample_grid, train_text_unet
-from idcraft.world.trainers.vae import random_crops, train_vae
+from idcraft.world.trainers.text_unet import character_weights, finetune_unet, sample_grid, train_text_unet
+from idcraft.world.trainers.vae import finetune_decoder, random_crops, train_vae
 
 TINY_VAE = {"block_out_channels": (8, 16, 16), "norm_num_groups": 8, "eval_samples": 16, "warmup_steps": 5}
 TINY_SD = {
@@ -130,3 +130,57 @@ def test_text_unet_trains_and_saves_a_loadable_pipeline(vae_run, data, tmp_path)
     )
     assert sheet.width == 3 * 128 and sheet.height > 128
     assert np.asarray(sheet)[:128].std() > 0
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f.name: load_file(str(f)) for f in sorted(folder.glob("*.safetensors"))}
+
+
+def test_decoder_finetuning_keeps_the_latent_space_and_sharpens(vae_run, data, tmp_path):
+    vae_dir, vae_result = vae_run
+    train, held_out = data
+    out = tmp_path / "vae"
+    result = finetune_decoder(
+        train, vae_dir, out, steps=30, batch_size=16, learning_rate=2e-3, progress=False, eval_arrays=held_out
+    )
+    assert result["psnr"] > result["psnr_before"] == pytest.approx(vae_result["psnr"])
+    before, after = _weights(vae_dir), _weights(out)
+    (name,) = before
+    for key, value in before[name].items():
+        same = torch.equal(value, after[name][key])
+        assert same == (not key.startswith(("decoder.", "post_quant_conv."))), key
+    from diffusers import AutoencoderKL
+
+    assert AutoencoderKL.from_pretrained(str(out)).config.scaling_factor == pytest.approx(
+        vae_result["scaling_factor"]
+    )
+
+
+def test_character_weights_cover_the_character_and_more_its_face(data):
+    train, _ = data
+    w = character_weights(train.subset(slice(0, 4)), 16, character=2.0, face=3.0)
+    assert w.shape == (4, 1, 16, 16) and set(torch.unique(w).tolist()) <= {1.0, 3.0, 6.0}
+    for k in range(4):
+        x0, y0, x1, y1 = (train.face_bbox[k] / 4).tolist()
+        cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+        assert w[k, 0, cy, cx] == 6.0 and w[k, 0].min() == 1.0
+
+
+def test_unet_detail_finetuning_trains_only_the_unet(vae_run, data, tmp_path):
+    vae_dir, _ = vae_run
+    train, held_out = data
+    base = tmp_path / "sd"
+    kwargs = {"batch_size": 16, "progress": False, "eval_arrays": held_out}
+    train_text_unet(train, vae_dir, base, steps=3, learning_rate=2e-3, config=TINY_SD, **kwargs)
+    out = tmp_path / "detail"
+    result = finetune_unet(train, base, out, steps=20, learning_rate=2e-3, **kwargs)
+    assert result["final_eval"]["eval_loss_caption"] < result["initial_eval"]["eval_loss_caption"]
+    for part in ("text_encoder", "vae"):
+        assert _weights(base / part).keys() == _weights(out / part).keys()
+        for name, tensors in _weights(base / part).items():
+            assert all(torch.equal(v, _weights(out / part)[name][k]) for k, v in tensors.items()), part
+    unet_before, unet_after = _weights(base / "unet"), _weights(out / "unet")
+    (name,) = unet_before
+    assert any(not torch.equal(v, unet_after[name][k]) for k, v in unet_before[name].items())

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IdcraftError
+from .captions import caption
 from .identity import NUM_IDENTITIES, identity_from_id, train_ids
 from .render import Sample, render, render_reference
 from .scene import Scene, random_scene
@@ -67,6 +68,7 @@ def write_dataset(
     reference: str = "canonical",
     size: int = 64,
     workers: int | None = 1,
+    scene_only_captions: bool = False,
 ) -> Path:
     """Render ``num_samples`` samples of identities ``ids`` (default: every training id, never a held-out
     one) into ``out_dir`` and return the manifest path.
@@ -74,6 +76,10 @@ def write_dataset(
     ``paired``: give each sample a ``reference`` -- its identity's canonical portrait (``reference=
     "canonical"``, one file per identity, shared) or the identity in a different scene (``"scene"``, one
     file per sample). Unpaired samples are their own reference, as in the official IP-Adapter setup.
+
+    ``scene_only_captions``: captions that name no identity attribute at all (canonical template), so an
+    adapter trained on them has to carry even the coarse identity -- the quickest thing to learn, which
+    the CI retraining test relies on.
     """
     if num_samples < 1:
         raise IdcraftError(f"--samples {num_samples}: expected at least 1.")
@@ -89,7 +95,9 @@ def write_dataset(
     (root / "images").mkdir(parents=True, exist_ok=True)
     if paired:
         (root / "references").mkdir(exist_ok=True)
-    jobs = [(root, seed, index, ids, size, paired, reference) for index in range(num_samples)]
+    jobs = [
+        (root, seed, index, ids, size, paired, reference, scene_only_captions) for index in range(num_samples)
+    ]
     entries = parallel_map(_write_one, jobs, workers)
     if paired and reference == "canonical":  # one portrait per identity, shared by its samples
         for identity_id in sorted({entry["identity_id"] for entry in entries}):
@@ -105,6 +113,7 @@ def write_dataset(
         "size": size,
         "paired": paired,
         "reference": reference if paired else None,
+        "scene_only_captions": scene_only_captions,
         "num_ids": len(ids),
         "ids": list(ids),
     }
@@ -114,11 +123,12 @@ def write_dataset(
 
 def _write_one(job: tuple) -> dict:
     """Render and save sample ``index``; return its manifest entry."""
-    root, seed, index, ids, size, paired, reference = job
+    root, seed, index, ids, size, paired, reference, scene_only_captions = job
     sample = sample_for(seed, index, ids, size)
     name = f"images/{index:06d}.png"
     sample.image.save(root / name)
-    entry: dict = {"image": name, "text": sample.caption}
+    text = caption(None, sample.scene) if scene_only_captions else sample.caption
+    entry: dict = {"image": name, "text": text}
     if paired:
         if reference == "canonical":
             entry["reference"] = f"references/id_{sample.identity.id:04d}.png"

@@ -1,11 +1,13 @@
 """Rebuild every model of the world bundle, in order, and record how: ``idcraft world build``.
 
 The order follows what depends on what: renders -> judge (scores only) -> VAE -> text encoder + UNet ->
-CLIP vision tower -> identity models (the face-analysis role) -> adapters, trained with
-:func:`idcraft.training.train` exactly as a user trains theirs, on a dataset written in ``idcraft train``'s
-manifest format. Each stage's settings live in :data:`PROFILES` (``full`` made the shipped bundle;
-``reduced`` is a minutes-long version for tests), and ``BUILD.json`` records, per stage, its settings,
-seed, wall time, device and measurements (losses, held-out accuracies), beside the command that ran.
+the UNet trained further on the characters' detail -> the VAE decoder trained further (the latent space
+stays, so the UNet is unaffected) -> CLIP vision tower -> identity models (the face-analysis role) ->
+adapters, trained with :func:`idcraft.training.train` exactly as a user trains theirs, on a dataset
+written in ``idcraft train``'s manifest format. Each stage's settings live in :data:`PROFILES` (``full``
+made the shipped bundle; ``reduced`` is a minutes-long version for tests), and ``BUILD.json`` records, per
+stage, its settings, seed, wall time, device, machine and measurements (losses, held-out accuracies),
+beside the command that ran.
 
 A stage already recorded whose output exists is skipped, so an interrupted build continues where it stopped;
 ``force`` retrains the stages named.
@@ -33,6 +35,8 @@ STAGES: tuple[str, ...] = (
     "judge",
     "vae",
     "text_unet",
+    "unet_detail",
+    "decoder",
     "clip_vision",
     "identity",
     "ip-adapter",
@@ -42,29 +46,35 @@ STAGES: tuple[str, ...] = (
 )
 ADAPTER_STAGES = ("ip-adapter", "ip-adapter-plus", "faceid", "instantid")
 
-#: Per profile: the renders (``samples``/``seed`` of the training arrays), then each stage's settings.
+#: Per profile: the renders (``samples``/``seed`` of the training arrays), then each stage's settings
+#: (adapter stages: ``adapters``, updated by the method's own entry where there is one).
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "renders": {"samples": 40_000, "seed": 0},
         "judge": {"steps": 3000, "batch_size": 128, "learning_rate": 2e-3, "seed": 11, "samples": 20_000},
         "vae": {"steps": 2000, "batch_size": 32, "learning_rate": 1e-3, "seed": 12},
         "text_unet": {"steps": 4000, "batch_size": 64, "learning_rate": 5e-4, "seed": 13},
+        "unet_detail": {"steps": 1500, "batch_size": 32, "learning_rate": 2e-4, "seed": 17},
+        "decoder": {"steps": 1000, "batch_size": 32, "learning_rate": 5e-4, "seed": 16},
         "clip_vision": {"steps": 1500, "batch_size": 128, "learning_rate": 1e-3, "seed": 14},
         "identity": {"steps": 3000, "batch_size": 128, "learning_rate": 2e-3, "seed": 15},
         "adapters": {
             "samples": 20_000,
             "seed": 3,
-            "max_steps": 1000,
+            "max_steps": 1200,
             "batch_size": 32,
-            "learning_rate": 3e-4,
+            "learning_rate": 1e-3,
             "lora_rank": 16,
         },
+        "instantid": {"max_steps": 800, "learning_rate": 5e-4},  # IdentityNet doubles the step's cost
     },
     "reduced": {
         "renders": {"samples": 2000, "seed": 0},
         "judge": {"steps": 200, "batch_size": 64, "learning_rate": 2e-3, "seed": 11, "samples": 2000},
         "vae": {"steps": 100, "batch_size": 16, "learning_rate": 1e-3, "seed": 12},
         "text_unet": {"steps": 100, "batch_size": 16, "learning_rate": 5e-4, "seed": 13},
+        "unet_detail": {"steps": 20, "batch_size": 8, "learning_rate": 2e-4, "seed": 17},
+        "decoder": {"steps": 20, "batch_size": 8, "learning_rate": 5e-4, "seed": 16},
         "clip_vision": {"steps": 100, "batch_size": 64, "learning_rate": 1e-3, "seed": 14},
         "identity": {"steps": 200, "batch_size": 64, "learning_rate": 2e-3, "seed": 15},
         "adapters": {
@@ -72,7 +82,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "seed": 3,
             "max_steps": 50,
             "batch_size": 8,
-            "learning_rate": 3e-4,
+            "learning_rate": 1e-3,
             "lora_rank": 16,
         },
     },
@@ -88,6 +98,8 @@ def _stage_output(root: Path, stage: str) -> Path:
             "judge": bundle.JUDGE,
             "vae": "work/vae",
             "text_unet": bundle.SD,
+            "unet_detail": f"{bundle.SD}/unet",
+            "decoder": f"{bundle.SD}/vae",
             "clip_vision": bundle.IMAGE_ENCODER,
             "identity": bundle.IDENTITY,
         }[stage]
@@ -108,21 +120,22 @@ class Builder:
         self.profile, self.device, self.workers = profile, device, workers
         self.record_path = self.root / bundle.BUILD_RECORD
         self.record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
+        self.environment = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": device,
+            "cpu_threads": torch.get_num_threads(),
+        }
         self.record.update(
             {
                 "command": " ".join(["idcraft", *sys.argv[1:]]) if sys.argv else "",
                 "profile": profile,
                 "renders": self.settings["renders"],
-                "environment": {
-                    "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "device": device,
-                    "cpu_threads": torch.get_num_threads(),
-                },
             }
         )
         self.record.setdefault("stages", {})
         self._arrays = None
+        self.forced: frozenset[str] = frozenset()
 
     @property
     def arrays(self):
@@ -136,6 +149,7 @@ class Builder:
         return self._arrays
 
     def run(self, stages: Sequence[str], force: Sequence[str] = ()) -> dict:
+        self.forced = frozenset(force)
         for stage in stages:
             out = _stage_output(self.root, stage)
             if out.exists() and stage in self.record["stages"] and stage not in force:
@@ -143,13 +157,16 @@ class Builder:
                 continue
             print(f"[{stage}] training ...", flush=True)
             start = time.perf_counter()
-            settings = self.settings["adapters" if stage in ADAPTER_STAGES else stage]
+            settings = self.settings.get(stage, {})
+            if stage in ADAPTER_STAGES:  # shared adapter settings, then the method's own
+                settings = {**self.settings["adapters"], **settings}
             measurements = STAGE_FUNCTIONS[stage](self, out, dict(settings))
             seconds = round(time.perf_counter() - start, 1)
             self.record["stages"][stage] = {
                 "settings": settings,
                 "seconds": seconds,
                 "device": self.device,
+                "environment": self.environment,
                 "measurements": measurements,
             }
             self._save_record()
@@ -182,6 +199,18 @@ def _text_unet(b: Builder, out: Path, s: dict) -> dict:
     return train_text_unet(b.arrays, _stage_output(b.root, "vae"), out, device=b.device, **s)
 
 
+def _unet_detail(b: Builder, out: Path, s: dict) -> dict:
+    from .trainers.text_unet import finetune_unet
+
+    return finetune_unet(b.arrays, b.root / bundle.SD, b.root / bundle.SD, device=b.device, **s)
+
+
+def _decoder(b: Builder, out: Path, s: dict) -> dict:
+    from .trainers.vae import finetune_decoder
+
+    return finetune_decoder(b.arrays, out, out, device=b.device, **s)
+
+
 def _clip_vision(b: Builder, out: Path, s: dict) -> dict:
     from .trainers.clip_vision import train_clip_vision
 
@@ -208,6 +237,9 @@ def _adapter(method: str) -> Callable[[Builder, Path, dict], dict]:
         from ..training import TrainConfig, train
 
         run_dir = b.root / "work" / "runs" / method
+        # a forced stage starts over (keeping the feature cache); otherwise an interrupted run continues
+        if method in b.forced:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         config = TrainConfig(
             method=method,
             base=str(b.root / bundle.SD),
@@ -246,6 +278,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[Builder, Path, dict], dict]] = {
     "judge": _judge,
     "vae": _vae,
     "text_unet": _text_unet,
+    "unet_detail": _unet_detail,
+    "decoder": _decoder,
     "clip_vision": _clip_vision,
     "identity": _identity,
     **{method: _adapter(method) for method in ADAPTER_STAGES},
