@@ -33,6 +33,7 @@ from ..errors import IdcraftError
 from .arrays import ATTRIBUTE_NAMES, SCENE_NAMES, WorldArrays, attribute_labels, reference_images
 from .identity import ATTRIBUTES, COARSE_ATTRIBUTES, FINE_ATTRIBUTES, NUM_IDENTITIES, identity_from_id
 from .scene import SCENE_ATTRIBUTES
+from .trainers.steps import shuffled_batches
 
 #: Every head the judge has, in order: identity attributes then scene attributes.
 HEADS: tuple[str, ...] = ATTRIBUTE_NAMES + SCENE_NAMES
@@ -216,14 +217,11 @@ def train_judge(
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(all_images), generator=generator)
-    cursor, loss_avg = 0, None
+    batches = shuffled_batches(len(all_images), batch_size, generator)
+    loss_avg = None
     bar = tqdm(range(steps), desc="judge", disable=not progress)
     for _ in bar:
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(all_images), generator=generator), 0
-        index = order[cursor : cursor + batch_size].to(dev)
-        cursor += batch_size
+        index = next(batches).to(dev)
         pixels = augment(all_images[index].permute(0, 3, 1, 2).float() / 255.0, cfg, generator)
         loss = _losses(model(pixels), all_labels[index], cfg["label_smoothing"])
         optimiser.zero_grad(set_to_none=True)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..arrays import ATTRIBUTE_NAMES, SCENE_NAMES, WorldArrays, reference_images, render_arrays
 from ..identity import held_out_ids
+from .steps import warmup_cosine
 
 #: The columns of :func:`content_labels`.
 CONTENT_NAMES: tuple[str, ...] = (*ATTRIBUTE_NAMES[:2], *SCENE_NAMES)
@@ -311,14 +312,7 @@ def train_clip_vision(
         eps=1e-6,
     )
     warmup = min(cfg["warmup_steps"], max(1, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
+    schedule = warmup_cosine(optimizer, steps, warmup)
 
     images = torch.from_numpy(arrays.images)
     n = len(arrays)

@@ -44,6 +44,7 @@ from ..face_backend import (
 )
 from ..identity import held_out_ids, identity_from_id
 from ..render import render_reference
+from .steps import warmup_cosine
 
 #: Model sizes (:data:`idcraft.world.face_backend.DEFAULT_CONFIG`) and run settings; ``config=`` overrides.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -175,17 +176,6 @@ def _detector_batch(
     return inputs, new_kps.to(x.device), new_boxes.to(x.device), present
 
 
-def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
-
-
 def _top1(
     queries: np.ndarray, query_ids: np.ndarray, refs: np.ndarray, ref_ids: np.ndarray
 ) -> dict[str, float]:
@@ -299,8 +289,8 @@ def train_identity(
     )
     det_lr = learning_rate if cfg["detector_learning_rate"] is None else float(cfg["detector_learning_rate"])
     det_opt = torch.optim.AdamW(detector.parameters(), lr=det_lr, weight_decay=cfg["weight_decay"])
-    rec_sched = _cosine_schedule(rec_opt, steps, warmup)
-    det_sched = _cosine_schedule(det_opt, detector_steps, warmup)
+    rec_sched = warmup_cosine(rec_opt, steps, warmup)
+    det_sched = warmup_cosine(det_opt, detector_steps, warmup)
     template = torch.from_numpy(crop_template(cfg)).to(dev)
     n_neg = max(1, round(batch_size * cfg["negatives"]))
 

@@ -36,6 +36,7 @@ import torch
 
 from ..arrays import WorldArrays, render_arrays
 from ..identity import held_out_ids
+from .steps import shuffled_batches, warmup_cosine
 from .vae import loss_curve, to_pixels
 
 #: Model and run settings; ``config=`` overrides any of them (CI trains a smaller model).
@@ -183,16 +184,36 @@ class _Batches:
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device)
         self.device = device
 
+    @classmethod
+    def encode(cls, vae, tokenizer, data: WorldArrays, scheduler, device) -> _Batches:
+        """Latent posteriors of ``data``'s images under the frozen ``vae``, and the token ids of its
+        identity captions, its scene captions and the empty prompt."""
+        mean, std = encode_latents(vae, data.images, device)
+        empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length).input_ids
+        token_sets = {
+            "caption": tokenize_padded(data.captions, tokenizer),
+            "scene": tokenize_padded(data.scene_captions, tokenizer),
+            "empty": torch.tensor(empty),
+        }
+        return cls(mean, std, float(vae.config.scaling_factor), token_sets, scheduler, device)
+
     def tokens(self, index: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, 77]`` of rows ``index``: kind 0 identity caption, 1 scene caption, 2 empty."""
+        tables = {name: self.token_sets[name][0] for name in ("caption", "scene")}
+        return self.per_kind(index, kind, {**tables, "empty": self.token_sets["empty"]}).to(self.device)
+
+    def per_kind(self, index: torch.Tensor, kind: torch.Tensor, tables: dict) -> torch.Tensor:
+        """For rows ``index``, the row of ``tables["caption"]`` / ``tables["scene"]`` (one row per distinct
+        caption, as in ``token_sets``) or ``tables["empty"]`` (one row), by ``kind`` 0 / 1 / 2."""
         rows = index.numpy()
-        out = self.token_sets["empty"].repeat(len(rows), 1)
+        empty = tables["empty"]
+        out = empty.repeat(len(rows), *[1] * (empty.dim() - 1))
         for k, name in ((0, "caption"), (1, "scene")):
-            ids, inverse = self.token_sets[name]
             pick = kind == k
             if pick.any():
-                out[pick] = ids[torch.from_numpy(inverse[rows[pick.numpy()]])]
-        return out.to(self.device)
+                distinct = torch.from_numpy(self.token_sets[name][1][rows[pick.numpy()]])
+                out[pick.to(out.device)] = tables[name][distinct.to(out.device)]
+        return out
 
     def noisy(self, index, generator, timesteps=None):
         """Latents sampled from the posteriors of rows ``index``, noised at random (or given) timesteps."""
@@ -288,22 +309,9 @@ def train_text_unet(
         eval_arrays = render_arrays(cfg["eval_samples"], seed=seed + 7919, ids=held_out_ids())
 
     encode_started = time.perf_counter()
-    mean, std = encode_latents(vae, arrays.images, dev)
-    eval_mean, eval_std = encode_latents(vae, eval_arrays.images, dev)
+    train = _Batches.encode(vae, tokenizer, arrays, scheduler, dev)
+    held_out = _Batches.encode(vae, tokenizer, eval_arrays, scheduler, dev)
     encode_seconds = time.perf_counter() - encode_started
-    empty = torch.tensor(
-        tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length).input_ids
-    )
-
-    def token_sets(data: WorldArrays) -> dict:
-        return {
-            "caption": tokenize_padded(data.captions, tokenizer),
-            "scene": tokenize_padded(data.scene_captions, tokenizer),
-            "empty": empty,
-        }
-
-    train = _Batches(mean, std, scaling, token_sets(arrays), scheduler, dev)
-    held_out = _Batches(eval_mean, eval_std, scaling, token_sets(eval_arrays), scheduler, dev)
 
     text_encoder = build_text_encoder(cfg, tokenizer).to(dev).train()
     unet = build_unet(cfg).to(dev).train()
@@ -315,28 +323,18 @@ def train_text_unet(
         lr=learning_rate,
     )
     warmup = min(cfg["warmup_steps"], max(1, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
+    schedule = warmup_cosine(optimizer, steps, warmup)
     ema = [p.detach().clone() for p in params] if cfg["ema_decay"] > 0 else None
     initial_eval = evaluate_denoising(text_encoder, unet, held_out)
 
     n = len(arrays)
     p_empty, p_scene = cfg["empty_caption_fraction"], cfg["scene_caption_fraction"]
-    order, cursor = torch.randperm(n, generator=generator), 0
+    batches = shuffled_batches(n, batch_size, generator)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="text+unet", disable=not progress)
     train_started = time.perf_counter()
     for step in bar:
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
+        index = next(batches)
         u = torch.rand(len(index), generator=generator)
         kind = torch.where(u < p_empty, 2, torch.where(u < p_empty + p_scene, 1, 0))
         loss = _denoising_loss(text_encoder, unet, train, index, kind, generator, gamma=cfg["min_snr_gamma"])
@@ -499,25 +497,12 @@ def finetune_unet(
     vae = pipe.vae.to(dev).eval().requires_grad_(False)
     text_encoder = pipe.text_encoder.to(dev).eval().requires_grad_(False)
     unet = pipe.unet.to(dev).train()
-    tokenizer, scaling, scheduler = pipe.tokenizer, float(vae.config.scaling_factor), training_scheduler()
+    tokenizer, scheduler = pipe.tokenizer, training_scheduler()
     if eval_arrays is None:
         eval_arrays = render_arrays(DEFAULT_CONFIG["eval_samples"], seed=seed + 7919, ids=held_out_ids())
-    mean, std = encode_latents(vae, arrays.images, dev)
-    eval_mean, eval_std = encode_latents(vae, eval_arrays.images, dev)
-    empty = torch.tensor(
-        tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length).input_ids
-    )
-
-    def token_sets(data: WorldArrays) -> dict:
-        return {
-            "caption": tokenize_padded(data.captions, tokenizer),
-            "scene": tokenize_padded(data.scene_captions, tokenizer),
-            "empty": empty,
-        }
-
-    train = _Batches(mean, std, scaling, token_sets(arrays), scheduler, dev)
-    held_out = _Batches(eval_mean, eval_std, scaling, token_sets(eval_arrays), scheduler, dev)
-    weights = character_weights(arrays, mean.shape[-1], character_weight, face_weight).to(dev)
+    train = _Batches.encode(vae, tokenizer, arrays, scheduler, dev)
+    held_out = _Batches.encode(vae, tokenizer, eval_arrays, scheduler, dev)
+    weights = character_weights(arrays, train.mean.shape[-1], character_weight, face_weight).to(dev)
     initial_eval = evaluate_denoising(text_encoder, unet, held_out)
     text_encoder.eval()
     with torch.no_grad():  # the text encoder is frozen: embed each distinct caption once
@@ -527,41 +512,22 @@ def finetune_unet(
             )
             for name, (ids, _) in ((n, train.token_sets[n]) for n in ("caption", "scene"))
         }
-        embedded["empty"] = text_encoder(empty.to(dev)).last_hidden_state
-
-    def context(index: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
-        out = embedded["empty"].repeat(len(index), 1, 1)
-        for k, name in ((0, "caption"), (1, "scene")):
-            pick = kind == k
-            if pick.any():
-                rows = torch.from_numpy(train.token_sets[name][1][index[pick].numpy()])
-                out[pick.to(dev)] = embedded[name][rows.to(dev)]
-        return out
+        embedded["empty"] = text_encoder(train.token_sets["empty"].to(dev)).last_hidden_state
 
     params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=DEFAULT_CONFIG["weight_decay"])
     warmup = min(100, max(1, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
+    schedule = warmup_cosine(optimizer, steps, warmup)
     n = len(arrays)
     p_empty, p_scene = DEFAULT_CONFIG["empty_caption_fraction"], DEFAULT_CONFIG["scene_caption_fraction"]
-    order, cursor = torch.randperm(n, generator=generator), 0
+    batches = shuffled_batches(n, batch_size, generator)
     losses: list[float] = []
     for _ in tqdm(range(steps), desc="unet (characters)", disable=not progress):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
+        index = next(batches)
         u = torch.rand(len(index), generator=generator)
         kind = torch.where(u < p_empty, 2, torch.where(u < p_empty + p_scene, 1, 0))
         noisy, noise, t = train.noisy(index, generator)
-        pred = unet(noisy, t, encoder_hidden_states=context(index, kind)).sample
+        pred = unet(noisy, t, encoder_hidden_states=train.per_kind(index, kind, embedded)).sample
         w = weights[index.to(dev)]
         loss = ((pred - noise).pow(2) * w).sum() / (w.sum() * pred.shape[1])
         optimizer.zero_grad(set_to_none=True)

@@ -28,6 +28,7 @@ import torch
 
 from ..arrays import WorldArrays, render_arrays
 from ..identity import held_out_ids
+from .steps import shuffled_batches, warmup_cosine
 
 #: Model and run settings; ``config=`` overrides any of them (CI trains a smaller model).
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -178,27 +179,17 @@ def train_vae(
     vae = build_vae(cfg).to(dev).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     warmup = min(cfg["warmup_steps"], max(1, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
+    schedule = warmup_cosine(optimizer, steps, warmup)
 
     images = torch.from_numpy(arrays.images)
     face_bbox = torch.from_numpy(arrays.face_bbox)
     n = len(arrays)
-    order, cursor = torch.randperm(n, generator=generator), 0
+    batches = shuffled_batches(n, batch_size, generator)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="vae", disable=not progress)
     train_started = time.perf_counter()
     for _ in bar:
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
+        index = next(batches)
         crops = random_crops(
             images[index], face_bbox[index], cfg["crop"], cfg["face_crop_fraction"], generator
         )
@@ -286,23 +277,18 @@ def finetune_decoder(
     vae.eval()
     vae.decoder.train()
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
-    )
+    schedule = warmup_cosine(optimizer, steps, warmup=0)
     if eval_arrays is None:
         eval_arrays = render_arrays(DEFAULT_CONFIG["eval_samples"], seed=seed + 7919, ids=held_out_ids())
     before = evaluate_vae(vae, eval_arrays, dev)
 
     images, face_bbox = torch.from_numpy(arrays.images), torch.from_numpy(arrays.face_bbox)
     n = len(arrays)
-    order, cursor = torch.randperm(n, generator=generator), 0
+    batches = shuffled_batches(n, batch_size, generator)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="vae decoder", disable=not progress)
     for _ in bar:
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
+        index = next(batches)
         crops = random_crops(
             images[index], face_bbox[index], DEFAULT_CONFIG["crop"], face_crop_fraction, generator
         )
