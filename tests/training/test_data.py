@@ -94,6 +94,39 @@ def test_jsonl_manifest_with_references_and_bad_lines(models, tmp_path):
     )  # 4 skipped + 1 empty caption
 
 
+def test_loss_masks_are_read_cropped_like_their_images_and_checked(models, tmp_path):
+    images = make_images(tmp_path / "imgs", 3)
+    width, height = Image.open(images[0]).size  # 40 x 56: the crop cuts rows
+    mask = np.zeros((height, width), np.uint8)
+    mask[: height // 2] = 255  # the top half
+    Image.fromarray(mask).save(tmp_path / "mask0.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "small.png")
+    lines = [
+        {"image": "imgs/img00.png", "text": "masked", "loss_mask": "mask0.png"},
+        {"image": "imgs/img01.png", "text": "unmasked"},
+        {"image": "imgs/img02.png", "text": "no mask file", "loss_mask": "gone.png"},
+        {"image": "imgs/img02.png", "text": "wrong size", "loss_mask": "small.png"},
+    ]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records, report = list_records(manifest)
+    assert [r.caption for r in records] == ["masked", "unmasked", "wrong size"]
+    assert "loss_mask" in report.skipped[f"{manifest}:3"]
+
+    loader = SampleLoader(records, 32, lambda im: {})
+    masked = loader[0]["loss_mask"]
+    expected, _ = resize_and_crop(Image.fromarray(mask), 32)
+    assert masked.shape == (1, 32, 32)
+    assert torch.allclose(masked[0], torch.from_numpy(np.asarray(expected, np.float32) / 255))
+    assert 0 < masked.mean() < 1
+    assert torch.equal(loader[1]["loss_mask"], torch.ones(1, 32, 32))  # batches still stack
+    assert "8x8" in loader[2]["error"] and "draw the mask" in loader[2]["error"]
+    assert "loss_mask" not in SampleLoader(records[1:2], 32, lambda im: {})[0]
+
+    result = train(config(models, manifest, tmp_path / "run", max_steps=2))
+    assert result.step == 2 and str(records[2].image) in result.skipped.skipped
+
+
 def test_reference_is_encoded_and_image_is_the_target(models, tmp_path):
     images = make_images(tmp_path, 2)
     calls = []

@@ -10,7 +10,7 @@ from torch import nn
 
 from idcraft.errors import IdcraftError
 from idcraft.training import RECIPES, TrainingRecipe, recipe_for, register_recipe, train
-from idcraft.training.diffusion import draw_drops
+from idcraft.training.diffusion import draw_drops, weighted_mse
 from idcraft.training.ip_adapter import IPAdapterRecipe
 
 from .helpers import config
@@ -77,6 +77,48 @@ def test_loss_is_mse_against_noise_or_velocity(models, data, tmp_path, predictio
     assert torch.allclose(seen["noisy"], sched.add_noise(latents, noise, timesteps), atol=1e-6)
     assert torch.allclose(loss, (target**2).mean(), rtol=1e-5)
     assert seen["text"].shape[:2] == (2, 77) and seen["features"].shape[0] == 2
+
+
+def test_loss_mask_puts_the_loss_where_the_mask_lies(models, data, tmp_path):
+    """A model that predicts zeros: with a mask of ones the loss is the plain MSE; with only the left
+    half of the image masked in, it is the MSE over the left half of the latents, whatever the weight."""
+    from idcraft.training.data import SampleLoader, collate, list_records
+
+    cfg = config(models, data, tmp_path / "run", drop_image=0.0, drop_text=0.0, drop_both=0.0)
+    recipe = IPAdapterRecipe(cfg)
+    recipe.build(torch.device("cpu"), torch.float32)
+    loader = SampleLoader(list_records(data)[0], 32, recipe.reference_preprocessor())
+    batch = collate([loader[0], loader[1]])
+    targets = []
+
+    def zero_model(noisy, timesteps, text, features, added):
+        targets.append(torch.zeros_like(noisy))
+        return targets[-1]
+
+    def loss_with(mask):
+        return recipe.loss(zero_model, {**batch, "loss_mask": mask}, torch.Generator().manual_seed(5))
+
+    plain = recipe.loss(zero_model, batch, torch.Generator().manual_seed(5))
+    assert torch.allclose(loss_with(torch.ones(2, 1, 32, 32)), plain, rtol=1e-6)
+
+    half = torch.zeros(2, 1, 32, 32)
+    half[..., :16] = 0.3
+    g = torch.Generator().manual_seed(5)
+    torch.rand(2, generator=g)
+    posterior = recipe.pipe.vae.encode(batch["pixels"]).latent_dist
+    torch.randn(posterior.mean.shape, generator=g)
+    noise = torch.randn(posterior.mean.shape, generator=g)
+    width = noise.shape[-1]
+    assert torch.allclose(loss_with(half), (noise[..., : width // 2] ** 2).mean(), rtol=1e-5)
+    assert not torch.allclose(loss_with(half), plain, rtol=1e-3)
+
+
+def test_weighted_mse_counts_each_element_by_its_weight():
+    prediction, target = torch.zeros(1, 2, 2, 2), torch.arange(8.0).reshape(1, 2, 2, 2)
+    weights = torch.tensor([[[[1.0, 0.0], [0.0, 3.0]]]])
+    expected = ((target[..., 0, 0] ** 2).sum() + 3 * (target[..., 1, 1] ** 2).sum()) / 8
+    assert torch.allclose(weighted_mse(prediction, target, weights), expected)
+    assert torch.allclose(weighted_mse(prediction, target, torch.ones(1, 1, 2, 2)), (target**2).mean())
 
 
 class ToyRecipe(TrainingRecipe):

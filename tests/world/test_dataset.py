@@ -40,6 +40,29 @@ def test_manifest_reads_with_the_training_reader(dataset):
         assert len(entry["attributes"]) == 11 and len(entry["bbox"]) == 4
 
 
+def test_loss_masks_weight_the_character_and_its_face(dataset):
+    """Background 1, character box 4, face box 7 (of 7 = 255): the mask's brightest pixels are the face's,
+    and the training reader hands them over as weights."""
+    import numpy as np
+    from PIL import Image
+
+    from idcraft.training.data import SampleLoader
+
+    root, manifest = dataset
+    records, _ = list_records(manifest)
+    assert all(r.loss_mask for r in records)
+    for entry in load_manifest(root)[:6]:
+        mask = np.asarray(Image.open(root / "masks" / entry["image"].rsplit("/", 1)[-1]))
+        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {36, 146, 255}
+        x0, y0, x1, y1 = entry["face_bbox"]
+        cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+        assert mask[cy, cx] == 255 and mask[0, 0] == 36
+        bx0, by0, bx1, by1 = entry["bbox"]
+        assert (mask == 255).sum() < (mask >= 146).sum() <= (bx1 - bx0 + 1) * (by1 - by0 + 1)
+    weights = SampleLoader(records[:1], 64, lambda im: {})[0]["loss_mask"]
+    assert abs(weights.max().item() - 1.0) < 1e-6 and abs(weights.min().item() - 36 / 255) < 1e-6
+
+
 def test_dataset_is_deterministic_and_prefix_stable(dataset, tmp_path):
     root, _ = dataset
     write_dataset(tmp_path / "again", 40, seed=3)

@@ -6,6 +6,9 @@ Two sources:
 * a JSONL manifest, one ``{"image": path, "text": caption, "reference": optional path}`` per line
   (relative paths are relative to the manifest's folder). With a ``reference`` the reference is what the
   adapter sees and ``image`` is the target; without, the image is its own reference (the official setup).
+  An optional ``loss_mask`` (a grayscale image the size of ``image``) weights the denoising loss per
+  pixel: 255 full weight, 0 ignored. Subjects that fill little of the frame (a face in a street scene)
+  otherwise leave almost all of the loss, and so of the gradient, to the background.
   Face methods also read: ``reference`` as a list of paths (several photos of one person, FaceID-Portrait),
   ``embedding`` (a ``.npy`` raw ArcFace embedding, or a list, one per reference) and ``kps`` (the five
   ``[x, y]`` keypoints of the face in ``image``), so large datasets can be analysed once, offline.
@@ -50,6 +53,8 @@ class Record:
     references: tuple[str, ...] = ()
     #: precomputed face data from the manifest (``embedding`` paths, ``kps``), read by face recipes
     face: dict = field(default_factory=dict, compare=False)
+    #: grayscale per-pixel loss weights for ``image`` (255 = full weight), or None for uniform
+    loss_mask: str | None = None
 
     @property
     def reference_paths(self) -> tuple[str, ...]:
@@ -165,6 +170,12 @@ def _manifest_records(manifest: Path) -> tuple[list[Record], SkipReport]:
             if isinstance(face, str):
                 report.skip(where, face)
                 continue
+            loss_mask = entry.get("loss_mask")
+            if loss_mask is not None:
+                loss_mask = _resolve(root, str(loss_mask))
+                if not Path(loss_mask).is_file():
+                    report.skip(where, f"loss_mask {loss_mask}: no such file")
+                    continue
             caption = entry.get("text")
             if not isinstance(caption, str):
                 report.empty_captions.append(where)
@@ -176,6 +187,7 @@ def _manifest_records(manifest: Path) -> tuple[list[Record], SkipReport]:
                     references[0] if references else None,
                     tuple(references) if len(references) > 1 else (),
                     face,
+                    loss_mask,
                 )
             )
     return records, report
@@ -246,6 +258,19 @@ def resize_and_crop(image: Image.Image, size: int) -> tuple[Image.Image, tuple[i
     return resized.crop((left, top, left + size, top + size)), (top, left)
 
 
+def load_loss_mask(path: str, image_size: tuple[int, int], resolution: int) -> torch.Tensor:
+    """The loss mask at ``path`` as ``[1, resolution, resolution]`` weights in ``[0, 1]``, through the very
+    resize and crop its image gets, so every weight stays on the pixel it was drawn for."""
+    mask = load_image(path)
+    if mask.size != image_size:
+        raise ImageError(
+            f"{path}: loss mask is {mask.size[0]}x{mask.size[1]} but its image is "
+            f"{image_size[0]}x{image_size[1]}; draw the mask at the image's size."
+        )
+    crop, _ = resize_and_crop(mask.convert("L"), resolution)
+    return torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0)[None]
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB uint8 image -> ``[3, H, W]`` float in ``[-1, 1]`` (the VAE's input range)."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -286,6 +311,9 @@ class SampleLoader(torch.utils.data.Dataset):
     A preprocessor that needs more than the reference image (face recipes: the record's precomputed
     identity, keypoints mapped into the training crop) has a ``record_inputs(record, geometry)`` method,
     called instead; an exception it raises skips the sample with its message as the reason.
+
+    When any record has a ``loss_mask``, every item carries one (all ones where a record has none), so
+    batches stack.
     """
 
     def __init__(
@@ -299,6 +327,7 @@ class SampleLoader(torch.utils.data.Dataset):
         self.resolution = resolution
         self.reference_inputs = reference_inputs
         self.features = features
+        self.masked = any(record.loss_mask for record in records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -312,6 +341,12 @@ class SampleLoader(torch.utils.data.Dataset):
             item["pixels"] = to_tensor(crop)
             item["original_size"] = torch.tensor([target.height, target.width])
             item["crop_top_left"] = torch.tensor([top, left])
+            if self.masked:
+                item["loss_mask"] = (
+                    load_loss_mask(record.loss_mask, target.size, self.resolution)
+                    if record.loss_mask
+                    else torch.ones(1, self.resolution, self.resolution)
+                )
             if self.features is not None:
                 cached = self.features(record)
                 if cached is None:  # the reference file changed after the cache was built

@@ -11,7 +11,8 @@ Per batch, as in the official IP-Adapter training scripts:
    state; SDXL penultimate states of both encoders and the pooled embedding), and for SDXL the added
    time ids ``(original h, w, crop top, left, target h, w)``;
 4. let the subclass turn the batch into conditioning (:meth:`UNetDiffusionRecipe.condition`), run the
-   prepared model, and take the MSE against the noise (``epsilon``) or velocity (``v_prediction``).
+   prepared model, and take the MSE against the noise (``epsilon``) or velocity (``v_prediction``),
+   weighted per pixel by the sample's loss mask when the data has one (:func:`weighted_mse`).
 
 Every random draw uses the generator passed in, in a fixed order, on the CPU: the same run gives the
 same numbers on any device, and a resumed run continues the exact sequence.
@@ -38,6 +39,26 @@ def draw_drops(
     text_only = (u >= p_image) & (u < p_image + p_text)
     both = (u >= p_image + p_text) & (u < p_image + p_text + p_both)
     return image_only | both, text_only | both
+
+
+def latent_weights(batch: dict, size: tuple[int, int]) -> torch.Tensor | None:
+    """The batch's loss masks (``[B, 1, H, W]`` pixel weights in ``[0, 1]``) area-averaged onto the latent
+    grid, or None when the data has no masks."""
+    mask = batch.get("loss_mask")
+    return None if mask is None else F.interpolate(mask.float(), size=size, mode="area")
+
+
+def weighted_mse(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error; with ``weights`` (broadcastable to ``prediction``) each element's error counts
+    with its weight, divided by the total weight -- so all-ones weights give exactly the plain MSE and
+    scaling every weight changes nothing: only where the weight lies matters."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    error = (prediction.float() - target.float()).square()
+    weights = weights.to(error.device, error.dtype).expand_as(error)
+    return (error * weights).sum() / weights.sum().clamp_min(1e-8)
 
 
 class UNetDiffusionRecipe(TrainingRecipe):
@@ -147,4 +168,4 @@ class UNetDiffusionRecipe(TrainingRecipe):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        return weighted_mse(prediction, target, latent_weights(batch, latents.shape[-2:]))

@@ -58,14 +58,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from ..checkpoints import AdapterCheckpoint, load_checkpoint
 from ..errors import IdcraftError
 from ..images import load_image
-from .diffusion import draw_drops
+from .diffusion import draw_drops, latent_weights, weighted_mse
 from .recipe import (
     TrainingRecipe,
     adapter_checkpoint,
@@ -431,7 +430,12 @@ class InstantCharacterRecipe(TrainingRecipe):
         prediction = model(
             packed, sigmas.to(self.weight_dtype), text, pooled, text_ids, image_ids, guidance, features, keep
         )
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        weights = latent_weights(batch, (height, width))
+        if weights is not None:  # packed into 2x2 tokens exactly as the latents are
+            weights = FluxPipeline._pack_latents(
+                weights.expand(-1, channels, -1, -1), count, channels, height, width
+            )
+        return weighted_mse(prediction, target, weights)
 
     # ------------------------------------------------------------------ results
     def export(

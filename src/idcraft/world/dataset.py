@@ -4,12 +4,15 @@
 sample::
 
     {"image": "images/000000.png", "text": "a small red round creature ...",
-     "reference": "references/id_0042.png",
+     "reference": "references/id_0042.png", "loss_mask": "masks/000000.png",
      "identity_id": 42, "attributes": {...}, "scene": {...}, "kps": [[x, y] x 5], "bbox": [...],
      "face_bbox": [...], "placement": {...}, "reference_kps": [...], "reference_bbox": [...]}
 
-``image``/``text``/``reference``/``kps`` are what :func:`idcraft.training.data.list_records` reads; the
-other fields are ground truth for the later steps (identity encoder labels, the judge's classifiers).
+``image``/``text``/``reference``/``loss_mask``/``kps`` are what :func:`idcraft.training.data.list_records`
+reads; the other fields are ground truth for the later steps (identity encoder labels, the judge's
+classifiers). The loss mask (:func:`subject_weights`) weights the character's box 4x and its face's box 7x
+the background: a small character in a scene is a few percent of the pixels, and without the mask an
+adapter's loss would be spent almost entirely on the backdrop the prompt already fixes.
 
 Sample ``i`` of a dataset depends only on ``(seed, i, ids)`` -- not on how many samples are written -- so
 a larger dataset extends a smaller one with the same seed, and any sample can be re-rendered on its own
@@ -26,6 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..errors import IdcraftError
 from .captions import caption
@@ -35,6 +39,39 @@ from .scene import Scene, random_scene
 
 MANIFEST = "manifest.jsonl"
 REFERENCE_MODES = ("canonical", "scene")
+#: Extra loss weight inside the character's box and inside its face's box (the background weighs 1).
+CHARACTER_WEIGHT = 3.0
+FACE_WEIGHT = 3.0
+
+
+def subject_weights(
+    bbox: np.ndarray,
+    face_bbox: np.ndarray,
+    image_size: int,
+    grid_size: int,
+    character: float = CHARACTER_WEIGHT,
+    face: float = FACE_WEIGHT,
+) -> np.ndarray:
+    """Per-cell loss weights ``[N, grid, grid]`` for ``N`` characters: 1 on the background, ``1 +
+    character`` where a cell's centre is inside the character's box, ``1 + character + face`` inside its
+    face box (``[N, 4]`` pixel-edge boxes of ``image_size`` images, mapped onto the grid)."""
+    scale = grid_size / image_size
+    grid = np.arange(grid_size, dtype=np.float32) + 0.5
+    weights = np.ones((len(bbox), grid_size, grid_size), dtype=np.float32)
+    for boxes, extra in ((bbox, character), (face_bbox, face)):
+        b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.float32(scale)
+        inside_x = (grid[None] >= b[:, 0:1]) & (grid[None] <= b[:, 2:3])
+        inside_y = (grid[None] >= b[:, 1:2]) & (grid[None] <= b[:, 3:4])
+        weights += np.float32(extra) * (inside_y[:, :, None] & inside_x[:, None, :])
+    return weights
+
+
+def loss_mask(sample: Sample) -> Image.Image:
+    """The sample's :func:`subject_weights` as a grayscale image (face box 255), for ``idcraft train``."""
+    size = sample.image.size[0]
+    weights = subject_weights(np.array([sample.bbox]), np.array([sample.face_bbox]), size, size)[0]
+    full = 1 + CHARACTER_WEIGHT + FACE_WEIGHT
+    return Image.fromarray(np.round(weights / full * 255).astype(np.uint8))
 
 
 def _rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -93,6 +130,7 @@ def write_dataset(
         raise IdcraftError(f"identity id {bad[0]}: expected 0 to {NUM_IDENTITIES - 1}.")
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
     if paired:
         (root / "references").mkdir(exist_ok=True)
     jobs = [
@@ -127,8 +165,10 @@ def _write_one(job: tuple) -> dict:
     sample = sample_for(seed, index, ids, size)
     name = f"images/{index:06d}.png"
     sample.image.save(root / name)
+    mask = f"masks/{index:06d}.png"
+    loss_mask(sample).save(root / mask)
     text = caption(None, sample.scene) if scene_only_captions else sample.caption
-    entry: dict = {"image": name, "text": text}
+    entry: dict = {"image": name, "text": text, "loss_mask": mask}
     if paired:
         if reference == "canonical":
             entry["reference"] = f"references/id_{sample.identity.id:04d}.png"

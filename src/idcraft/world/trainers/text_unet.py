@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..arrays import WorldArrays, render_arrays
+from ..dataset import subject_weights
 from ..identity import held_out_ids
 from .steps import shuffled_batches, warmup_cosine
 from .vae import loss_curve, to_pixels
@@ -449,17 +450,12 @@ def sample_grid(
 
 
 def character_weights(arrays: WorldArrays, latent_size: int, character: float, face: float) -> torch.Tensor:
-    """Per latent pixel loss weights ``[N, 1, h, w]``: 1 on the background, ``1 + character`` inside the
-    character's box and ``1 + character + face`` inside its face box (boxes mapped onto the latent grid)."""
-    scale = latent_size / arrays.images.shape[1]
-    grid = torch.arange(latent_size, dtype=torch.float32) + 0.5
-    weights = torch.ones(len(arrays), 1, latent_size, latent_size)
-    for boxes, extra in ((arrays.bbox, character), (arrays.face_bbox, face)):
-        b = torch.from_numpy(np.asarray(boxes, dtype=np.float32)) * scale
-        inside_x = (grid[None] >= b[:, 0:1]) & (grid[None] <= b[:, 2:3])
-        inside_y = (grid[None] >= b[:, 1:2]) & (grid[None] <= b[:, 3:4])
-        weights += extra * (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
-    return weights
+    """Per latent pixel loss weights ``[N, 1, h, w]`` (:func:`~idcraft.world.dataset.subject_weights` of
+    every sample's character and face boxes)."""
+    weights = subject_weights(
+        arrays.bbox, arrays.face_bbox, arrays.images.shape[1], latent_size, character, face
+    )
+    return torch.from_numpy(weights)[:, None]
 
 
 def finetune_unet(
