@@ -25,7 +25,7 @@ import numpy as np
 from .backgrounds import backdrop
 from .captions import caption
 from .dataset import _rng, parallel_map, sample_for
-from .identity import ATTRIBUTES, identity_from_id, train_ids
+from .identity import ATTRIBUTES, held_out_ids, identity_from_id, train_ids
 from .render import SUPERSAMPLE, render_reference
 from .scene import SCENE_ATTRIBUTES, random_scene
 
@@ -86,6 +86,16 @@ def _render_one(job: tuple[int, int, tuple[int, ...], int]) -> tuple:
         sample.face_bbox,
         sample.bbox,
     )
+
+
+#: Added to a trainer's seed for its held-out evaluation renders, so they never repeat its training draws.
+EVAL_SEED_OFFSET = 7919
+
+
+def held_out_arrays(num_samples: int, seed: int) -> WorldArrays:
+    """The renders a trainer evaluates on: ``num_samples`` samples of the held-out identities only, with
+    the trainer's ``seed`` moved by :data:`EVAL_SEED_OFFSET`."""
+    return render_arrays(num_samples, seed=seed + EVAL_SEED_OFFSET, ids=held_out_ids())
 
 
 def render_arrays(

@@ -29,7 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..arrays import ATTRIBUTE_NAMES, SCENE_NAMES, WorldArrays, reference_images, render_arrays
+from ..arrays import (
+    ATTRIBUTE_NAMES,
+    SCENE_NAMES,
+    WorldArrays,
+    held_out_arrays,
+    reference_images,
+)
 from ..identity import held_out_ids
 from .steps import warmup_cosine
 
@@ -341,7 +347,7 @@ def train_clip_vision(
     train_cpu_seconds = time.process_time() - cpu_started  # all threads: what a busy machine hides
 
     if eval_arrays is None:
-        eval_arrays = render_arrays(cfg["eval_samples"], seed=seed + 7919, ids=held_out_ids())
+        eval_arrays = held_out_arrays(cfg["eval_samples"], seed)
     metrics = evaluate_retrieval(model, eval_arrays, tokenizer, dev)
 
     output = Path(output_dir)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arrays import WorldArrays, empty_scenes, render_arrays
+from ..arrays import EVAL_SEED_OFFSET, WorldArrays, empty_scenes, held_out_arrays
 from ..face_backend import (
     DEFAULT_CONFIG as MODEL_CONFIG,
 )
@@ -347,8 +347,10 @@ def train_identity(
     folder = save_identity_models(output_dir, detector.cpu().eval(), recogniser.cpu().eval(), cfg)
     analyser = WorldFaceAnalyser(folder, device=dev)
     if eval_arrays is None:
-        eval_arrays = render_arrays(cfg["eval_samples"], seed=seed + 7919, ids=held_out_ids())
-    metrics = evaluate_identity(analyser, eval_arrays, empty_scenes(cfg["eval_negatives"], seed=seed + 7919))
+        eval_arrays = held_out_arrays(cfg["eval_samples"], seed)
+    metrics = evaluate_identity(
+        analyser, eval_arrays, empty_scenes(cfg["eval_negatives"], seed=seed + EVAL_SEED_OFFSET)
+    )
 
     def _tail(values: list[float]) -> float | None:
         return float(np.mean(values[-max(1, min(50, len(values) // 10)) :])) if values else None

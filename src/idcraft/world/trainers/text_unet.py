@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..arrays import WorldArrays, render_arrays
-from ..dataset import subject_weights
-from ..identity import held_out_ids
+from ..arrays import WorldArrays, held_out_arrays
+from ..dataset import CHARACTER_WEIGHT, FACE_WEIGHT, subject_weights
 from .steps import shuffled_batches, warmup_cosine
 from .vae import loss_curve, to_pixels
 
@@ -307,7 +306,7 @@ def train_text_unet(
     scaling = float(vae.config.scaling_factor)
     scheduler = training_scheduler()
     if eval_arrays is None:
-        eval_arrays = render_arrays(cfg["eval_samples"], seed=seed + 7919, ids=held_out_ids())
+        eval_arrays = held_out_arrays(cfg["eval_samples"], seed)
 
     encode_started = time.perf_counter()
     train = _Batches.encode(vae, tokenizer, arrays, scheduler, dev)
@@ -468,8 +467,8 @@ def finetune_unet(
     learning_rate: float = 2e-4,
     seed: int = 0,
     device: str = "cpu",
-    character_weight: float = 3.0,
-    face_weight: float = 3.0,
+    character_weight: float = CHARACTER_WEIGHT,
+    face_weight: float = FACE_WEIGHT,
     progress: bool = True,
     eval_arrays: WorldArrays | None = None,
 ) -> dict[str, Any]:
@@ -485,6 +484,8 @@ def finetune_unet(
     from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 
+    from ...training.diffusion import weighted_mse  # the loss idcraft train uses with loss masks
+
     started = time.perf_counter()
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -495,7 +496,7 @@ def finetune_unet(
     unet = pipe.unet.to(dev).train()
     tokenizer, scheduler = pipe.tokenizer, training_scheduler()
     if eval_arrays is None:
-        eval_arrays = render_arrays(DEFAULT_CONFIG["eval_samples"], seed=seed + 7919, ids=held_out_ids())
+        eval_arrays = held_out_arrays(DEFAULT_CONFIG["eval_samples"], seed)
     train = _Batches.encode(vae, tokenizer, arrays, scheduler, dev)
     held_out = _Batches.encode(vae, tokenizer, eval_arrays, scheduler, dev)
     weights = character_weights(arrays, train.mean.shape[-1], character_weight, face_weight).to(dev)
@@ -524,8 +525,7 @@ def finetune_unet(
         kind = torch.where(u < p_empty, 2, torch.where(u < p_empty + p_scene, 1, 0))
         noisy, noise, t = train.noisy(index, generator)
         pred = unet(noisy, t, encoder_hidden_states=train.per_kind(index, kind, embedded)).sample
-        w = weights[index.to(dev)]
-        loss = ((pred - noise).pow(2) * w).sum() / (w.sum() * pred.shape[1])
+        loss = weighted_mse(pred, noise, weights[index.to(dev)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..arrays import WorldArrays, render_arrays
-from ..identity import held_out_ids
+from ..arrays import WorldArrays, held_out_arrays
 from .steps import shuffled_batches, warmup_cosine
 
 #: Model and run settings; ``config=`` overrides any of them (CI trains a smaller model).
@@ -209,7 +208,7 @@ def train_vae(
     train_seconds = time.perf_counter() - train_started
 
     if eval_arrays is None:
-        eval_arrays = render_arrays(cfg["eval_samples"], seed=seed + 7919, ids=held_out_ids())
+        eval_arrays = held_out_arrays(cfg["eval_samples"], seed)
     vae.eval()
     metrics = evaluate_vae(vae, eval_arrays, dev)
     scaling = 1.0 / max(metrics["latent_std"], 1e-6)
@@ -279,7 +278,7 @@ def finetune_decoder(
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps, warmup=0)
     if eval_arrays is None:
-        eval_arrays = render_arrays(DEFAULT_CONFIG["eval_samples"], seed=seed + 7919, ids=held_out_ids())
+        eval_arrays = held_out_arrays(DEFAULT_CONFIG["eval_samples"], seed)
     before = evaluate_vae(vae, eval_arrays, dev)
 
     images, face_bbox = torch.from_numpy(arrays.images), torch.from_numpy(arrays.face_bbox)
