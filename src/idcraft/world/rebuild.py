@@ -5,7 +5,8 @@ the UNet trained further on the characters' detail -> the VAE decoder trained fu
 stays, so the UNet is unaffected) -> CLIP vision tower -> identity models (the face-analysis role) ->
 adapters, trained with :func:`idcraft.training.train` exactly as a user trains theirs, on a dataset
 written in ``idcraft train``'s manifest format. Each stage's settings live in :data:`PROFILES` (``full``
-made the shipped bundle; ``reduced`` is a minutes-long version for tests), and ``BUILD.json`` records, per
+made the shipped bundle; ``cpu`` is the same build at about half the steps, under two hours on two CPU
+cores; ``reduced`` is a minutes-long version for tests), and ``BUILD.json`` records, per
 stage, its settings, seed, wall time, device, machine and measurements (losses, held-out accuracies),
 beside the command that ran.
 
@@ -66,13 +67,13 @@ PROFILES: dict[str, dict[str, Any]] = {
             "learning_rate": 1e-3,
             "lora_rank": 16,
         },
-        # the CLIP-role adapters and InstantID (whose IdentityNet doubles a step's cost) got fewer steps than
-        # FaceID in the shipped bundle only to fit one CPU session; FaceID's held-out fine identity was still
-        # rising at 2400 steps (0.35 at 1200, 0.37 at 2400)
+        # the adapters' step counts are what fitted the CPU sessions that trained the shipped bundle, not
+        # converged values: held-out fine identity was still rising for FaceID (0.35 at 1200 steps, 0.37 at
+        # 2400) and InstantID (0.28 at 500 steps, 0.34 at 1500)
         "faceid": {"max_steps": 2400},
         "ip-adapter": {"max_steps": 800},
         "ip-adapter-plus": {"max_steps": 800},
-        "instantid": {"max_steps": 500, "learning_rate": 5e-4},
+        "instantid": {"max_steps": 1500, "learning_rate": 5e-4},
     },
     "reduced": {
         "renders": {"samples": 2000, "seed": 0},
@@ -93,6 +94,35 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+def _with_steps(profile: dict[str, Any], steps: dict[str, int]) -> dict[str, Any]:
+    """``profile`` with other step counts (``max_steps`` for the adapter entries), all else the same."""
+    key = {name: "max_steps" if name in (*ADAPTER_STAGES, "adapters") else "steps" for name in steps}
+    return {
+        name: {**settings, key[name]: steps[name]} if name in steps else settings
+        for name, settings in profile.items()
+    }
+
+
+#: The whole build in under two hours on two CPU cores: the full profile's models and settings at about half
+#: its steps (what that costs in quality is in the README).
+PROFILES["cpu"] = _with_steps(
+    PROFILES["full"],
+    {
+        "judge": 1500,
+        "vae": 800,
+        "text_unet": 1800,
+        "unet_detail": 600,
+        "decoder": 400,
+        "clip_vision": 1000,
+        "identity": 1200,
+        "ip-adapter": 400,
+        "ip-adapter-plus": 400,
+        "faceid": 1000,
+        "instantid": 600,
+    },
+)
 
 
 def _stage_output(root: Path, stage: str) -> Path:
@@ -156,6 +186,7 @@ class Builder:
 
     def run(self, stages: Sequence[str], force: Sequence[str] = ()) -> dict:
         self.forced = frozenset(force)
+        begin = time.perf_counter()
         for stage in stages:
             out = _stage_output(self.root, stage)
             if out.exists() and stage in self.record["stages"] and stage not in force:
@@ -177,6 +208,9 @@ class Builder:
             }
             self._save_record()
             print(f"[{stage}] done in {seconds:.0f} s: {json.dumps(measurements)[:300]}", flush=True)
+        print(
+            f"build: {(time.perf_counter() - begin) / 60:.1f} min for this run; record in {self.record_path}"
+        )
         return self.record
 
     def _save_record(self) -> None:
