@@ -12,8 +12,9 @@ bfloat16 autocast (``torch.autocast("cpu", torch.bfloat16)``, float32 master wei
 --mixed-precision bf16`` runs on a CPU) buys that back on this machine.
 
 A step = UNet forward on noisy 4x16x16 latents with a 77x64 text context, MSE to the noise, backward,
-AdamW. ``--compile`` adds ``torch.compile``'d UNets (inductor's C++ kernels on a CPU). Rounds interleave every configuration (A B C ... A B C ...) after one warm-up step each; reported:
-median seconds per step and its ratio to the shipped UNet's float32 step, and the parameter count.
+AdamW. ``--compile`` adds ``torch.compile``'d UNets (inductor's C++ kernels on a CPU). Rounds interleave
+every configuration (A B C ... A B C ...) after one warm-up step each; reported: median seconds per step,
+its ratio to the shipped UNet's float32 step, and the parameter count.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ CANDIDATES = {
 def make_step(unet, batch: int, bf16: bool):
     """A closure running one training step of ``unet`` on random inputs of batch ``batch``."""
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    latents = torch.randn(batch, 4, 16, 16)
+    latents, noise = torch.randn(2, batch, 4, 16, 16)
     context = torch.randn(batch, 77, DEFAULT_CONFIG["text_hidden_size"])
     timesteps = torch.randint(0, 1000, (batch,))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
             pred = unet(latents, timesteps, encoder_hidden_states=context).sample
-        loss = (pred.float() - latents).pow(2).mean()
+        loss = (pred.float() - noise).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

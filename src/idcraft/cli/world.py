@@ -71,8 +71,8 @@ def register(subparsers) -> None:
         "--profile",
         choices=list(PROFILES),
         default="full",
-        help="full (the shipped bundle; about 3 h on 2 CPU cores), cpu (about half the steps; 96 min on 2 CPU cores, weaker base) "
-        "or reduced (minutes, for tests)",
+        help="full (the shipped bundle; about 3 h on 2 CPU cores), cpu (about half the steps; 96 min on "
+        "2 CPU cores, a weaker base) or reduced (minutes, for tests)",
     )
     b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     b.add_argument(
