@@ -54,6 +54,16 @@ def test_every_method_makes_images_and_seeds_pair_them(generator):
     # baselines without a model: the reference itself, and the world's render of the requested scene
     assert (outputs["copy"][0] == np.asarray(reference_image(ids[0]))).all()
     assert (outputs["render"][1] == np.asarray(render(requests[1].identity, SCENES[1]).image)).all()
+    # the latent ceiling: that render through the base model's own VAE
+    import torch
+
+    vae = generator.base.vae
+    with torch.no_grad():
+        pixels = torch.from_numpy(outputs["render"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+    expected = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(outputs["vae"].astype(int) - expected).max() <= 1
+    assert np.abs(outputs["vae"].astype(int) - outputs["render"]).mean() > 1  # a random VAE changes it
 
 
 def test_instantid_keypoints_come_from_the_scene_or_the_reference(generator):
@@ -108,6 +118,7 @@ def test_cli_eval_writes_table_json_and_plots(fake_bundle, tmp_path, capsys):
         ("text-scene", None),
         ("text-coarse", None),
         ("copy", None),
+        ("vae", None),
         ("render", None),
     ]
     for row in rows:

@@ -50,6 +50,7 @@ BASELINE_LABELS = {
     "text-scene": "text, scene only",
     "text-coarse": "text, coarse identity",
     "copy": "copy reference",
+    "vae": "render through the VAE (latent ceiling)",
     "render": "world render (ceiling)",
 }
 

@@ -13,6 +13,8 @@ a user runs on real checkpoints, and baselines (:data:`BASELINES`) that bracket 
 * ``text-coarse``: the base model with the caption naming the coarse identity (shape, colour) in words --
   the most text alone can do;
 * ``copy``: the reference image itself -- identity perfect, prompt ignored;
+* ``vae``: that render encoded and decoded by the base model's VAE -- the most any method that draws
+  through this latent space can keep (the ceiling the UNet and the adapters are measured against);
 * ``render``: the world's own render of the identity in the requested scene -- what a perfect model
   would draw (the judge's ceiling; used by ``idcraft eval``).
 
@@ -43,7 +45,7 @@ from .scene import Scene
 #: The bundled adapters, in the order rows are shown.
 ADAPTER_METHODS: tuple[str, ...] = ("ip-adapter", "ip-adapter-plus", "faceid", "instantid")
 #: Reference points measured beside the adapters (see the module docstring).
-BASELINES: tuple[str, ...] = ("text-scene", "text-coarse", "copy", "render")
+BASELINES: tuple[str, ...] = ("text-scene", "text-coarse", "copy", "vae", "render")
 METHODS: tuple[str, ...] = ADAPTER_METHODS + BASELINES
 PROMPTS: tuple[str, ...] = ("coarse", "scene")
 
@@ -81,7 +83,7 @@ def prompt_for(method: str, request: Request, prompt: str = "coarse") -> str | N
         return request.prompt("scene")
     if method == "text-coarse":
         return request.prompt("coarse")
-    if method in ("copy", "render"):
+    if method in ("copy", "vae", "render"):
         return None
     return request.prompt(prompt)
 
@@ -247,8 +249,10 @@ class WorldGenerator:
             raise IdcraftError(f"instantid_keypoints {instantid_keypoints!r}: choose scene or reference.")
         if steps < 1 or batch_size < 1:
             raise IdcraftError("steps and batch_size must be at least 1.")
-        if method in ("copy", "render"):
+        if method in ("copy", "vae", "render"):
             out = np.stack([self._no_model(method, r) for r in requests]) if requests else self._empty()
+            if method == "vae":
+                out = self._through_vae(out, batch_size)
             if on_batch is not None:
                 on_batch(len(requests))
             return out
@@ -275,6 +279,21 @@ class WorldGenerator:
         if method == "copy":
             return np.asarray(reference_image(request.identity_id), dtype=np.uint8)
         return np.asarray(render(request.identity, request.scene).image, dtype=np.uint8)
+
+    def _through_vae(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        """``images`` encoded (posterior mean) and decoded by the base model's VAE."""
+        import torch
+
+        from .trainers.vae import to_pixels
+
+        vae, out = self.base.vae, []
+        with torch.no_grad():
+            for lo in range(0, len(images), batch_size):
+                pixels = to_pixels(torch.from_numpy(images[lo : lo + batch_size])).to(self.device)
+                latents = vae.encode(pixels).latent_dist.mean
+                decoded = vae.decode(latents).sample.clamp(-1, 1).cpu()
+                out.append(((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        return np.concatenate(out)
 
     def _batch(
         self,
