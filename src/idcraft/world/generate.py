@@ -47,6 +47,8 @@ ADAPTER_METHODS: tuple[str, ...] = ("ip-adapter", "ip-adapter-plus", "faceid", "
 #: Reference points measured beside the adapters (see the module docstring).
 BASELINES: tuple[str, ...] = ("text-scene", "text-coarse", "copy", "vae", "render")
 METHODS: tuple[str, ...] = ADAPTER_METHODS + BASELINES
+#: Baselines that run no diffusion model and read no prompt (their images come from the world's renders).
+RENDERED_BASELINES: tuple[str, ...] = ("copy", "vae", "render")
 PROMPTS: tuple[str, ...] = ("coarse", "scene")
 
 #: Sampling defaults for the miniature SD (arguments everywhere; tune with ``idcraft eval --steps``).
@@ -83,7 +85,7 @@ def prompt_for(method: str, request: Request, prompt: str = "coarse") -> str | N
         return request.prompt("scene")
     if method == "text-coarse":
         return request.prompt("coarse")
-    if method in ("copy", "vae", "render"):
+    if method in RENDERED_BASELINES:
         return None
     return request.prompt(prompt)
 
@@ -249,7 +251,7 @@ class WorldGenerator:
             raise IdcraftError(f"instantid_keypoints {instantid_keypoints!r}: choose scene or reference.")
         if steps < 1 or batch_size < 1:
             raise IdcraftError("steps and batch_size must be at least 1.")
-        if method in ("copy", "vae", "render"):
+        if method in RENDERED_BASELINES:
             out = np.stack([self._no_model(method, r) for r in requests]) if requests else self._empty()
             if method == "vae":
                 out = self._through_vae(out, batch_size)
