@@ -13,8 +13,9 @@ a user runs on real checkpoints, and baselines (:data:`BASELINES`) that bracket 
 * ``text-coarse``: the base model with the caption naming the coarse identity (shape, colour) in words --
   the most text alone can do;
 * ``copy``: the reference image itself -- identity perfect, prompt ignored;
-* ``vae``: that render encoded and decoded by the base model's VAE -- the most any method that draws
-  through this latent space can keep (the ceiling the UNet and the adapters are measured against);
+* ``vae``: the ``render`` below, encoded and decoded by the base model's VAE -- the most any method
+  that draws through this latent space can keep (the ceiling the UNet and the adapters are measured
+  against);
 * ``render``: the world's own render of the identity in the requested scene -- what a perfect model
   would draw (the judge's ceiling; used by ``idcraft eval``).
 
