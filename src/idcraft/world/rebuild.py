@@ -70,11 +70,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         # the adapters' step counts are what fitted the CPU sessions that trained the shipped bundle, not
         # converged values: held-out fine identity (scale 0.75) was still rising for FaceID (0.35 at 1200
         # steps, 0.37 at 2400, 0.39 at 3600) and InstantID (0.28 at 500, 0.34 at 1500, 0.37 at 3000, 0.40 at
-        # 4500, 0.44 at 6000); IP-Adapter and Plus stayed at 0.30 from 800 to 1600 steps
+        # 4500, 0.44 at 6000, 0.45 at 7500, 0.46 at 10500, now nearly flat); IP-Adapter and Plus stayed at
+        # 0.30 from 800 to 1600 steps
         "faceid": {"max_steps": 3600},
         "ip-adapter": {"max_steps": 1600},
         "ip-adapter-plus": {"max_steps": 1600},
-        "instantid": {"max_steps": 6000, "learning_rate": 5e-4},
+        "instantid": {"max_steps": 10_500, "learning_rate": 5e-4},
     },
     "reduced": {
         "renders": {"samples": 2000, "seed": 0},
