@@ -32,3 +32,14 @@ def test_clip_tokenizer_matches_clip_ids(tmp_path):
     assert tok("A Photo of a CAT").input_ids == tok("a photo of a cat").input_ids
     padded = tok("hello", padding="max_length", max_length=77).input_ids
     assert len(padded) == 77 and padded[-1] == 49407
+
+
+def test_tokenizers_built_in_scratch_folders_leave_nothing_behind(tmp_path, monkeypatch):
+    """Every test model builds a tokenizer; each used to leave a folder in the system temp dir."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tok, clip = tiny_tokenizer(), clip_tokenizer()
+    assert list(tmp_path.iterdir()) == []
+    assert tok("a cat").input_ids[1:-1] == [ord("a") + 256, ord("c"), ord("a"), ord("t") + 256]
+    assert clip("a cat").input_ids == [49406, 320, 2368, 49407]

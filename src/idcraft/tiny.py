@@ -41,7 +41,10 @@ def tiny_tokenizer(directory: str | Path | None = None):
     a word is one token. Written to ``directory`` (a temporary one by default) and loaded from there."""
     from transformers import CLIPTokenizer
 
-    directory = Path(directory or tempfile.mkdtemp(prefix="idcraft-tok-"))
+    if directory is None:  # the tokenizer holds its vocabulary in memory, so the folder can go at once
+        with tempfile.TemporaryDirectory(prefix="idcraft-tok-") as scratch:
+            return tiny_tokenizer(scratch)
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     chars = [_bytes_to_unicode()[b] for b in range(256)]
     vocab = {c: i for i, c in enumerate(chars)}

@@ -41,7 +41,10 @@ def clip_tokenizer(directory: str | Path | None = None):
     token), built from the bundled vocabulary into ``directory`` (a temporary folder by default)."""
     from transformers import CLIPTokenizer
 
-    folder = write_clip_tokenizer_files(directory or tempfile.mkdtemp(prefix="idcraft-clip-tok-"))
+    if directory is None:  # the tokenizer holds its vocabulary in memory, so the folder can go at once
+        with tempfile.TemporaryDirectory(prefix="idcraft-clip-tok-") as scratch:
+            return clip_tokenizer(scratch)
+    folder = write_clip_tokenizer_files(directory)
     return CLIPTokenizer.from_pretrained(
         str(folder), bos_token=START, eos_token=END, unk_token=END, pad_token=END, model_max_length=77
     )
