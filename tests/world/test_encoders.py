@@ -11,7 +11,7 @@ from PIL import Image
 from idcraft.faces import ARCFACE, NoFaceError, analyse_reference, get_face_analyser, similarity_transform
 from idcraft.faces.types import FaceError
 from idcraft.world import face_backend, held_out_ids, train_ids
-from idcraft.world.arrays import empty_scenes, render_arrays
+from idcraft.world.arrays import attribute_labels, empty_scenes, render_arrays
 from idcraft.world.face_backend import WorldFaceAnalyser, crop_template, similarity_matrices, warp_crops
 from idcraft.world.trainers.clip_vision import clip_pixels, train_clip_vision
 from idcraft.world.trainers.identity import train_identity
@@ -178,3 +178,21 @@ def test_identity_training_refuses_held_out_ids(tmp_path):
     arrays = render_arrays(2, seed=0, ids=held_out_ids()[:2], workers=1)
     with pytest.raises(ValueError, match="held-out"):
         train_identity(arrays, tmp_path, steps=1, batch_size=2, progress=False)
+
+
+def test_identity_training_learns_the_crowd_beside_the_training_ids(tmp_path):
+    """Crowd ids (beyond the world table) render and train like table ids: their references are drawn
+    and each becomes a class of the ArcFace head."""
+    from idcraft.world.identity import crowd_ids, resolve_identity
+
+    ids = (*FEW_IDS[:4], *crowd_ids(4))
+    arrays = render_arrays(16, seed=3, ids=ids, workers=1)
+    assert set(arrays.identity_ids) <= set(ids) and max(arrays.identity_ids) >= crowd_ids(1)[0]
+    crowd_row = int(np.argmax(arrays.identity_ids >= crowd_ids(1)[0]))
+    expected = attribute_labels(resolve_identity(int(arrays.identity_ids[crowd_row])).attributes())
+    assert arrays.attributes[crowd_row].tolist() == expected
+    held_out = render_arrays(8, seed=4, ids=held_out_ids()[:4], workers=1)
+    result = train_identity(
+        arrays, tmp_path, steps=1, batch_size=8, config=TINY_FACE, progress=False, eval_arrays=held_out
+    )
+    assert result["train_identities"] == len(set(arrays.identity_ids.tolist()))

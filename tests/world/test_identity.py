@@ -71,3 +71,40 @@ def test_identity_validation_and_round_trip():
         Identity(shape="blob", colour="red")
     with pytest.raises(IdcraftError):
         Identity(shape="round", colour="red", pattern="stripes")  # a pattern needs a pattern colour
+
+
+#: Digest of the first 2000 crowd identities (the shipped recogniser trained on the crowd).
+CROWD_DIGEST = "1df745003aa4226a336276285600ee148fd5f61050ce5dd0e5f4a977d79fbd68"
+
+
+def test_crowd_is_pinned_new_and_kept_away_from_the_held_out_ids():
+    from idcraft.world.identity import crowd_identity, crowd_ids, resolve_identity
+
+    crowd = [resolve_identity(i) for i in crowd_ids(2000)]
+    assert [c.id for c in crowd] == list(range(NUM_IDENTITIES, NUM_IDENTITIES + 2000))
+    assert crowd[5] == crowd_identity(5)
+    assert hashlib.sha256(json.dumps([c.to_dict() for c in crowd]).encode()).hexdigest() == CROWD_DIGEST
+    table = {tuple(i.attributes().values()) for i in all_identities()}
+    keys = [tuple(c.attributes().values()) for c in crowd]
+    assert len(set(keys)) == len(keys) and not set(keys) & table
+    held = [identity_from_id(i) for i in HELD_OUT_IDS]
+    assert all(
+        fine_distance(h, c) >= MIN_FINE_DISTANCE
+        for c in crowd
+        for h in held
+        if h.coarse_class == c.coarse_class
+    )
+    assert len({c.coarse_class for c in crowd}) == NUM_CLASSES  # every class is in the crowd
+    for name, values in ATTRIBUTES.items():  # and every value of every attribute
+        assert {c.attributes()[name] for c in crowd} == set(values), name
+    with pytest.raises(IdcraftError):
+        identity_from_id(NUM_IDENTITIES)  # the table stays the table: only renderers resolve crowd ids
+
+
+def test_adapter_datasets_refuse_crowd_ids(tmp_path):
+    from idcraft.world.dataset import write_dataset
+    from idcraft.world.identity import crowd_ids
+
+    with pytest.raises(IdcraftError, match="identity id 960"):
+        write_dataset(tmp_path, 2, ids=crowd_ids(1))
+    assert not (tmp_path / "images").exists()

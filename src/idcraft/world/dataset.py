@@ -33,7 +33,7 @@ from PIL import Image
 
 from ..errors import IdcraftError
 from .captions import caption
-from .identity import NUM_IDENTITIES, identity_from_id, train_ids
+from .identity import NUM_IDENTITIES, identity_from_id, resolve_identity, train_ids
 from .render import Sample, render, render_reference
 from .scene import Scene, random_scene
 
@@ -83,7 +83,7 @@ def sample_for(seed: int, index: int, ids: Sequence[int] | None = None, size: in
     """Sample ``index`` of the dataset with ``seed`` over ``ids`` (default: :func:`train_ids`)."""
     ids = train_ids() if ids is None else ids
     rng = _rng(seed, index)
-    identity = identity_from_id(ids[int(rng.integers(len(ids)))])
+    identity = resolve_identity(ids[int(rng.integers(len(ids)))])
     return render(identity, random_scene(rng), size, rng)
 
 

@@ -42,7 +42,7 @@ from ..face_backend import (
     to_unit_range,
     warp_crops,
 )
-from ..identity import held_out_ids, identity_from_id
+from ..identity import held_out_ids, resolve_identity
 from ..render import render_reference
 from .steps import warmup_cosine
 
@@ -65,7 +65,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 def reference_arrays(ids: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference portraits of ``ids`` with their ground truth: images, keypoints, face boxes."""
-    samples = [render_reference(identity_from_id(int(i)), 64) for i in ids]
+    samples = [render_reference(resolve_identity(int(i)), 64) for i in ids]
     images = np.stack([np.asarray(s.image, dtype=np.uint8) for s in samples])
     kps = np.stack([np.asarray(s.kps, dtype=np.float32) for s in samples])
     boxes = np.asarray([s.face_bbox for s in samples], dtype=np.float32)
