@@ -21,7 +21,7 @@ Ids from ``NUM_IDENTITIES`` on name the **crowd** (:func:`crowd_identity`): furt
 table that only the face recogniser trains on, as ArcFace learns from a hundred thousand people no adapter
 dataset contains. Without them the recogniser only has to tell the 864 training ids apart, which a few
 attributes (colour, tone, eye colour) already do, and its embedding barely carries the rest: a linear
-probe on the held-out references read ears at chance (0.28, chance 0.32) and accessory at 0.54. No crowd
+probe on the held-out references read ears at chance (0.28; majority class 0.32) and accessory at 0.54. No crowd
 identity repeats a table identity or comes closer to a held-out one than table identities are to each
 other, and adapter datasets (:func:`~idcraft.world.dataset.write_dataset`) refuse crowd ids.
 """
@@ -29,6 +29,8 @@ other, and adapter datasets (:func:`~idcraft.world.dataset.write_dataset`) refus
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
@@ -138,11 +140,11 @@ def stable_hash(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def _fine_candidate(coarse_class: int, attempt: int) -> dict[str, str]:
-    """Deterministic pseudo-random fine attributes for a class, one per ``attempt``."""
+def _fine_candidate(*key: object) -> dict[str, str]:
+    """Deterministic pseudo-random fine attributes, one set per ``key`` (the table's: class and attempt)."""
 
     def pick(name: str, values: tuple[str, ...]) -> str:
-        return values[stable_hash("idcraft-world", coarse_class, attempt, name) % len(values)]
+        return values[stable_hash(*key, name) % len(values)]
 
     pattern = pick("pattern", PATTERNS)
     accessory = pick("accessory", ACCESSORIES)
@@ -186,7 +188,7 @@ def _table() -> tuple[Identity, ...]:
         accepted: list[dict[str, str]] = []
         attempt = 0
         while len(accepted) < PER_CLASS:
-            cand = _fine_candidate(c, attempt)
+            cand = _fine_candidate("idcraft-world", c, attempt)
             attempt += 1
             if all(sum(cand[k] != other[k] for k in cand) >= MIN_FINE_DISTANCE for other in accepted):
                 accepted.append(cand)
@@ -203,48 +205,40 @@ def _table() -> tuple[Identity, ...]:
 MAX_CROWD = 1_000_000
 
 
-def _crowd_candidate(draw: int) -> Identity:
-    def pick(name: str, values: tuple[str, ...]) -> str:
-        return values[stable_hash("idcraft-world-crowd", draw, name) % len(values)]
-
-    fine = {name: pick(name, values) for name, values in FINE_ATTRIBUTES.items()}
-    if fine["pattern"] == "plain":
-        fine["pattern_colour"] = "none"
-    elif fine["pattern_colour"] == "none":
-        fine["pattern_colour"] = pick("pattern_colour+", PATTERN_COLOURS[1:])
-    if fine["accessory"] == "none":
-        fine["accessory_colour"] = "none"
-    elif fine["accessory_colour"] == "none":
-        fine["accessory_colour"] = pick("accessory_colour+", ACCESSORY_COLOURS[1:])
-    return Identity(shape=pick("shape", SHAPES), colour=pick("colour", COLOURS), **fine)
-
-
-#: The crowd drawn so far, in id order, and the attribute tuples already taken (table and crowd).
-_crowd: list[Identity] = []
-_taken: set[tuple[str, ...]] = set()
-_draws = [0]
-
-
-def crowd_identity(k: int) -> Identity:
-    """The ``k``-th crowd identity (id ``NUM_IDENTITIES + k``). Hash candidates are drawn in order and
-    accepted when they repeat no table or earlier crowd identity and differ from every held-out identity
-    of their coarse class in at least :data:`MIN_FINE_DISTANCE` fine attributes, so ``k`` always names
-    the same character."""
-    if not 0 <= int(k) < MAX_CROWD:
-        raise IdcraftError(f"crowd identity {k}: expected 0 to {MAX_CROWD - 1}.")
-    if not _taken:
-        _taken.update(tuple(identity.attributes().values()) for identity in _table())
+def _crowd_stream() -> Iterator[Identity]:
+    """Crowd identities in id order: hash draws (shape, colour and fine attributes as the table draws
+    them) that repeat no table or earlier crowd identity and keep :data:`MIN_FINE_DISTANCE` from every
+    held-out identity of their coarse class."""
+    taken = {tuple(identity.attributes().values()) for identity in _table()}
     held = [_table()[i] for i in sorted(HELD_OUT_IDS)]
-    while len(_crowd) <= int(k):
-        cand = _crowd_candidate(_draws[0])
-        _draws[0] += 1
-        key = tuple(cand.attributes().values())
-        if key in _taken or any(
+    accepted = 0
+    for draw in itertools.count():
+        key = ("idcraft-world-crowd", draw)
+        shape = SHAPES[stable_hash(*key, "shape") % len(SHAPES)]
+        colour = COLOURS[stable_hash(*key, "colour") % len(COLOURS)]
+        cand = Identity(shape=shape, colour=colour, **_fine_candidate(*key), id=NUM_IDENTITIES + accepted)
+        attributes = tuple(cand.attributes().values())
+        if attributes in taken or any(
             h.coarse_class == cand.coarse_class and fine_distance(h, cand) < MIN_FINE_DISTANCE for h in held
         ):
             continue
-        _taken.add(key)
-        _crowd.append(Identity(**cand.attributes(), id=NUM_IDENTITIES + len(_crowd)))
+        taken.add(attributes)
+        accepted += 1
+        yield cand
+
+
+#: The crowd drawn so far (in id order) and the stream that extends it (it draws nothing until asked).
+_crowd: list[Identity] = []
+_crowd_draws: Iterator[Identity] = _crowd_stream()
+
+
+def crowd_identity(k: int) -> Identity:
+    """The ``k``-th crowd identity (id ``NUM_IDENTITIES + k``); drawn in order, so ``k`` always names the
+    same character."""
+    if not 0 <= int(k) < MAX_CROWD:
+        raise IdcraftError(f"crowd identity {k}: expected 0 to {MAX_CROWD - 1}.")
+    while len(_crowd) <= int(k):
+        _crowd.append(next(_crowd_draws))
     return _crowd[int(k)]
 
 

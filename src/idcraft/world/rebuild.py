@@ -283,11 +283,11 @@ def _identity(b: Builder, out: Path, s: dict) -> dict:
     from .trainers.identity import train_identity
 
     crowd, samples = s.pop("crowd"), s.pop("samples")
-    if not crowd:
-        return train_identity(b.arrays, out, device=b.device, **s)
-    # the recogniser also learns the crowd (idcraft.world.identity), from renders of its own
-    ids = train_ids() + crowd_ids(crowd)
-    arrays = render_arrays(samples, s["seed"] + 1000, ids=ids, workers=b.workers, cache=b.root / "work")
+    if crowd:  # the recogniser also learns the crowd (idcraft.world.identity), from renders of its own
+        ids = train_ids() + crowd_ids(crowd)
+        arrays = render_arrays(samples, s["seed"] + 1000, ids=ids, workers=b.workers, cache=b.root / "work")
+    else:
+        arrays = b.arrays  # the shared renders (training ids only), rendered only when needed
     return train_identity(arrays, out, device=b.device, **s)
 
 
