@@ -29,6 +29,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from idcraft.instantcharacter.adapter import InstantCharacterAdapter
+from idcraft.instantcharacter.processors import subject_call
 from idcraft.instantcharacter.projector import ProjectorConfig
 
 OFFICIAL = ProjectorConfig(
@@ -110,9 +111,10 @@ def main() -> None:
     def with_subject() -> float:
         """Attaching and detaching happen outside the timed region; the step's subject tokens are
         already made (same ``t`` as the warm-up), so this times the attention branch alone."""
-        adapter.attach(transformer, lambda: t)
+        adapter.attach(transformer)
         try:
-            return timed(lambda: transformer(**call))
+            with subject_call(subject):
+                return timed(lambda: transformer(**call))
         finally:
             adapter.detach()
 
@@ -123,7 +125,7 @@ def main() -> None:
         f"attention ({extra:.2f}B), {args.image_tokens} image + 512 text + 1024 subject tokens, batch 1, "
         f"{args.dtype}, {args.threads} threads"
     )
-    adapter.set_subject(prepared, 0.8)
+    subject = adapter.call(prepared, 0.8, lambda: t)
     with_subject(), bare()  # warm-up; the first also makes (and caches) the subject tokens for t
     a, b = [], []
     for i in range(args.rounds):

@@ -56,11 +56,13 @@ def test_portrait_gives_16_tokens_per_photo(sd15, count):
 
 
 def test_faceid_lora_reaches_every_attention_layer(sd15, reference_image):
-    from idcraft.injection import IPAttnProcessor
+    from idcraft.injection import AdapterRouter, IPAttnProcessor
 
     adapter = random_adapter(sd15.unet, "faceid")
     pipe = IPAdapterPipeline(sd15, adapter)
-    processors = list(sd15.unet.attn_processors.values())
+    routers = list(sd15.unet.attn_processors.values())
+    assert all(isinstance(r, AdapterRouter) and len(r) == 1 for r in routers)
+    processors = [next(iter(r.routes.values())) for r in routers]
     assert all(isinstance(p, IPAttnProcessor) and p.lora_rank for p in processors)
     assert sum(p.has_image for p in processors) == len(processors) // 2
     plain = None

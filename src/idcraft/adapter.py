@@ -17,6 +17,8 @@ from torch import nn
 from .checkpoints import AdapterCheckpoint, load_checkpoint
 from .errors import CheckpointError, IncompatibleAdapterError
 from .injection import (
+    AdapterRouter,
+    CallState,
     ControlNetAttnProcessor,
     IPAttnProcessor,
     TokenLayout,
@@ -230,29 +232,51 @@ class IPAdapter(nn.Module):
                 )
 
     # ----------------------------------------------------------------- attach / detach
+    def call_state(
+        self, scale: float = 1.0, num_tokens: int = 0, regions=None, lora_scale: float = 1.0
+    ) -> CallState:
+        """The per-request values of one generation with this adapter (see :func:`idcraft.injection.adapter_call`)."""
+        return CallState(float(scale), int(num_tokens), tuple(regions) if regions else None, float(lora_scale))
+
     def attach(self, unet: nn.Module, controlnets: Iterable[nn.Module] = ()) -> None:
-        """Put this adapter's processors on ``unet``'s attention layers. ControlNets see the text tokens;
-        for InstantID the first ControlNet is IdentityNet and sees the identity tokens instead (extra
-        ControlNets, pose or depth say, still see the text, as in the official pipeline). The previous
-        processors are remembered and restored by :meth:`detach`."""
+        """Put this adapter's processors on ``unet``'s attention layers, beside any other adapter attached
+        there (each layer gets an :class:`~idcraft.injection.AdapterRouter`; a call says which adapter acts).
+        ControlNets see the text tokens; for InstantID the first ControlNet is IdentityNet and sees the
+        identity tokens instead (extra ControlNets, pose or depth say, still see the text, as in the
+        official pipeline). :meth:`detach` undoes it."""
         self.check_compatible(unet)
         names = attention_layers(unet)
-        targets = [(unet, {names[int(i)]: proc for i, proc in self.layers.items()})]
+        current = unet.attn_processors
+        routers = {}
+        for index, proc in self.layers.items():
+            name = names[int(index)]
+            router = current[name]
+            if not isinstance(router, AdapterRouter):
+                router = AdapterRouter(router)
+            router.add(self.layout, proc)
+            routers[name] = router
+        install(unet, routers)
+        self._attached.append((unet, None))
         for position, net in enumerate(controlnets):
             sees = "image" if self.method.identitynet and position == 0 else "text"
-            targets.append(
-                (net, {name: ControlNetAttnProcessor(self.layout, sees) for name in net.attn_processors})
-            )
-        for model, processors in targets:
-            previous = {name: model.attn_processors[name] for name in processors}
-            install(model, processors)
-            self._attached.append((model, previous))
+            previous = dict(net.attn_processors)
+            install(net, {name: ControlNetAttnProcessor(self.layout, sees) for name in previous})
+            self._attached.append((net, previous))
 
     def detach(self) -> None:
-        """Restore the processors that were in place before :meth:`attach`."""
+        """Take this adapter's processors off the models :meth:`attach` put them on (a layer with no adapter
+        left gets back the processor it had before any)."""
         while self._attached:
             model, previous = self._attached.pop()
-            install(model, previous)
+            if previous is not None:
+                install(model, previous)
+                continue
+            restored = {}
+            for name, proc in model.attn_processors.items():
+                if isinstance(proc, AdapterRouter):
+                    proc.remove(self.layout)
+                    restored[name] = proc if len(proc) else proc.base
+            install(model, restored)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Encoder features of N reference images -> ``[N, tokens, cross_attention_dim]``."""

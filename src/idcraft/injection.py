@@ -17,11 +17,23 @@ attention layer, self-attention included; the same processor carries it, with or
 Layer numbering follows ``unet.attn_processors`` order (down blocks, up blocks, mid block; within a
 transformer block attn1 then attn2), so cross-attention layers have odd indices: the numbering the
 official ``ip_adapter`` state-dict keys use.
+
+**Per-request state.** What one generation needs (the adapter's scale, how many trailing tokens are image
+tokens, the regions of several people) is a :class:`CallState` that travels with the call, in a context
+variable set by :func:`adapter_call` for the duration of one pipeline call: each thread (and each asyncio
+task) sees its own, so requests running at once on one loaded model never see each other's values.
+Nothing about a request is written onto the shared modules. The processors on a UNet are
+:class:`AdapterRouter` s: several adapters can be attached to one UNet at once, and the active call says
+which of them acts (or none: the base model alone). With no active call (training, which runs the UNet
+directly) an adapter attached alone acts with its :class:`TokenLayout` defaults.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +50,56 @@ class Region:
     mask: torch.Tensor  # [H, W], 1 inside the region, at any resolution with the output's aspect ratio
 
 
-@dataclass
+@dataclass(eq=False)
 class TokenLayout:
-    """How many trailing tokens of ``encoder_hidden_states`` are image tokens, and, for several people in
-    one image, which token span belongs to which region (shared by all processors of one adapter and set
-    once per generation, since it depends on the references)."""
+    """An adapter's identity among the processors it owns, and its *training* defaults: how many trailing
+    tokens of ``encoder_hidden_states`` are image tokens when the UNet is called directly with no
+    :func:`adapter_call` active (the training loops set it per batch). Generation never writes it: a call's
+    values travel in its :class:`CallState`."""
 
     num_tokens: int = 0
     regions: list[Region] | None = None
+
+
+@dataclass(frozen=True)
+class CallState:
+    """The per-request values of one generation, read by every processor during that call.
+
+    ``scale`` weighs the image attention (0: the base model); ``num_tokens`` is how many trailing tokens
+    of ``encoder_hidden_states`` are image tokens; ``regions`` places several people; ``lora_scale``
+    weighs FaceID's LoRA (1.0 as released)."""
+
+    scale: float = 1.0
+    num_tokens: int = 0
+    regions: tuple[Region, ...] | None = None
+    lora_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class _ActiveCall:
+    layout: TokenLayout | None  # the adapter acting in this call; None: the base model alone
+    state: CallState = field(default_factory=CallState)
+
+
+_ACTIVE: ContextVar[_ActiveCall | None] = ContextVar("idcraft_adapter_call", default=None)
+
+
+@contextmanager
+def adapter_call(layout: TokenLayout | None, state: CallState | None = None) -> Iterator[CallState]:
+    """Run the enclosed model calls with the adapter owning ``layout`` acting with ``state`` (``None``:
+    the base model alone, whatever is attached). Scoped to the current thread / asyncio task."""
+    state = state or CallState()
+    token = _ACTIVE.set(_ActiveCall(layout, state))
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_call() -> tuple[TokenLayout | None, CallState] | None:
+    """``(layout, state)`` of the call running in this thread/task, or ``None`` outside any call."""
+    call = _ACTIVE.get()
+    return None if call is None else (call.layout, call.state)
 
 
 def regional_attention(
@@ -127,10 +181,15 @@ class IPAttnProcessor(nn.Module):
         self.layout = layout
         self.scale = scale
 
-    def _project(self, linear: nn.Module, lora: str, x: torch.Tensor) -> torch.Tensor:
+    def default_state(self) -> CallState:
+        """The values used when the UNet is called with no :func:`adapter_call` active (training)."""
+        regions = tuple(self.layout.regions) if self.layout.regions else None
+        return CallState(self.scale, self.layout.num_tokens, regions, self.lora_scale)
+
+    def _project(self, linear: nn.Module, lora: str, x: torch.Tensor, lora_scale: float) -> torch.Tensor:
         out = linear(x)
-        if self.lora_rank:
-            out = out + self.lora_scale * getattr(self, lora)(x)
+        if self.lora_rank and lora_scale != 0:
+            out = out + lora_scale * getattr(self, lora)(x)
         return out
 
     def __call__(
@@ -141,8 +200,11 @@ class IPAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         *args,
+        state: CallState | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        state = state if state is not None else self.default_state()
+        lora_scale = state.lora_scale
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -152,7 +214,7 @@ class IPAttnProcessor(nn.Module):
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
 
         text, image = split_image_tokens(
-            encoder_hidden_states, self.layout.num_tokens if self.has_image else 0
+            encoder_hidden_states, state.num_tokens if self.has_image else 0
         )
         batch_size = hidden_states.shape[0] if text is None else text.shape[0]
         sequence_length = hidden_states.shape[1] if text is None else text.shape[1]
@@ -162,7 +224,7 @@ class IPAttnProcessor(nn.Module):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = self._project(attn.to_q, "to_q_lora", hidden_states)
+        query = self._project(attn.to_q, "to_q_lora", hidden_states, lora_scale)
         if text is None:
             text = hidden_states
         elif attn.norm_cross:
@@ -176,21 +238,21 @@ class IPAttnProcessor(nn.Module):
             return x.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
         query_h = heads(query)
-        key = self._project(attn.to_k, "to_k_lora", text)
-        value = self._project(attn.to_v, "to_v_lora", text)
+        key = self._project(attn.to_k, "to_k_lora", text, lora_scale)
+        value = self._project(attn.to_v, "to_v_lora", text, lora_scale)
         hidden_states = F.scaled_dot_product_attention(
             query_h, heads(key), heads(value), attn_mask=attention_mask
         )
         hidden_states = merge(hidden_states)
-        if image is not None and image.shape[1] > 0:
+        if image is not None and image.shape[1] > 0 and state.scale != 0:
             ip_key, ip_value = heads(self.to_k_ip(image)), heads(self.to_v_ip(image))
-            if self.layout.regions:
-                ip_states = regional_attention(query_h, ip_key, ip_value, self.layout.regions)
+            if state.regions:
+                ip_states = regional_attention(query_h, ip_key, ip_value, list(state.regions))
             else:
                 ip_states = F.scaled_dot_product_attention(query_h, ip_key, ip_value)
-            hidden_states = hidden_states + self.scale * merge(ip_states)
+            hidden_states = hidden_states + state.scale * merge(ip_states)
 
-        hidden_states = attn.to_out[1](self._project(attn.to_out[0], "to_out_lora", hidden_states))
+        hidden_states = attn.to_out[1](self._project(attn.to_out[0], "to_out_lora", hidden_states, lora_scale))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
@@ -217,11 +279,76 @@ class ControlNetAttnProcessor:
         self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, *args, **kwargs
     ):
         if encoder_hidden_states is not None:
-            text, image = split_image_tokens(encoder_hidden_states, self.layout.num_tokens)
-            if self.sees == "image" and self.layout.regions:
-                return _regional_context_attention(attn, hidden_states, image, self.layout.regions)
+            call = active_call()
+            # The sequence carries the active call's image tokens, whichever adapter made them.
+            state = call[1] if call is not None else CallState(num_tokens=self.layout.num_tokens)
+            text, image = split_image_tokens(encoder_hidden_states, state.num_tokens)
+            if self.sees == "image" and state.regions:
+                return _regional_context_attention(attn, hidden_states, image, list(state.regions))
             encoder_hidden_states = image if self.sees == "image" else text
         return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+class AdapterRouter(nn.Module):
+    """The processor of one attention layer when adapters are attached: it holds each attached adapter's
+    processor for this layer and, at every call, lets the adapter of the active :func:`adapter_call` act
+    with that call's state. With another adapter's call (or the base model's) active the layer computes
+    plain attention; with no call active, a single attached adapter acts with its training defaults.
+
+    A module, so the adapters' weights stay submodules of the UNet (moved, cast and wrapped with it)."""
+
+    def __init__(self, base: object):
+        super().__init__()
+        self.base = base  # the processor that was in place before any adapter
+        self.routes = nn.ModuleDict()  # keyed "0", "1"... in attach order (stable state-dict names)
+        self._layouts: dict[str, TokenLayout] = {}
+        self._added = 0
+
+    def add(self, layout: TokenLayout, processor: nn.Module) -> None:
+        self.remove(layout)
+        key = str(self._added)
+        self._added += 1
+        self.routes[key] = processor
+        self._layouts[key] = layout
+
+    def remove(self, layout: TokenLayout) -> None:
+        for key, known in list(self._layouts.items()):
+            if known is layout:
+                del self.routes[key], self._layouts[key]
+
+    def __len__(self) -> int:
+        return len(self._layouts)
+
+    def _route(self, layout: TokenLayout | None) -> nn.Module | None:
+        for key, known in self._layouts.items():
+            if known is layout:
+                return self.routes[key]
+        return None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        call = active_call()
+        if call is None:
+            if len(self.routes) == 1:
+                return next(iter(self.routes.values()))(
+                    attn, hidden_states, encoder_hidden_states, attention_mask, temb
+                )
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        layout, state = call
+        processor = self._route(layout)
+        if processor is not None:
+            return processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, state=state)
+        if encoder_hidden_states is not None and attn.is_cross_attention:
+            encoder_hidden_states, _ = split_image_tokens(encoder_hidden_states, state.num_tokens)
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 def _regional_context_attention(

@@ -13,8 +13,10 @@ The algorithm, top to bottom (:meth:`IPAdapterPipeline.__call__`):
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,10 +27,23 @@ from .conditioning import ReferenceTokens, identities_from_photos, identity_toke
 from .encoders import ClipImageEncoder
 from .errors import IdcraftError
 from .images import ImageInput, load_image
+from .injection import adapter_call
 from .models import load_base_pipeline, load_controlnet, load_image_encoder, resolve_device, resolve_dtype
 from .multiperson import keypoint_image, place_faces, region_masks, regions_for
 
-__all__ = ["IPAdapterPipeline", "ReferenceTokens"]
+__all__ = ["BatchItem", "IPAdapterPipeline", "ReferenceTokens"]
+
+
+@dataclass
+class BatchItem:
+    """One image of :meth:`IPAdapterPipeline.batch`: its prompt, reference tokens and noise seed, and for
+    InstantID where its face goes (``keypoints``, output pixels) and any extra ControlNets' images."""
+
+    prompt: str
+    tokens: ReferenceTokens
+    seed: int
+    keypoints: np.ndarray | None = None
+    control_images: Sequence[ImageInput] = ()
 
 
 class IPAdapterPipeline:
@@ -190,20 +205,18 @@ class IPAdapterPipeline:
             if face_embedding is not None:
                 embeddings = [face_embedding] if np.ndim(face_embedding) == 1 else list(face_embedding)
             tokens = self.encode_references(refs, face_embeddings=embeddings, s_scale=s_scale)
-        self.adapter.set_scale(scale)
-        self.adapter.layout.num_tokens = tokens.num_tokens
         faces, canvas = None, None
         if self.method.identitynet or self._several_people(tokens):
             faces, canvas = self._face_layout(keypoints, tokens, width, height)
             width, height = canvas
+        regions = self._regions(tokens, faces, canvas) if self._several_people(tokens) else None
+        state = self.adapter.call_state(scale, tokens.num_tokens, regions)
         embeds = self._prompt_embeddings(prompt, negative_prompt, tokens, num_images)
         extra = self._controlnet_inputs(control_image, controlnet_scale, faces, canvas)
-        self.pipe.set_progress_bar_config(disable=not progress)
+        runner = request_view(self.pipe, progress=progress)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-        try:
-            if self._several_people(tokens):
-                self.adapter.layout.regions = self._regions(tokens, faces, canvas)
-            return self.pipe(
+        with adapter_call(self.adapter.layout, state):
+            return runner(
                 **embeds,
                 guidance_scale=guidance,
                 num_inference_steps=steps,
@@ -212,8 +225,86 @@ class IPAdapterPipeline:
                 height=height,
                 **extra,
             ).images
-        finally:
-            self.adapter.layout.regions = None
+
+    @torch.no_grad()
+    def batch(
+        self,
+        items: Sequence[BatchItem],
+        *,
+        negative_prompt: str = "",
+        scale: float = 1.0,
+        steps: int = 30,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        controlnet_scale: float | Sequence[float] = 1.0,
+        output_type: str = "pil",
+        progress: bool = False,
+    ) -> list:
+        """One image for each item (its own prompt, reference tokens, seed and keypoints) in one pipeline
+        call: what batch jobs and evaluations run on a GPU. Each item draws its noise from its own
+        ``torch.Generator("cpu")``, so its image does not depend on the rest of the batch. The items'
+        tokens must have the same length; several people per image are generated one call each."""
+        if not items:
+            return []
+        counts = {item.tokens.num_tokens for item in items}
+        if len(counts) != 1 or any(self._several_people(item.tokens) for item in items):
+            raise IdcraftError(
+                "a batch needs the same number of image tokens for every item and one person per image; "
+                "generate such requests one at a time."
+            )
+        layouts = [
+            self._face_layout(item.keypoints, item.tokens, width, height)
+            if self.method.identitynet
+            else (None, None)
+            for item in items
+        ]
+        canvases = {canvas for _, canvas in layouts}
+        if len(canvases) > 1:
+            raise IdcraftError(f"the items of a batch must share one output size, got {sorted(canvases)}.")
+        canvas = canvases.pop()
+        if canvas is not None:
+            width, height = canvas
+        text = self.pipe.encode_prompt(
+            prompt=[item.prompt for item in items],
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=[negative_prompt] * len(items),
+        )
+        cond = torch.cat([item.tokens.cond for item in items]).to(text[0])
+        uncond = torch.cat([item.tokens.uncond for item in items]).to(text[1])
+        embeds = {
+            "prompt_embeds": torch.cat([text[0], cond], dim=1),
+            "negative_prompt_embeds": torch.cat([text[1], uncond], dim=1),
+        }
+        if self.is_sdxl:
+            embeds.update(pooled_prompt_embeds=text[2], negative_pooled_prompt_embeds=text[3])
+        extra = {}
+        if self.num_controlnets:
+            per_item = [
+                self._controlnet_inputs(item.control_images, controlnet_scale, faces, canvas)
+                for item, (faces, canvas) in zip(items, layouts, strict=True)
+            ]
+            extra = {"controlnet_conditioning_scale": per_item[0]["controlnet_conditioning_scale"]}
+            if self.num_controlnets == 1:
+                extra["image"] = [e["image"] for e in per_item]
+            else:
+                extra["image"] = [[e["image"][k] for e in per_item] for k in range(self.num_controlnets)]
+        runner = request_view(self.pipe, progress=progress)
+        generators = [torch.Generator("cpu").manual_seed(int(item.seed)) for item in items]
+        state = self.adapter.call_state(scale, counts.pop())
+        with adapter_call(self.adapter.layout, state):
+            return runner(
+                **embeds,
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                generator=generators,
+                width=width,
+                height=height,
+                output_type=output_type,
+                **extra,
+            ).images
 
     def _prompt_embeddings(self, prompt, negative_prompt, tokens: ReferenceTokens, num_images: int) -> dict:
         """The base pipeline's text embeddings with the image tokens appended (negative to negative)."""
@@ -282,7 +373,7 @@ class IPAdapterPipeline:
         Without ``width``/``height`` the output takes the (first) reference's size.
         """
         if keypoints is not None:
-            kps = np.asarray(keypoints, dtype=np.float32).reshape(-1, 5, 2)
+            kps = np.asarray(keypoints).reshape(-1, 5, 2)  # as given: draw_kps computes in their dtype
             if width is None or height is None:
                 raise IdcraftError("--keypoints are in output pixels: give --width and --height with them.")
             return list(kps), (width, height)
@@ -299,13 +390,35 @@ class IPAdapterPipeline:
         canvas = (width or frames[0][0], height or frames[0][1])
         if len({i.photo for i in identities}) > 1:
             return place_faces([i.kps for i in identities], frames, canvas), canvas
-        scale = np.array([canvas[0] / frames[0][0], canvas[1] / frames[0][1]], dtype=np.float32)
-        return [np.asarray(i.kps, dtype=np.float32) * scale for i in identities], canvas
+        if canvas == frames[0]:  # the reference's own keypoints, unchanged (dtype too), as InstantID draws them
+            return [np.asarray(i.kps) for i in identities], canvas
+        scale = np.array([canvas[0] / frames[0][0], canvas[1] / frames[0][1]])
+        return [np.asarray(i.kps) * scale for i in identities], canvas
 
 
 def _append(text: torch.Tensor, image_tokens: torch.Tensor, num_images: int) -> torch.Tensor:
     image_tokens = image_tokens.to(device=text.device, dtype=text.dtype).repeat(num_images, 1, 1)
     return torch.cat([text, image_tokens], dim=1)
+
+
+def request_view(pipe, *, progress: bool = False):
+    """A pipeline of the same class sharing ``pipe``'s models but with a scheduler of its own.
+
+    diffusers pipelines keep a call's state on themselves and their scheduler (timesteps, step index,
+    guidance scale, current timestep), so two requests running at once on one pipeline would overwrite each
+    other's. A view per call costs microseconds and shares every weight."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__init__).parameters
+    components = {k: v for k, v in pipe.components.items() if k in params}
+    components["scheduler"] = copy.deepcopy(pipe.scheduler)
+    options = {k: v for k, v in pipe.config.items() if k in params and k not in components}
+    view = type(pipe)(**components, **options)
+    for name in ("_all_hooks", "_offload_device", "_offload_gpu_id"):  # CPU offloading, if enabled
+        if hasattr(pipe, name):
+            setattr(view, name, getattr(pipe, name))
+    view.set_progress_bar_config(disable=not progress)
+    return view
 
 
 def _as_list(value) -> list:
@@ -326,7 +439,13 @@ def _controlnet_pipeline(pipe, controlnets: list):
         if hasattr(pipe, "text_encoder_2")
         else StableDiffusionControlNetPipeline
     )
-    return cls.from_pipe(pipe, controlnet=controlnets[0] if len(controlnets) == 1 else controlnets)
+    # torch_dtype: without it from_pipe moves every component to float32, upcasting a float16/bfloat16
+    # UNet, VAE and ControlNet while the adapter stays in half precision (dtype mismatch at to_k_ip)
+    return cls.from_pipe(
+        pipe,
+        controlnet=controlnets[0] if len(controlnets) == 1 else controlnets,
+        torch_dtype=pipe.unet.dtype,
+    )
 
 
 def _is_local_dir(path) -> bool:

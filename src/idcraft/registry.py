@@ -19,6 +19,7 @@ Uncond = Literal["zero-embeds", "zero-image", "same-tokens"]
 Inputs = Literal["image", "face", "face+image"]
 Combine = Literal["side-by-side", "average"]
 Base = Literal["sd", "flux"]
+Family = Literal["ip-adapter", "faceid", "instantid", "instantcharacter"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Method:
         base: the base model family, which decides the pipeline that runs the method: ``"sd"`` (SD1.5 /
             SDXL UNet, :class:`idcraft.pipeline.IPAdapterPipeline`) or ``"flux"`` (FLUX.1 transformer,
             :class:`idcraft.instantcharacter.pipeline.InstantCharacterPipeline`).
+        family: the component that loads and runs it (:mod:`idcraft.methods`): ``"ip-adapter"``,
+            ``"faceid"``, ``"instantid"`` or ``"instantcharacter"``.
     """
 
     name: str
@@ -64,6 +67,7 @@ class Method:
     checkpoints: tuple[str, ...] = ()
     aliases: tuple[str, ...] = field(default=())
     base: Base = "sd"
+    family: Family = "ip-adapter"
 
     @property
     def needs_face(self) -> bool:
@@ -129,6 +133,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="faceid",
+            family="faceid",
             projection="faceid-mlp",
             feature=None,
             uncond="zero-embeds",
@@ -142,6 +147,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="faceid-plus",
+            family="faceid",
             projection="faceid-plus",
             feature="penultimate",
             uncond="zero-image",
@@ -155,6 +161,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="faceid-plusv2",
+            family="faceid",
             projection="faceid-plus",
             feature="penultimate",
             uncond="zero-image",
@@ -173,6 +180,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="faceid-portrait",
+            family="faceid",
             projection="faceid-mlp",
             feature=None,
             uncond="zero-embeds",
@@ -193,6 +201,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="instantid",
+            family="instantid",
             projection="resampler",
             feature=None,
             uncond="zero-embeds",
@@ -205,6 +214,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="instantcharacter",
+            family="instantcharacter",
             projection="cross-layer-cross-scale",
             feature=None,
             uncond="same-tokens",

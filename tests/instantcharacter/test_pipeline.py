@@ -35,20 +35,27 @@ def test_scale_zero_is_the_base_pipeline_and_scale_acts(pipe, flux, features):
 
 
 def test_subject_tokens_follow_the_scheduler_timestep(pipe, features):
-    seen = []
+    seen, steps = [], []
     original = pipe.adapter.projector.tokens
 
     def spy(prepared, timestep):
-        seen.append((pipe.pipe.current_timestep.item(), timestep.item(), timestep.dtype))
+        seen.append((timestep.item(), timestep.dtype))
         return original(prepared, timestep)
 
+    def record(module, args, kwargs):  # the pipeline passes the scheduler's t / 1000
+        steps.append(kwargs["timestep"].reshape(-1)[0].item() * 1000)
+
     pipe.adapter.projector.tokens = spy
+    hook = pipe.pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
         pipe("a cat", features=features, scale=0.8, true_cfg=2.0, negative_prompt="dog", **RUN)
     finally:
         del pipe.adapter.projector.tokens
+        hook.remove()
     # once per step (the negative pass reuses them), at t in 0..1000, in the latents' dtype
-    assert len(seen) == 2 and all(t == v and d == torch.float32 for t, v, d in seen)
+    assert len(seen) == 2 and all(d == torch.float32 for _, d in seen)
+    assert len(steps) == 4 and steps[0] == steps[1] and steps[2] == steps[3]
+    assert [t for t, _ in seen] == pytest.approx([steps[0], steps[2]], rel=1e-5)
     assert seen[0][0] > seen[1][0] > 1
 
 

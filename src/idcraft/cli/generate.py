@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..registry import METHODS
 
@@ -92,8 +91,8 @@ def register(subparsers) -> None:
         action="store_true",
         help="run even when the memory estimate printed before loading says it does not fit",
     )
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--prompt", required=True, help="what the image should show")
+    p.add_argument("--negative-prompt", default="", help="what the image should not show")
     p.add_argument(
         "--seed",
         type=int,
@@ -115,9 +114,14 @@ def register(subparsers) -> None:
         help="adapter scale, instantcharacter's subject scale (0 = base model alone). Default: 1.0 "
         "(0.8 for instantcharacter)",
     )
-    p.add_argument("--width", type=int, default=None, help="default: the base model's native size")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="default: the base model's native size (InstantID: the reference's)",
+    )
+    p.add_argument("--height", type=int, default=None, help="default: the base model's native size")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate from the one seed")
     p.add_argument(
         "--controlnet",
         action="append",
@@ -138,7 +142,7 @@ def register(subparsers) -> None:
         type=float,
         action="append",
         metavar="S",
-        help="per ControlNet, in order (default 1.0)",
+        help="per ControlNet, in order (1.0 when left out)",
     )
     p.add_argument(
         "--keypoints",
@@ -155,186 +159,117 @@ def register(subparsers) -> None:
     p.add_argument(
         "--output",
         default="idcraft.png",
-        help="PNG path; several images are numbered NAME-0.png, NAME-1.png ...",
+        help="image path; the extension picks the format (.png, .jpg, .webp); several images are numbered "
+        "NAME-0.png, NAME-1.png ...",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run)
 
 
-def output_paths(output: str, count: int) -> list[Path]:
-    path = Path(output)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(path.suffix + ".png") if path.suffix else path.with_suffix(".png")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
-
-
-def load_embedding(path: str):
-    """A saved embedding (``.npy``), as a flat float32 vector."""
-    import numpy as np
-
-    from ..errors import IdcraftError
-
-    try:
-        vector = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise IdcraftError(
-            f"{path}: cannot read this face embedding ({exc}); expected a .npy array."
-        ) from exc
-    if vector.ndim != 1 and not (vector.ndim == 2 and vector.shape[0] == 1):
-        raise IdcraftError(f"{path}: expected one embedding vector, got an array of shape {vector.shape}.")
-    return vector.reshape(-1).astype(np.float32)
-
-
-def load_keypoints(path: str):
-    """Five ``[x, y]`` pairs from a JSON file (a list, or ``{"kps": [...]}`` as ``idcraft faces --json``
-    writes per face)."""
-    import json
-
-    import numpy as np
-
-    from ..errors import IdcraftError
-
-    try:
-        data = json.loads(open(path, encoding="utf-8").read())
-    except (OSError, ValueError) as exc:
-        raise IdcraftError(
-            f"{path}: cannot read keypoints ({exc}); expected JSON like [[x, y], ... 5 pairs]."
-        ) from exc
-    if isinstance(data, dict):
-        data = data.get("kps", data.get("keypoints"))
-    kps = np.asarray(data, dtype=np.float32) if data is not None else np.zeros(0)
-    if kps.shape != (5, 2):
-        raise IdcraftError(
-            f"{path}: expected five [x, y] pairs (eyes, nose, mouth corners), got shape {kps.shape}."
-        )
-    return kps
-
-
-def save_images(images, output: str) -> None:
-    for image, path in zip(images, output_paths(output, len(images)), strict=False):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(path)
-
-
-def runs_on_flux(args: argparse.Namespace) -> bool:
-    """``--method`` names a FLUX method, or (no ``--method``) ``--base`` is a local FLUX pipeline folder."""
-    from ..instantcharacter.pipeline import is_flux_base
-    from ..registry import get_method
-
-    if args.method:
-        return get_method(args.method).base == "flux"
-    return is_flux_base(args.base) or args.image_encoder_2 is not None
-
-
-def run_instantcharacter(args: argparse.Namespace) -> int:
-    from ..errors import IdcraftError
+def request_from_args(args: argparse.Namespace):
+    """The flags as a :class:`~idcraft.requests.GenerationRequest` (files read, nothing loaded)."""
     from ..images import load_image
-    from ..instantcharacter.pipeline import InstantCharacterPipeline
+    from ..inputs import load_embedding, load_keypoints
+    from ..requests import GenerationRequest
 
-    unused = [
-        flag
-        for flag, value in (
-            ("--face-embedding", args.face_embedding),
-            ("--keypoints", args.keypoints),
-            ("--controlnet", args.controlnet),
-            ("--control-image", args.control_image),
-            ("--multi-person", args.multi_person),
-        )
-        if value
-    ]
-    if unused:
-        raise IdcraftError(f"{', '.join(unused)}: not used by instantcharacter.")
-    if len(args.reference) != 1:
-        raise IdcraftError(f"instantcharacter takes one --reference image ({len(args.reference)} given).")
-    if not args.image_encoder or not args.image_encoder_2:
-        raise IdcraftError(
-            "instantcharacter reads the reference with two encoders: pass --image-encoder SIGLIP_DIR "
-            "(google/siglip-so400m-patch14-384) and --image-encoder-2 DINOV2_DIR (facebook/dinov2-giant)."
-        )
-    reference = load_image(args.reference[0])  # fail on a bad input before loading models
-    pipe = InstantCharacterPipeline.from_pretrained(
-        args.base,
-        args.adapter,
-        args.image_encoder,
-        args.image_encoder_2,
-        device=args.device,
-        dtype=None if args.dtype == "auto" else args.dtype,
-        offload=args.offload,
-        check_memory=not args.skip_memory_check,
-        width=args.width,
-        height=args.height,
-        report=lambda text: print(text, file=sys.stderr),
-    )
-    images = pipe(
-        args.prompt,
-        reference,
-        seed=args.seed,
-        true_cfg=args.true_cfg,
+    return GenerationRequest(
+        prompt=args.prompt,
+        method=args.method,
+        references=[load_image(r) for r in args.reference],  # a bad input fails before models load
+        face_embeddings=[load_embedding(f) for f in args.face_embedding] if args.face_embedding else None,
         negative_prompt=args.negative_prompt,
+        scale=args.scale,
+        s_scale=args.s_scale,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
         width=args.width,
         height=args.height,
         num_images=args.num_images,
+        control_images=[load_image(c) for c in args.control_image],
+        controlnet_scales=args.controlnet_scale,
+        keypoints=load_keypoints(args.keypoints) if args.keypoints else None,
+        multi_person=args.multi_person,
+        face_index=args.face_index,
+        true_cfg=args.true_cfg,
         progress=sys.stderr.isatty(),
-        **method_defaults(args),
     )
-    save_images(images, args.output)
-    return 0
-
-
-def method_defaults(args: argparse.Namespace) -> dict:
-    """``--scale``, ``--steps``, ``--guidance`` where given; each pipeline has its method's defaults."""
-    given = {"scale": args.scale, "steps": args.steps, "guidance": args.guidance}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import IdcraftError
-    from ..images import load_image
-    from ..pipeline import IPAdapterPipeline
+    from dataclasses import replace
 
-    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
-        raise IdcraftError("--num-images and --steps must be at least 1.")
-    if runs_on_flux(args):
-        return run_instantcharacter(args)
-    keypoints = load_keypoints(args.keypoints) if args.keypoints else None
-    references = [load_image(r) for r in args.reference]  # fail on a bad input before loading models
-    embeddings = [load_embedding(f) for f in args.face_embedding or []] or None
-    if not references and embeddings is None:
+    from ..errors import IdcraftError
+    from ..methods import family_of
+    from ..outputs import atomic_save_image, check_output_paths
+    from ..registry import get_method
+    from ..requests import GenerationRequest
+
+    # Checks that need no model come first, in milliseconds: the settings, the method's options, the output.
+    flags = GenerationRequest(
+        prompt=args.prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        scale=args.scale,
+        s_scale=args.s_scale,
+        true_cfg=args.true_cfg,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        controlnet_scales=args.controlnet_scale,
+        face_index=args.face_index,
+    )
+    flags.validate()
+    method = args.method or ("instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None)
+    if method is not None:
+        given = replace(
+            flags,
+            face_embeddings=args.face_embedding,
+            control_images=args.control_image,
+            keypoints=args.keypoints,
+            multi_person=args.multi_person,
+        )
+        family_of(method).check(get_method(method), given)
+    paths = check_output_paths(args.output, args.num_images, overwrite=args.overwrite)
+    request = request_from_args(args)
+    if not request.references and request.face_embeddings is None:
         raise IdcraftError("give at least one --reference image (or, for face methods, --face-embedding).")
-    control = [load_image(c) for c in args.control_image]
-    pipe = IPAdapterPipeline.from_pretrained(
+    from ..engine import Engine
+
+    engine = Engine.from_pretrained(
         args.base,
         args.adapter,
         args.image_encoder,
         method=args.method,
+        image_encoder_2=args.image_encoder_2,
         controlnet=args.controlnet or None,
         device=args.device,
         dtype=None if args.dtype == "auto" else args.dtype,
-    )
-    tokens = pipe.encode_references(
-        references,
-        face_embeddings=embeddings,
-        s_scale=args.s_scale,
-        face_backend=args.face_backend,
-        face_models=args.face_models,
-        face_index=args.face_index,
-        multi_person=args.multi_person,
-    )
-    images = pipe(
-        args.prompt,
-        tokens=tokens,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
+        offload=None if args.offload == "none" else args.offload,
+        check_memory=not args.skip_memory_check,
         width=args.width,
         height=args.height,
-        num_images=args.num_images,
-        control_image=control,
-        controlnet_scale=args.controlnet_scale or [1.0] * len(args.controlnet),
-        keypoints=keypoints,
-        progress=sys.stderr.isatty(),
-        **method_defaults(args),
+        report=lambda text: print(text, file=sys.stderr),
+        face_backend=args.face_backend,
+        face_models=args.face_models,
     )
-    save_images(images, args.output)
+    result = engine.generate(request)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for image, path in zip(result.images, paths, strict=True):
+        atomic_save_image(image, path, overwrite=args.overwrite)
+        print(path)
     return 0
+
+
+def _flux_folder(base: str) -> bool:
+    """Whether ``base`` is a local FLUX pipeline folder (read from its model_index.json, no imports)."""
+    import json
+    from pathlib import Path
+
+    try:
+        index = json.loads((Path(base) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(index.get("_class_name", "")).startswith("Flux")

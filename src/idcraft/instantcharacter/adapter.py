@@ -22,7 +22,7 @@ from torch import nn
 from ..checkpoints import AdapterCheckpoint, load_checkpoint
 from ..errors import CheckpointError, IncompatibleAdapterError
 from .encoders import SubjectFeatures
-from .processors import SubjectAttnProcessor, SubjectState
+from .processors import SubjectAttnProcessor, SubjectCall, SubjectState, active_subject_call
 from .projector import ProjectorConfig, SubjectProjector
 
 _LAYER_KEY = re.compile(
@@ -56,9 +56,6 @@ class InstantCharacterAdapter(nn.Module):
         self.layers = nn.ModuleDict({str(i): p for i, p in sorted(layers.items())})
         self.state = state
         self._attached: list[tuple[nn.Module, dict, object]] = []
-        self._prepared: torch.Tensor | None = None
-        self._timestep_source: TimestepSource | None = None
-        self._cached: tuple[object, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- construction and layout
     @classmethod
@@ -182,17 +179,16 @@ class InstantCharacterAdapter(nn.Module):
             )
 
     # ----------------------------------------------------------------- generation
-    def attach(self, transformer: nn.Module, timestep_source: TimestepSource | None = None) -> None:
+    def attach(self, transformer: nn.Module) -> None:
         """Put a processor on every attention layer of ``transformer`` and a pre-forward hook that makes the
-        subject tokens for each call. ``timestep_source`` returns the scheduler's current timestep
-        (``FluxPipeline.current_timestep``); without one, the hook reads ``timestep * 1000`` from the call."""
+        subject tokens of each call for the active :meth:`call` (see
+        :class:`~idcraft.instantcharacter.processors.SubjectCall`)."""
         self.check_compatible(transformer)
         previous = dict(transformer.attn_processors)
         names = list(previous)
         transformer.set_attn_processor({names[int(i)]: proc for i, proc in self.layers.items()})
         hook = transformer.register_forward_pre_hook(self._before_transformer, with_kwargs=True)
         self._attached.append((transformer, previous, hook))
-        self._timestep_source = timestep_source
 
     def detach(self) -> None:
         """Restore the processors that were in place before :meth:`attach` and remove the hook."""
@@ -201,14 +197,18 @@ class InstantCharacterAdapter(nn.Module):
             hook.remove()
             transformer.set_attn_processor(previous)
 
-    def set_subject(self, prepared: torch.Tensor | None, scale: float) -> None:
-        """Use ``prepared`` (:meth:`SubjectProjector.prepare` output) at ``scale`` from the next call on;
-        ``None`` or scale 0 switches the subject branch off (the base model's output, exactly)."""
-        if prepared is not self._prepared:  # the tokens of a step do not depend on the scale
-            self._cached = None
-        self._prepared = prepared
-        self.state.scale = float(scale)
-        self.state.tokens = None
+    def call(
+        self,
+        prepared: torch.Tensor | None,
+        scale: float,
+        timestep_source: TimestepSource | None = None,
+    ) -> SubjectCall:
+        """One generation's subject: ``prepared`` (:meth:`prepare` output) at ``scale``; ``None`` or scale 0
+        switches the subject branch off (the base model's output, exactly). ``timestep_source`` returns the
+        scheduler's current timestep (``FluxPipeline.current_timestep``); without one, the hook reads
+        ``timestep * 1000`` from the transformer call. Enter it with
+        :func:`~idcraft.instantcharacter.processors.subject_call`."""
+        return SubjectCall(self.state, prepared, float(scale), timestep_source)
 
     def prepare(self, features: SubjectFeatures) -> torch.Tensor:
         """The timestep-independent half of the projector, on the projector's device and dtype."""
@@ -220,26 +220,30 @@ class InstantCharacterAdapter(nn.Module):
             )
 
     def _before_transformer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Before each transformer call: where the text ends, and the subject tokens for its timestep."""
+        """Before each transformer call of an active :meth:`call` of this adapter: where the text ends, and
+        the subject tokens for the call's timestep (kept on the call, never on the adapter)."""
+        call = active_subject_call()
+        if call is None or call.owner is not self.state:
+            return  # training sets the state itself; another adapter's call is not ours
         names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
         inputs = dict(zip(names, args, strict=False))
         inputs.update(kwargs)
-        self.state.text_len = inputs["encoder_hidden_states"].shape[1]
-        if self._prepared is None or self.state.scale == 0:
-            self.state.tokens = None
+        call.text_len = inputs["encoder_hidden_states"].shape[1]
+        if call.prepared is None or call.scale == 0:
+            call.tokens = None
             return
         latents = inputs["hidden_states"]
-        source = self._timestep_source() if self._timestep_source is not None else None
+        source = call.timestep_source() if call.timestep_source is not None else None
         if source is None:  # a direct call: the pipeline passes timestep / 1000
             source = inputs["timestep"].reshape(-1)[:1].float() * 1000
-        if self._cached is None or self._cached[0] is not source:
+        if call.cached is None or call.cached[0] is not source:
             # As the official pipeline: the scheduler's t, cast to the latents' dtype, for the projector.
-            timestep = source.reshape(-1)[:1].to(device=self._prepared.device, dtype=latents.dtype)
+            timestep = source.reshape(-1)[:1].to(device=call.prepared.device, dtype=latents.dtype)
             with torch.no_grad():
-                tokens = self.projector.tokens(self._prepared, timestep)
-            self._cached = (source, tokens)
-        tokens = self._cached[1].to(latents.device)
-        self.state.tokens = tokens.expand(latents.shape[0], -1, -1)
+                tokens = self.projector.tokens(call.prepared, timestep)
+            call.cached = (source, tokens)
+        tokens = call.cached[1].to(latents.device)
+        call.tokens = tokens.expand(latents.shape[0], -1, -1)
 
 
 def _span(indices) -> str:

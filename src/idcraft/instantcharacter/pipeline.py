@@ -38,9 +38,11 @@ from torch import nn
 from ..errors import IdcraftError
 from ..images import ImageInput
 from ..models import _unreachable, resolve_device, resolve_dtype
+from ..pipeline import request_view
 from .adapter import InstantCharacterAdapter
 from .encoders import SubjectEncoder, SubjectFeatures
 from .memory import FLUX_COMPONENTS, MemoryEstimate, estimate_memory
+from .processors import subject_call
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,7 @@ class InstantCharacterPipeline:
         self.offload = offload
         self._device = device
         adapter.to(dtype=dtype).eval()
-        adapter.attach(pipe.transformer, lambda: self.pipe.current_timestep)
+        adapter.attach(pipe.transformer)
         for model in encoder.models:
             model.to(dtype=dtype)
         if offload == "none":
@@ -291,11 +293,11 @@ class InstantCharacterPipeline:
             with self._visiting(self.adapter.projector.heavy_modules):
                 prepared = self.adapter.prepare(features)
             prepared = prepared.to(self.device)
-        self.adapter.set_subject(prepared, scale)
-        self.pipe.set_progress_bar_config(disable=not progress)
+        runner = request_view(self.pipe, progress=progress)
+        call = self.adapter.call(prepared, scale, lambda: runner.current_timestep)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-        try:
-            return self.pipe(
+        with subject_call(call):
+            return runner(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 true_cfg_scale=true_cfg,
@@ -307,8 +309,6 @@ class InstantCharacterPipeline:
                 num_images_per_prompt=num_images,
                 max_sequence_length=max_sequence_length,
             ).images
-        finally:
-            self.adapter.set_subject(None, scale)
 
 
 def _estimate_or_none(base, adapter, image_encoder, image_encoder_2, **kwargs) -> MemoryEstimate | None:

@@ -25,6 +25,9 @@ operation for operation.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +44,46 @@ class SubjectState:
     tokens: torch.Tensor | None = None  # [B, N, ip_width] subject tokens of this denoising step
     text_len: int = 0  # text tokens in front of the image tokens (single-stream blocks see both)
     scale: float = 1.0
+
+
+@dataclass(eq=False)
+class SubjectCall:
+    """One generation's subject, in a context variable for the duration of its pipeline call (each thread
+    and asyncio task sees its own, so requests on one loaded pipeline never share it): whose adapter acts
+    (``owner``: that adapter's :class:`SubjectState`), the projector's prepared half, the scale, where the
+    scheduler's timestep is read, and the tokens of the current step (written by the adapter's hook)."""
+
+    owner: SubjectState
+    prepared: torch.Tensor | None
+    scale: float = 1.0
+    timestep_source: Callable[[], torch.Tensor | None] | None = None
+    tokens: torch.Tensor | None = None
+    text_len: int = 0
+    cached: tuple[object, torch.Tensor] | None = None
+
+
+_SUBJECT_CALL: ContextVar[SubjectCall | None] = ContextVar("idcraft_subject_call", default=None)
+
+
+@contextmanager
+def subject_call(call: SubjectCall) -> Iterator[SubjectCall]:
+    """Run the enclosed transformer calls with ``call``'s subject (see :class:`SubjectCall`)."""
+    token = _SUBJECT_CALL.set(call)
+    try:
+        yield call
+    finally:
+        _SUBJECT_CALL.reset(token)
+
+
+def active_subject_call() -> SubjectCall | None:
+    return _SUBJECT_CALL.get()
+
+
+def current_state(state: SubjectState) -> SubjectState | SubjectCall:
+    """What the processors of the adapter owning ``state`` read now: the active call when it is this
+    adapter's, else the adapter's own state (training sets it directly; idle, it has no tokens)."""
+    call = _SUBJECT_CALL.get()
+    return call if call is not None and call.owner is state else state
 
 
 class HeadRMSNorm(nn.Module):
@@ -105,7 +148,10 @@ class SubjectAttnProcessor(nn.Module):
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         # Single-stream blocks see [text; image]: the subject branch reads the image queries only.
-        subject = self._subject_attention(attn, query, 0 if encoder_hidden_states is not None else None)
+        state = current_state(self.state)
+        subject = self._subject_attention(
+            attn, query, 0 if encoder_hidden_states is not None else None, state
+        )
 
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
@@ -143,28 +189,33 @@ class SubjectAttnProcessor(nn.Module):
                 [text, hidden_states.shape[1] - text], dim=1
             )
             if subject is not None:
-                hidden_states = hidden_states + subject * self.state.scale
+                hidden_states = hidden_states + subject * state.scale
             hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         if subject is not None:
-            text = self.state.text_len
+            text = state.text_len
             # Out of place: the attention output is saved for the backward pass (training).
             hidden_states = torch.cat(
-                [hidden_states[:, :text], hidden_states[:, text:] + subject * self.state.scale], dim=1
+                [hidden_states[:, :text], hidden_states[:, text:] + subject * state.scale], dim=1
             )
         return hidden_states
 
     def _subject_attention(
-        self, attn: nn.Module, query: torch.Tensor, text: int | None
+        self,
+        attn: nn.Module,
+        query: torch.Tensor,
+        text: int | None,
+        state: SubjectState | SubjectCall | None = None,
     ) -> torch.Tensor | None:
         """``Attn(norm_ip_q(q_img), norm_ip_k(to_k_ip(c)), to_v_ip(c))`` as ``[B, L_img, width]``, or None
         when the branch is off. ``text`` is how many leading query positions are text (None: read it from
         the shared state, for single-stream blocks)."""
-        tokens = self.state.tokens
-        if tokens is None or self.state.scale == 0:
+        state = state if state is not None else current_state(self.state)
+        tokens = state.tokens
+        if tokens is None or state.scale == 0:
             return None
-        img_query = query[:, (self.state.text_len if text is None else text) :]
+        img_query = query[:, (state.text_len if text is None else text) :]
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, H*D] -> [B, H, L, D]
             return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)

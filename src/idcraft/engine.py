@@ -1,0 +1,322 @@
+"""The one entry point for generation: load models once, then ``engine.generate(request) -> result``.
+
+:class:`Engine` holds one loaded pipeline per method (several methods may share one base model) and
+dispatches every :class:`~idcraft.requests.GenerationRequest` to its method's family
+(:mod:`idcraft.methods`): check the request, turn its references into conditioning, run the pipeline.
+The command line, the server, batch jobs and the offline world's evaluation all call it.
+
+Nothing about a request is stored on the engine or its models: scale, token counts, regions and the
+scheduler's state travel with the call (:func:`idcraft.injection.adapter_call`,
+:func:`idcraft.pipeline.request_view`), so threads may call :meth:`Engine.generate` at once on one engine
+and each gets exactly the images it would get alone. Conditioning (:meth:`Engine.encode`) can be computed
+once and reused across prompts, seeds and scales -- the server's identity cache keeps it.
+
+    >>> engine = Engine.from_pretrained("./stable-diffusion-v1-5", "./ip-adapter_sd15.bin", "./image_encoder")
+    >>> result = engine.generate(GenerationRequest("a dog on the moon", references=["dog.jpg"], seed=1))
+    >>> result.images[0].save("dog_moon.png")
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import IdcraftError
+from .methods import FaceSettings, family_of
+from .registry import Method, get_method
+from .requests import GenerationRequest, GenerationResult, Limits
+
+__all__ = ["Conditioning", "Engine", "GenerationRequest", "GenerationResult", "Limits"]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A request's references turned into what its method reads (image tokens, identity tokens, or
+    InstantCharacter's encoder features), tagged with the method that made them."""
+
+    method: str
+    value: Any
+
+
+class Engine:
+    """Loaded pipelines by method, and generation through them (see the module docstring).
+
+    Build it with :meth:`from_pretrained` (one method from paths or hub ids) or from pipelines you hold:
+    ``Engine({"ip-adapter": ip_pipe, "faceid": faceid_pipe})``. ``face_backend``/``face_models`` say how
+    faces are found in reference photos (an ArcFace recogniser for the official face methods).
+    """
+
+    def __init__(
+        self,
+        pipelines: Mapping[str, Any] | Sequence[Any],
+        *,
+        face_backend: str = "insightface",
+        face_models: str | os.PathLike | None = None,
+        limits: Limits | None = None,
+    ):
+        if not isinstance(pipelines, Mapping):
+            pipelines = {_method_of(p).name: p for p in pipelines}
+        if not pipelines:
+            raise IdcraftError("an engine needs at least one loaded method.")
+        self._pipelines: dict[str, Any] = {}
+        for name, pipe in pipelines.items():
+            method = get_method(name)
+            if _method_of(pipe).name != method.name:
+                raise IdcraftError(f"the pipeline given for {method.name} runs {_method_of(pipe).name}.")
+            self._pipelines[method.name] = pipe
+        self.faces = FaceSettings(face_backend, face_models)
+        self.limits = limits or Limits()
+        # Offloading moves weights between devices around a call: such pipelines take one call at a time.
+        self._locks = {name: threading.Lock() for name, pipe in self._pipelines.items() if _offloads(pipe)}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        adapter: str | os.PathLike,
+        image_encoder: str | os.PathLike | None = None,
+        *,
+        method: str | None = None,
+        image_encoder_2: str | os.PathLike | None = None,
+        controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        device: str | None = None,
+        dtype: Any = None,
+        offload: str | None = None,
+        check_memory: bool = True,
+        width: int | None = None,
+        height: int | None = None,
+        report: Any = None,
+        face_backend: str = "insightface",
+        face_models: str | os.PathLike | None = None,
+        limits: Limits | None = None,
+    ) -> Engine:
+        """Load one method: a base model (SD1.5, SDXL or FLUX.1), its adapter file in the official layout
+        and the encoders it reads; the method comes from ``method`` or the files. Everything is checked
+        against everything else before the base model's weights are read."""
+        chosen = _choose_method(method, base, image_encoder_2)
+        family = family_of(chosen) if chosen is not None else family_of("ip-adapter")
+        if family.name != "instantcharacter" and (offload not in (None, "none") or image_encoder_2):
+            given = "--image-encoder-2" if image_encoder_2 else f"--offload {offload}"
+            raise IdcraftError(f"{given}: used by instantcharacter (FLUX.1) only.")
+        pipe = family.load(
+            base,
+            adapter,
+            image_encoder,
+            method=None if chosen is None else chosen.name,
+            image_encoder_2=image_encoder_2,
+            controlnet=controlnet,
+            device=device,
+            dtype=dtype,
+            offload=offload,
+            check_memory=check_memory,
+            width=width,
+            height=height,
+            report=report,
+        )
+        return cls([pipe], face_backend=face_backend, face_models=face_models, limits=limits)
+
+    # ------------------------------------------------------------------ what is loaded
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self._pipelines)
+
+    def pipeline(self, method: str | None = None):
+        """The loaded pipeline of ``method`` (default: the engine's only method)."""
+        return self._pipelines[self._method_name(method)]
+
+    def _method_name(self, requested: str | None) -> str:
+        if requested is None:
+            if len(self._pipelines) > 1:
+                raise IdcraftError(
+                    f"this engine serves several methods: name one of {', '.join(self.methods)}."
+                )
+            return next(iter(self._pipelines))
+        name = get_method(requested).name
+        if name not in self._pipelines:
+            raise IdcraftError(f"method {name!r} is not loaded here; loaded: {', '.join(self.methods)}.")
+        return name
+
+    def prepare(self, request: GenerationRequest) -> tuple[Method, GenerationRequest]:
+        """The request's method and the request with that method's defaults, checked: an unknown method,
+        an option the method does not read, or a size the base model cannot make is refused here."""
+        request.validate(self.limits)
+        name = self._method_name(request.method)
+        method = get_method(name)
+        family = family_of(method)
+        family.check(method, request)
+        request = replace(request, method=name).with_defaults(family.defaults)
+        factor = _size_factor(self._pipelines[name])
+        for side in ("width", "height"):
+            value = getattr(request, side)
+            if value is not None and value % factor:
+                raise IdcraftError(
+                    f"--{side} {value} is not a multiple of {factor}, which {name}'s base model needs "
+                    f"(try {max(factor, value // factor * factor)})."
+                )
+        return method, request
+
+    # ------------------------------------------------------------------ generation
+    def encode(self, request: GenerationRequest) -> Conditioning:
+        """The request's references (or face embeddings) as its method's conditioning; reuse it across
+        requests with ``GenerationRequest(conditioning=...)`` to skip the encoders and face analysis."""
+        method, request = self.prepare(request)
+        return self._encode(method, request)
+
+    def _encode(self, method: Method, request: GenerationRequest) -> Conditioning:
+        if request.conditioning is not None:
+            given = request.conditioning
+            if isinstance(given, Conditioning):
+                if given.method != method.name:
+                    raise IdcraftError(
+                        f"the conditioning was made for {given.method}, not {method.name}: encode the "
+                        "references with this method."
+                    )
+                return given
+            return Conditioning(method.name, given)
+        value = family_of(method).encode(self._pipelines[method.name], request, self.faces)
+        return Conditioning(method.name, value)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run one request: its images, and the seed, settings, timings and warnings that went with them."""
+        start = time.perf_counter()
+        method, request = self.prepare(request)
+        if request.seed is None:
+            request = replace(request, seed=secrets.randbits(63))
+        family = family_of(method)
+        pipe = self._pipelines[method.name]
+        with self._lock(method.name):
+            conditioning = self._encode(method, request)
+            encoded = time.perf_counter()
+            images = family.run(pipe, request, conditioning.value)
+        done = time.perf_counter()
+        return GenerationResult(
+            images=list(images),
+            method=method.name,
+            seed=request.seed,
+            settings=_settings(request),
+            timings={
+                "encode_s": 0.0 if request.conditioning is not None else encoded - start,
+                "generate_s": done - encoded,
+                "total_s": done - start,
+            },
+            warnings=family.warnings(pipe, request),
+        )
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """One image for each request, the requests run together in one pipeline call where the method
+        allows it (SD families: same method, size and settings, one image and one person each; each
+        request's noise comes from its own seed, so its image does not depend on the batch). Anything
+        else runs one request at a time."""
+        if not requests:
+            return []
+        start = time.perf_counter()
+        prepared = [self.prepare(r) for r in requests]
+        method = prepared[0][0]
+        family = family_of(method)
+        shared = {
+            (
+                m.name,
+                r.negative_prompt,
+                r.scale,
+                r.steps,
+                r.guidance,
+                r.width,
+                r.height,
+                tuple(r.controlnet_scales or ()),
+                r.num_images,
+                r.multi_person,
+            )
+            for m, r in prepared
+        }
+        if (
+            len(shared) > 1
+            or not hasattr(family, "run_batch")
+            or method.base != "sd"
+            or requests[0].num_images != 1
+        ):
+            return [self.generate(r) for r in requests]
+        ready = [replace(r, seed=secrets.randbits(63)) if r.seed is None else r for _, r in prepared]
+        pipe = self._pipelines[method.name]
+        with self._lock(method.name):
+            conditionings = [self._encode(method, r).value for r in ready]
+            encoded = time.perf_counter()
+            images = family.run_batch(pipe, ready, conditionings)
+        done = time.perf_counter()
+        timings = {"encode_s": encoded - start, "generate_s": done - encoded, "total_s": done - start}
+        return [
+            GenerationResult(
+                [image], method.name, r.seed, _settings(r), dict(timings), family.warnings(pipe, r)
+            )
+            for image, r in zip(images, ready, strict=True)
+        ]
+
+    def _lock(self, method: str):
+        return self._locks.get(method) or _NO_LOCK
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
+
+
+def _method_of(pipe) -> Method:
+    method = getattr(pipe, "method", None)
+    if isinstance(method, Method):
+        return method
+    if type(pipe).__name__ == "InstantCharacterPipeline":
+        return get_method("instantcharacter")
+    raise IdcraftError(f"{type(pipe).__name__} is not an idcraft pipeline.")
+
+
+def _offloads(pipe) -> bool:
+    return getattr(pipe, "offload", "none") not in (None, "none")
+
+
+def _size_factor(pipe) -> int:
+    """Output sides must be multiples of this: the VAE's factor (x2 for FLUX's packed latents)."""
+    inner = getattr(pipe, "pipe", pipe)
+    factor = int(getattr(inner, "vae_scale_factor", 8))
+    return factor * 2 if _method_of(pipe).base == "flux" else factor
+
+
+def _choose_method(method: str | None, base, image_encoder_2) -> Method | None:
+    """The requested method, or InstantCharacter when the base is a FLUX folder or a DINOv2 encoder is
+    given; ``None`` lets the SD loader detect the method from the adapter file."""
+    if method is not None:
+        return get_method(method)
+    from .instantcharacter.pipeline import is_flux_base
+
+    if is_flux_base(base) or image_encoder_2 is not None:
+        return get_method("instantcharacter")
+    return None
+
+
+def _settings(request: GenerationRequest) -> dict[str, Any]:
+    keep = (
+        "method",
+        "prompt",
+        "negative_prompt",
+        "scale",
+        "seed",
+        "steps",
+        "guidance",
+        "width",
+        "height",
+        "num_images",
+        "s_scale",
+        "true_cfg",
+        "multi_person",
+        "face_index",
+    )
+    return {k: getattr(request, k) for k in keep}

@@ -1,0 +1,200 @@
+"""What one generation asks for and what it gives back: plain data, checked before any model loads.
+
+:class:`GenerationRequest` is the one request shape of :class:`idcraft.engine.Engine` -- the command line,
+the server, batch jobs and the offline world's evaluation all build one. :meth:`GenerationRequest.validate`
+runs the checks that need no model (finite numbers, sizes, seeds, counts) in microseconds, so a mistake
+is reported before torch is even imported; checks that depend on the loaded base model (its size factor)
+run in the engine. Importing this module imports neither torch nor diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import IdcraftError
+
+#: Request fields only some methods read (each family lists the ones it reads); the rest are common.
+METHOD_OPTIONS: dict[str, Any] = {
+    "face_embeddings": None,
+    "s_scale": 1.0,
+    "control_images": (),
+    "controlnet_scales": None,
+    "keypoints": None,
+    "multi_person": False,
+    "face_index": 0,
+    "true_cfg": 1.0,
+}
+
+#: Largest seed ``torch.Generator.manual_seed`` takes.
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request: a server sets them from its config, the command line uses the defaults.
+
+    ``max_pixels`` bounds width x height of one image (the default allows 2048 x 2048, four times SDXL's
+    native size; memory grows with it), ``max_side`` either side, ``max_steps`` the denoising steps and
+    ``max_images`` the images of one request."""
+
+    max_pixels: int = 2048 * 2048
+    max_side: int = 4096
+    max_steps: int = 500
+    max_images: int = 16
+    max_references: int = 16
+    max_prompt_chars: int = 4000
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: a prompt, the subject (reference images, saved face embeddings, or conditioning
+    already computed by :meth:`idcraft.engine.Engine.encode`), and the settings.
+
+    ``None`` settings take the method's defaults (30 steps, guidance 7.5, scale 1.0 for the SD families;
+    28, 3.5 and 0.8 for InstantCharacter). ``seed`` seeds ``torch.Generator("cpu")`` as diffusers and the
+    official code do (``None``: a random seed, reported in the result). ``keypoints`` are five ``[x, y]``
+    per face in output pixels (InstantID; several people). Options a method does not read are refused
+    by the engine rather than ignored.
+    """
+
+    prompt: str
+    method: str | None = None
+    references: Sequence[Any] = ()
+    face_embeddings: Sequence[Any] | None = None
+    conditioning: Any = None
+    negative_prompt: str = ""
+    scale: float | None = None
+    s_scale: float = 1.0
+    seed: int | None = 0
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    control_images: Sequence[Any] = ()
+    controlnet_scales: Sequence[float] | None = None
+    keypoints: Any = None
+    multi_person: bool = False
+    face_index: int = 0
+    true_cfg: float = 1.0
+    progress: bool = False
+
+    def with_defaults(self, defaults: dict[str, Any]) -> GenerationRequest:
+        """A copy with every ``None`` setting named in ``defaults`` filled in."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def validate(self, limits: Limits | None = None) -> None:
+        """Raise :class:`IdcraftError` for values no model could run: checked before anything loads."""
+        limits = limits or Limits()
+        if not isinstance(self.prompt, str):
+            raise IdcraftError("prompt must be text.")
+        if len(self.prompt) > limits.max_prompt_chars:
+            raise IdcraftError(
+                f"the prompt is {len(self.prompt)} characters; at most {limits.max_prompt_chars} are accepted."
+            )
+        for name in ("scale", "s_scale", "guidance", "true_cfg"):
+            value = getattr(self, name)
+            if value is not None and not _finite(value):
+                raise IdcraftError(f"{_flag(name)} must be a finite number, got {value!r}.")
+        if self.guidance is not None and self.guidance < 0:
+            raise IdcraftError(f"--guidance must be 0 or more, got {self.guidance:g}.")
+        if self.true_cfg < 1:
+            raise IdcraftError(f"--true-cfg must be at least 1 (1 = off), got {self.true_cfg:g}.")
+        for scale in self.controlnet_scales or ():
+            if not _finite(scale):
+                raise IdcraftError(f"--controlnet-scale must be a finite number, got {scale!r}.")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise IdcraftError(f"--seed must be a whole number from 0 to 2**64-1, got {self.seed!r}.")
+        _count("--steps", self.steps, limits.max_steps)
+        _count("--num-images", self.num_images, limits.max_images)
+        if not isinstance(self.face_index, int) or self.face_index < 0:
+            raise IdcraftError(
+                f"--face-index must be 0 or more (0 = the largest face), got {self.face_index!r}."
+            )
+        if len(self.references) > limits.max_references:
+            raise IdcraftError(
+                f"{len(self.references)} references given; at most {limits.max_references} are accepted."
+            )
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 8:
+                raise IdcraftError(f"--{name} must be a whole number of pixels, at least 8, got {value!r}.")
+            if value > limits.max_side:
+                raise IdcraftError(f"--{name} {value} is over the limit of {limits.max_side} pixels.")
+        if (
+            self.width is not None
+            and self.height is not None
+            and self.width * self.height > limits.max_pixels
+        ):
+            raise IdcraftError(
+                f"{self.width}x{self.height} is {self.width * self.height / 1e6:.1f} megapixels, over the limit of "
+                f"{limits.max_pixels / 1e6:.1f}: the latents, attention and VAE decode grow with it. Generate "
+                "smaller and upscale, or raise the limit."
+            )
+        if self.keypoints is not None:
+            _check_keypoints(self.keypoints)
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request and what was used to make them: the method, the seed (the random one
+    drawn when the request had none), every setting after defaults, seconds per stage, and warnings
+    (a prompt cut at the text encoder's length, say)."""
+
+    images: list
+    method: str
+    seed: int | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _count(flag: str, value: Any, limit: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise IdcraftError(f"{flag} must be a whole number, at least 1, got {value!r}.")
+    if value > limit:
+        raise IdcraftError(f"{flag} {value} is over the limit of {limit}.")
+
+
+def _check_keypoints(keypoints: Any) -> None:
+    """Five finite ``[x, y]`` per face, as nested lists or an array."""
+    flat = _flatten(keypoints)
+    if not flat or len(flat) % 10:
+        raise IdcraftError(
+            "keypoints must be five [x, y] pairs per face (eyes, nose, mouth corners), in output pixels."
+        )
+    if not all(_finite(float(v)) if _is_number(v) else False for v in flat):
+        raise IdcraftError("keypoints must be finite numbers (a NaN or infinite value was given).")
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _flatten(value: Any) -> list:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _flatten(item)]
+    return [value]
