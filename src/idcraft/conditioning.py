@@ -117,7 +117,8 @@ def identity_tokens(
     mean of the normalised embeddings renormalised; FaceID-Plus's perceiver then reads the CLIP tokens of
     all the face crops together. ``combine="side-by-side"`` (Portrait): each photo gives its own tokens.
     The unconditional branch projects a zero embedding (and, for FaceID-Plus, CLIP features of a zero
-    image), as the official code does. ``per_person``: every identity is a different person and keeps
+    image), as the official code does: in a separate call for FaceID, in one batch ``[zeros; embedding]``
+    for InstantID. ``per_person``: every identity is a different person and keeps
     its own tokens, whatever the method's ``combine``.
     """
     method = adapter.method
@@ -136,9 +137,12 @@ def identity_tokens(
     zeros = torch.zeros_like(vectors)
 
     if method.inputs == "face":
-        return ReferenceTokens(
-            _side_by_side(adapter.project(vectors)), _side_by_side(adapter.project(zeros)), list(identities)
-        )
+        if method.identitynet:  # InstantID: one Resampler call on [zeros; embeddings], split, as its pipeline
+            both = adapter.project(torch.cat([zeros, vectors]))
+            uncond, cond = both[: len(vectors)], both[len(vectors) :]
+        else:  # FaceID: two calls, embeddings then zeros, as ip_adapter_faceid.py does
+            cond, uncond = adapter.project(vectors), adapter.project(zeros)
+        return ReferenceTokens(_side_by_side(cond), _side_by_side(uncond), list(identities))
 
     if encoder is None:
         raise IdcraftError(f"{method.name} also reads CLIP features of the face crop: give an image encoder.")
@@ -165,6 +169,7 @@ def identities_from_photos(
     face_models: str | None = None,
     face_index: int = 0,
     every_face: bool = False,
+    resize: bool = True,
 ) -> list[Identity]:
     """Identity inputs for ``method`` from reference photos and/or saved embeddings.
 
@@ -174,14 +179,16 @@ def identities_from_photos(
     recogniser's embedding is refused with a message saying what to use. Keypoints come from the same
     analysis, or from the offline default detector when the embeddings were given. FaceID-Plus also gets
     each face aligned to the ArcFace template at 224 px. InstantID first resizes each photo with its
-    official rule (:func:`idcraft.faces.resize_img`); its keypoints are in that image.
+    official rule (:func:`idcraft.faces.resize_img`); its keypoints are in that image. ``resize=False``
+    skips that rule (it targets SDXL's 1024 px; on an SD1.5-shaped base, such as the offline world's, it
+    would blow a reference up far past the model's size).
 
     ``every_face``: one photo with several people gives one identity per face (largest first) instead of
     the face at ``face_index``.
     """
     from .faces import require_arcface, resize_img
 
-    if method.identitynet:
+    if method.identitynet and resize:
         photos = [resize_img(p) for p in photos]
     if embeddings is None and not photos:
         raise IdcraftError(f"{method.name} needs reference photos or --face-embedding files.")

@@ -284,10 +284,11 @@ def _offloads(pipe) -> bool:
 
 
 def _size_factor(pipe) -> int:
-    """Output sides must be multiples of this: the VAE's factor (x2 for FLUX's packed latents)."""
+    """Output sides must be multiples of this: 8 for diffusers' SD pipelines (or the VAE's factor when
+    larger), twice the VAE's factor for FLUX's packed latents."""
     inner = getattr(pipe, "pipe", pipe)
     factor = int(getattr(inner, "vae_scale_factor", 8))
-    return factor * 2 if _method_of(pipe).base == "flux" else factor
+    return factor * 2 if _method_of(pipe).base == "flux" else max(8, factor)
 
 
 def _choose_method(method: str | None, base, image_encoder_2) -> Method | None:

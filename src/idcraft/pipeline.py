@@ -121,6 +121,7 @@ class IPAdapterPipeline:
     def method(self):
         return self.adapter.method
 
+
     def encode_references(
         self,
         references: Sequence[ImageInput] = (),
@@ -153,6 +154,7 @@ class IPAdapterPipeline:
             face_models=face_models,
             face_index=face_index,
             every_face=multi_person and len(images) == 1,
+            resize=self.is_sdxl,  # InstantID's rule is for SDXL; an SD1.5-shaped base keeps the photo's size
         )
         return identity_tokens(
             self.adapter, identities, self.encoder, s_scale=s_scale, per_person=multi_person

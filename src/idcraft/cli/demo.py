@@ -1,4 +1,4 @@
-"""``idcraft demo``: the main job on the bundled offline world (see :mod:`idcraft.demo`)."""
+"""``idcraft demo``: the main job on the bundled offline world (see :mod:`idcraft.world.demo`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DEMO_STEPS, run_demo
+    from ..world.demo import DEMO_STEPS, run_demo
     from ..errors import IdcraftError
 
     steps = DEMO_STEPS if args.steps is None else args.steps

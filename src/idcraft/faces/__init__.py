@@ -16,10 +16,12 @@ from __future__ import annotations
 from ..errors import FaceError
 from .align import ARCFACE_TEMPLATE, arcface_template, estimate_norm, norm_crop, similarity_transform
 from .analyser import (
-    BACKENDS,
+    BUILTIN_BACKENDS,
     analyse_reference,
     analyse_references,
+    backend_names,
     get_face_analyser,
+    register_face_backend,
     select_face,
     shared_face_analyser,
 )
@@ -32,7 +34,9 @@ __all__ = [
     "ARCFACE",
     "ARCFACE_DIM",
     "ARCFACE_TEMPLATE",
-    "BACKENDS",
+    "BUILTIN_BACKENDS",
+    "backend_names",
+    "register_face_backend",
     "DLIB_RESNET",
     "KEYPOINT_NAMES",
     "KPS_COLORS",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,40 @@ from ..errors import FaceError
 from ..images import ImageInput, load_image
 from .types import Face, FaceAnalyser, NoFaceError
 
-#: Backend names accepted by :func:`get_face_analyser` and ``idcraft faces --backend``.
-BACKENDS = ("default", "insightface", "world")
+#: Backends built into the library; others register themselves (:func:`register_face_backend`) or are
+#: found through the ``idcraft.face_backends`` entry-point group (the offline world's ``"world"`` is).
+BUILTIN_BACKENDS = ("default", "insightface")
+ENTRY_POINT_GROUP = "idcraft.face_backends"
+
+_registered: dict[str, Callable[..., FaceAnalyser]] = {}
+
+
+def register_face_backend(name: str, factory: Callable[..., FaceAnalyser]) -> None:
+    """Make ``factory(models_dir, **options)`` available as face backend ``name`` (``--face-backend NAME``)."""
+    if name in BUILTIN_BACKENDS:
+        raise ValueError(f"{name!r} is a built-in face backend.")
+    _registered[name] = factory
+
+
+def _plugin(name: str) -> Callable[..., FaceAnalyser] | None:
+    """A registered backend, or one declared by an installed package under :data:`ENTRY_POINT_GROUP`."""
+    if name in _registered:
+        return _registered[name]
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name == name:
+            _registered[name] = entry.load()
+            return _registered[name]
+    return None
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every face backend name that can be used here: built-in, registered and installed."""
+    from importlib.metadata import entry_points
+
+    names = [*BUILTIN_BACKENDS, *_registered, *(e.name for e in entry_points(group=ENTRY_POINT_GROUP))]
+    return tuple(dict.fromkeys(names))
 
 _shared: dict[tuple[Any, ...], FaceAnalyser] = {}
 _shared_lock = threading.Lock()
@@ -37,10 +69,10 @@ def get_face_analyser(
     ArcFace-compatible. ``"insightface"``: an insightface model pack (``models_dir``, else
     ``~/.insightface/models/{antelopev2,buffalo_l}``; ``pack=`` picks one) run with onnxruntime on
     ``providers`` (default CUDA when available, else CPU); ArcFace embeddings for FaceID/InstantID.
-    ``"world"``: the offline world's character detector + recogniser (:mod:`idcraft.world.face_backend`;
-    ``models_dir``: its ``identity/`` folder or a bundle holding one, default the bundled models), whose
-    embeddings play ArcFace's part inside the world only. Other keyword options go to the backend's
-    constructor.
+    Other names are registered backends (:func:`register_face_backend`, or installed under the
+    ``idcraft.face_backends`` entry points), e.g. ``"world"``: the offline world's character detector +
+    recogniser, whose embeddings play ArcFace's part inside the world only. Other keyword options go to
+    the backend's constructor.
     """
     if backend == "default":
         if models_dir is not None or providers is not None:
@@ -55,15 +87,12 @@ def get_face_analyser(
         from .insightface_pack import InsightFacePackAnalyser
 
         return InsightFacePackAnalyser(models_dir, providers=providers, **options)
-    if backend == "world":
-        if providers is not None:
-            raise FaceError(
-                "providers (--providers) apply to the insightface backend; the world backend runs torch."
-            )
-        from ..world.face_backend import WorldFaceAnalyser
-
-        return WorldFaceAnalyser(models_dir, **options)
-    raise FaceError(f"unknown face backend {backend!r}; choose one of: {', '.join(BACKENDS)}.")
+    factory = _plugin(backend)
+    if factory is None:
+        raise FaceError(f"unknown face backend {backend!r}; choose one of: {', '.join(backend_names())}.")
+    if providers is not None:
+        raise FaceError(f"providers (--providers) apply to the insightface backend, not to {backend!r}.")
+    return factory(models_dir, **options)
 
 
 def shared_face_analyser(

@@ -109,6 +109,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     resume: bool = False
+    overwrite: bool = False  # replace a finished run (or an abandoned one's checkpoints) in `output`
     formats: tuple[str, ...] = ("safetensors",)
     export_dtype: ExportDtype = "fp32"  # the written adapter files (official releases are fp16)
 
@@ -123,6 +124,9 @@ class TrainConfig:
     sample_guidance: float = 7.5
     sample_seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific settings
+    #: filled in by the trainer: a cheap fingerprint of what `data` held (see
+    #: :func:`~idcraft.training.data.data_fingerprint`), recorded in config.json and checked on --resume
+    data_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)  # type: ignore[assignment]
@@ -258,9 +262,9 @@ def face_backends() -> tuple[str, ...]:
     """The face analysis backends :mod:`idcraft.faces` knows, read when validating (not a copy that could
     fall behind when a backend is added). Whether a backend's embeddings can train (ArcFace) is checked
     when the face data is built."""
-    from ..faces.analyser import BACKENDS
+    from ..faces.analyser import backend_names
 
-    return tuple(BACKENDS)
+    return backend_names()
 
 
 def read_config_file(path: str | os.PathLike) -> Mapping[str, Any]:
@@ -303,4 +307,50 @@ def check_resumable(saved: Mapping[str, Any], current: TrainConfig) -> None:
             "cannot resume: settings that determine the computation changed since the checkpoint ("
             + "; ".join(changed)
             + "). Restore them, or start a new run in another --output folder."
+        )
+
+
+def _same_location(a: str | None, b: str | None) -> bool:
+    """Whether two model/data references name the same thing: equal strings, or the same local path."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    left, right = Path(a).expanduser(), Path(b).expanduser()
+    if left.exists() and right.exists():
+        try:
+            return left.resolve() == right.resolve()
+        except OSError:
+            return False
+    return False
+
+
+def check_same_run(saved: Mapping[str, Any], current: TrainConfig) -> None:
+    """Refuse ``--resume`` into a run made with another method, base model, image encoder or dataset:
+    the checkpoint's weights and data position belong to that run. Cheap (no model is loaded), so it
+    runs before anything else. The data may move (same fingerprint, other path) but not change."""
+    problems = []
+    method = saved.get("method")
+    if method is not None and method != current.canonical_method and method != current.method:
+        problems.append(f"it trained --method {method}, this run asks for {current.method}")
+    for name, flag in (("base", "--base"), ("image_encoder", "--image-encoder")):
+        if name in saved and not _same_location(saved[name], getattr(current, name)):
+            problems.append(f"it used {flag} {saved[name]}, this run names {getattr(current, name)}")
+    old_print, new_print = saved.get("data_fingerprint"), current.data_fingerprint
+    same_path = _same_location(saved.get("data"), current.data)
+    if old_print and new_print and old_print != new_print:
+        if same_path:
+            problems.append(
+                f"--data {current.data} changed since the run started (its files or manifest differ; "
+                f"fingerprint {old_print} -> {new_print})"
+            )
+        else:
+            problems.append(f"it trained on --data {saved.get('data')}, this run names {current.data}")
+    elif not same_path and not (old_print and old_print == new_print):
+        problems.append(f"it trained on --data {saved.get('data')}, this run names {current.data}")
+    if problems:
+        raise IdcraftError(
+            f"cannot resume the run in {current.output}: "
+            + "; ".join(problems)
+            + ". Resume with the original settings, or start a new run in another --output folder."
         )

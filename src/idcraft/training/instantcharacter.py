@@ -456,6 +456,7 @@ class InstantCharacterRecipe(TrainingRecipe):
     ) -> list[Image.Image]:
         """Generate through :class:`InstantCharacterPipeline` with a copy of the adapter (the pipeline attaches
         its own; detaching it puts the trained processors back)."""
+        from ..engine import Engine, GenerationRequest
         from ..instantcharacter.adapter import InstantCharacterAdapter
         from ..instantcharacter.pipeline import InstantCharacterPipeline
 
@@ -465,15 +466,15 @@ class InstantCharacterRecipe(TrainingRecipe):
         )
         pipeline = InstantCharacterPipeline(self.pipe, preview, self.encoder, device=self.device)
         try:
-            return pipeline(
+            request = GenerationRequest(
                 prompt,
-                reference,
+                references=[reference],
                 seed=seed,
                 steps=steps,
                 guidance=guidance,
                 width=self.resolution,
                 height=self.resolution,
-                progress=False,
             )
+            return Engine([pipeline]).generate(request).images
         finally:
             preview.detach()

@@ -250,11 +250,12 @@ def preview_images(
     face_backend: str = "insightface",
     face_models: str | None = None,
 ) -> list[Image.Image]:
-    """Sample images from the adapter being trained, through :class:`~idcraft.pipeline.IPAdapterPipeline`.
+    """Sample images from the adapter being trained, through the engine as a user would generate.
 
     The pipeline casts and attaches the adapter (and ControlNet) it is given, which must not happen to
     the trained modules: it gets copies, and detaching the copy puts the trained processors back.
     """
+    from ..engine import Engine, GenerationRequest
     from ..pipeline import IPAdapterPipeline
 
     preview = IPAdapter.from_checkpoint(adapter.to_checkpoint(), method=adapter.method.name)
@@ -262,18 +263,16 @@ def preview_images(
         controlnet = copy.deepcopy(controlnet).to(dtype=pipe.unet.dtype).eval()
     pipeline = IPAdapterPipeline(pipe, preview, encoder, controlnet=controlnet)
     try:
-        face = {"face_backend": face_backend, "face_models": face_models} if adapter.method.needs_face else {}
-        tokens = pipeline.encode_references([reference], **face)
-        return pipeline(
+        engine = Engine([pipeline], face_backend=face_backend, face_models=face_models)
+        request = GenerationRequest(
             prompt,
-            tokens=tokens,
+            references=[reference],
             seed=seed,
             steps=steps,
             guidance=guidance,
             width=resolution,
             height=resolution,
-            progress=False,
         )
+        return engine.generate(request).images
     finally:
         preview.detach()
-        adapter.layout.num_tokens = 0

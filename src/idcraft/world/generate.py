@@ -118,6 +118,40 @@ def _face_analyser(identity_dir: Path):
     return shared_face_analyser("world", models_dir=str(identity_dir))
 
 
+def world_engine(bundle_root: str | os.PathLike | None = None, device: str | None = "auto", base=None):
+    """An :class:`~idcraft.engine.Engine` serving every bundled adapter method on one shared miniature SD1.5
+    base, with the world's face analyser -- the offline default of ``idcraft serve`` and what
+    :class:`WorldGenerator` generates with. ``base``: an already loaded base pipeline to share."""
+    import torch
+
+    from ..adapter import IPAdapter
+    from ..encoders import ClipImageEncoder
+    from ..engine import Engine
+    from ..models import load_base_pipeline, load_controlnet, resolve_device
+    from ..pipeline import IPAdapterPipeline
+
+    root = Path(bundle_root) if bundle_root is not None else bundle.bundle_dir()
+    dev = resolve_device(device)
+    if base is None:
+        base = load_base_pipeline(bundle.bundle_path(bundle.SD, root), device=dev, dtype=torch.float32)
+    methods = available_methods(root)
+    encoder = None
+    pipelines = {}
+    for method in methods:
+        adapter = IPAdapter.from_checkpoint(str(bundle.bundle_path(bundle.ADAPTERS[method], root)), method=method)
+        if adapter.method.needs_image_encoder and encoder is None:
+            encoder = ClipImageEncoder.from_pretrained(bundle.bundle_path(bundle.IMAGE_ENCODER, root), device=dev)
+        controlnet = None
+        if adapter.method.identitynet:
+            controlnet = load_controlnet(bundle.bundle_path(bundle.IDENTITYNET, root), device=dev, dtype=torch.float32)
+        pipelines[method] = IPAdapterPipeline(
+            base, adapter, encoder if adapter.method.needs_image_encoder else None, controlnet=controlnet
+        )
+    if not pipelines:
+        raise IdcraftError(f"no adapters in the world bundle at {root}: rebuild it with `idcraft world build`.")
+    return Engine(pipelines, face_backend="world", face_models=bundle.bundle_path(bundle.IDENTITY, root))
+
+
 class WorldGenerator:
     """The bundle's models, each loaded once when first needed, and batched generation with them.
 
@@ -131,9 +165,7 @@ class WorldGenerator:
         self.root = Path(bundle_root) if bundle_root is not None else bundle.bundle_dir()
         bundle.bundle_path(bundle.SD, self.root)  # a missing bundle fails here, before any loading
         self.device = resolve_device(device)
-        self._pipelines: dict = {}
         self._tokens: dict[tuple[str, int], object] = {}
-        self._active: str | None = None
 
     # ------------------------------------------------------------------ models
     @cached_property
@@ -163,43 +195,17 @@ class WorldGenerator:
         """Output side in pixels: the base model's native size (64 for the world)."""
         return int(self.base.unet.config.sample_size * self.base.vae_scale_factor)
 
+    @cached_property
+    def engine(self):
+        """The bundle's :class:`~idcraft.engine.Engine` (every adapter method on the shared base model): the
+        same engine, and so the same code path, a user gets from ``world_engine()`` or ``idcraft serve``."""
+        return world_engine(self.root, self.device, base=self.base)
+
     def pipeline(self, method: str):
-        """The :class:`~idcraft.pipeline.IPAdapterPipeline` of an adapter method, attached to the shared base
-        model (the adapter of the previous method is detached first)."""
-        import torch
-
-        from ..adapter import IPAdapter
-        from ..models import load_controlnet
-        from ..pipeline import IPAdapterPipeline
-
+        """The loaded :class:`~idcraft.pipeline.IPAdapterPipeline` of an adapter method."""
         if method not in ADAPTER_METHODS:
             raise IdcraftError(f"{method!r} is not an adapter method ({', '.join(ADAPTER_METHODS)}).")
-        if self._active == method:
-            return self._pipelines[method]
-        self._detach()
-        if method in self._pipelines:
-            pipe = self._pipelines[method]
-            controlnets = [pipe.pipe.controlnet] if pipe.method.identitynet else []
-            pipe.adapter.attach(pipe.pipe.unet, controlnets)
-        else:
-            adapter = IPAdapter.from_checkpoint(
-                str(bundle.bundle_path(bundle.ADAPTERS[method], self.root)), method=method
-            )
-            encoder = self.encoder if adapter.method.needs_image_encoder else None
-            controlnet = None
-            if adapter.method.identitynet:
-                path = bundle.bundle_path(bundle.IDENTITYNET, self.root)
-                controlnet = load_controlnet(path, device=self.device, dtype=torch.float32)
-            pipe = IPAdapterPipeline(self.base, adapter, encoder, controlnet=controlnet)
-            pipe.pipe.set_progress_bar_config(disable=True)
-            self._pipelines[method] = pipe
-        self._active = method
-        return pipe
-
-    def _detach(self) -> None:
-        if self._active is not None:
-            self._pipelines[self._active].adapter.detach()
-            self._active = None
+        return self.engine.pipeline(method)
 
     def face_of(self, identity_id: int):
         """The world face analyser's largest face in ``identity_id``'s reference portrait."""
@@ -208,24 +214,20 @@ class WorldGenerator:
         analyser = _face_analyser(bundle.bundle_path(bundle.IDENTITY, self.root))
         return analyse_reference(reference_image(identity_id), analyser)
 
-    def tokens(self, method: str, identity_id: int):
-        """Image tokens of ``identity_id``'s reference for ``method`` (computed once per pair)."""
-        from ..conditioning import Identity as FaceIdentity
-        from ..conditioning import identity_tokens, image_tokens
-        from ..faces import require_arcface
+    def conditioning(self, method: str, identity_id: int):
+        """``identity_id``'s reference encoded for ``method`` by the engine (computed once per pair)."""
+        from ..requests import GenerationRequest
 
         key = (method, identity_id)
         if key not in self._tokens:
-            pipe = self.pipeline(method)
-            if pipe.method.needs_face:
-                face = self.face_of(identity_id)
-                found = FaceIdentity(
-                    require_arcface(face, pipe.method.name), kps=face.kps, image_size=(self.size, self.size)
-                )
-                self._tokens[key] = identity_tokens(pipe.adapter, [found], pipe.encoder)
-            else:
-                self._tokens[key] = image_tokens(pipe.adapter, pipe.encoder, [reference_image(identity_id)])
+            self.pipeline(method)  # an unknown method fails here
+            request = GenerationRequest("", method=method, references=[reference_image(identity_id)])
+            self._tokens[key] = self.engine.encode(request)
         return self._tokens[key]
+
+    def tokens(self, method: str, identity_id: int):
+        """Image tokens of ``identity_id``'s reference for ``method`` (:class:`~idcraft.pipeline.ReferenceTokens`)."""
+        return self.conditioning(method, identity_id).value
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -309,57 +311,58 @@ class WorldGenerator:
         instantid_keypoints: str,
         identitynet_scale: float,
     ) -> np.ndarray:
+        from ..requests import GenerationRequest
+
+        if method not in ADAPTER_METHODS:
+            return self._text_only([prompt_for(method, r, prompt) for r in requests], requests, steps, guidance)
+        identitynet = method == "instantid"
+        batch = [
+            GenerationRequest(
+                prompt_for(method, r, prompt),
+                method=method,
+                conditioning=self.conditioning(method, r.identity_id),
+                seed=int(r.seed),
+                scale=scale,
+                steps=steps,
+                guidance=guidance,
+                width=self.size,
+                height=self.size,
+                keypoints=self._scene_keypoints(r) if identitynet and instantid_keypoints == "scene" else None,
+                controlnet_scales=[identitynet_scale] if identitynet else None,
+            )
+            for r in requests
+        ]
+        results = self.engine.generate_batch(batch)
+        return np.stack([np.asarray(result.images[0], dtype=np.uint8) for result in results])
+
+    def _text_only(self, prompts: list[str], requests: list[Request], steps: int, guidance: float) -> np.ndarray:
+        """The base model alone (the text baselines), through a call in which no adapter acts."""
         import torch
 
-        prompts = [prompt_for(method, r, prompt) for r in requests]
-        extra: dict = {}
-        if method in ADAPTER_METHODS:
-            pipe = self.pipeline(method)
-            tokens = [self.tokens(method, r.identity_id) for r in requests]
-            runner = pipe.pipe
-            pipe.adapter.set_scale(scale)
-            pipe.adapter.layout.num_tokens = tokens[0].num_tokens
-            if pipe.method.identitynet:
-                extra = {
-                    "image": [
-                        self._keypoint_image(r, t, instantid_keypoints)
-                        for r, t in zip(requests, tokens, strict=True)
-                    ],
-                    "controlnet_conditioning_scale": identitynet_scale,
-                }
-        else:
-            self._detach()
-            runner, tokens = self.base, None
-        cond, uncond = runner.encode_prompt(
-            prompt=prompts,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=[""] * len(prompts),
-        )
-        if tokens is not None:
-            cond = torch.cat([cond, torch.cat([t.cond for t in tokens]).to(cond)], dim=1)
-            uncond = torch.cat([uncond, torch.cat([t.uncond for t in tokens]).to(uncond)], dim=1)
+        from ..injection import adapter_call
+        from ..pipeline import request_view
+
         generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
-        images = runner(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
-            guidance_scale=guidance,
-            num_inference_steps=steps,
-            generator=generators,
-            width=self.size,
-            height=self.size,
-            output_type="np",
-            **extra,
-        ).images
+        with adapter_call(None):
+            images = request_view(self.base)(
+                prompt=prompts,
+                negative_prompt=[""] * len(prompts),
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                generator=generators,
+                width=self.size,
+                height=self.size,
+                output_type="np",
+            ).images
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+    def _scene_keypoints(self, request: Request) -> np.ndarray:
+        """Where the scene puts the face: the keypoints an InstantID user would give as the pose."""
+        return np.asarray(render(request.identity, request.scene, self.size).kps)
 
     def _keypoint_image(self, request: Request, tokens, mode: str):
         """IdentityNet's condition: InstantID's keypoint drawing of where the face goes."""
         from ..multiperson import keypoint_image
 
-        if mode == "scene":
-            kps = render(request.identity, request.scene, self.size).kps
-        else:
-            kps = tokens.identities[0].kps
-        return keypoint_image([np.asarray(kps, dtype=np.float32)], (self.size, self.size))
+        kps = self._scene_keypoints(request) if mode == "scene" else tokens.identities[0].kps
+        return keypoint_image([np.asarray(kps)], (self.size, self.size))

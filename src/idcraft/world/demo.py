@@ -25,8 +25,8 @@ TILE = 128  # 64 px outputs shown at 2x
 
 def demo_scenes(seed: int = 0, count: int = DEMO_SCENES):
     """``count`` scenes that differ from each other in every attribute they can (fixed by ``seed``)."""
-    from .world.identity import stable_hash
-    from .world.scene import BACKGROUNDS, NUM_VARIANTS, POSES, POSITIONS, SIZES, Scene
+    from .identity import stable_hash
+    from .scene import BACKGROUNDS, NUM_VARIANTS, POSES, POSITIONS, SIZES, Scene
 
     rng = np.random.default_rng(stable_hash("idcraft-demo", seed))
 
@@ -54,12 +54,12 @@ def run_demo(
 ) -> Path:
     """Run the demo into ``output``; returns the grid's path. ``identity``: an id (default: the held-out
     id picked by ``seed``)."""
-    from .errors import IdcraftError
-    from .world import bundle
-    from .world.evaluate import score
-    from .world.generate import DEFAULT_GUIDANCE, Request, WorldGenerator, available_methods, reference_image
-    from .world.identity import HELD_OUT_IDS, held_out_ids, identity_from_id, stable_hash
-    from .world.judge import Judge
+    from ..errors import IdcraftError
+    from . import bundle
+    from .evaluate import score
+    from .generate import DEFAULT_GUIDANCE, Request, WorldGenerator, available_methods, reference_image
+    from .identity import HELD_OUT_IDS, held_out_ids, identity_from_id, stable_hash
+    from .judge import Judge
 
     start = time.perf_counter()
     held = held_out_ids()
@@ -140,7 +140,7 @@ def _grid(
     """Rows = methods (name and scores at the left), columns = reference + scenes (prompts on top)."""
     from PIL import Image, ImageDraw
 
-    from .world.evaluate import font
+    from .evaluate import font
 
     label_w, gap, header_h, title_h = 190, 6, 70, 24
     columns = 1 + len(prompts)
