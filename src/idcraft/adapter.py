@@ -158,13 +158,10 @@ class IPAdapter(nn.Module):
         return next(iter(self.image_layers.values())).scale
 
     def set_scale(self, scale: float) -> None:
+        """The scale used when the UNet is called with no generation call active (training); a generation
+        passes its own in its :class:`~idcraft.injection.CallState`."""
         for proc in self.layers.values():
             proc.scale = float(scale)
-
-    def set_lora_scale(self, scale: float) -> None:
-        """Weight of the LoRA updates (FaceID); 1.0 is what the official code uses."""
-        for proc in self.layers.values():
-            proc.lora_scale = float(scale)
 
     # ----------------------------------------------------------------- compatibility
     def check_compatible(

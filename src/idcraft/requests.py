@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import IdcraftError
@@ -27,6 +27,34 @@ METHOD_OPTIONS: dict[str, Any] = {
     "face_index": 0,
     "true_cfg": 1.0,
 }
+
+
+def request_flags() -> list[tuple[str, dict[str, Any]]]:
+    """``(flag, argparse keyword arguments)`` for every request field a command line exposes, from the
+    fields' own help (one source for ``idcraft generate``, ``idcraft batch`` and the server's docs)."""
+    out = []
+    for f in fields(GenerationRequest):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        flag = "--" + meta.get("flag", f.name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        if meta.get("required"):
+            kwargs["required"] = True
+        elif "repeat" in meta:
+            kwargs.update(action="append", type=meta["repeat"], default=None)
+        elif f.type in ("bool",):
+            kwargs.update(action="store_true")
+        else:
+            kind = meta.get("type") or {"int": int, "float": float, "str": str}.get(
+                str(f.type).split(" |")[0], str
+            )
+            kwargs.update(type=kind, default=f.default)
+        out.append((flag, kwargs))
+    return out
+
 
 #: Largest seed ``torch.Generator.manual_seed`` takes.
 MAX_SEED = 2**64 - 1
@@ -60,27 +88,100 @@ class GenerationRequest:
     by the engine rather than ignored.
     """
 
-    prompt: str
-    method: str | None = None
-    references: Sequence[Any] = ()
-    face_embeddings: Sequence[Any] | None = None
-    conditioning: Any = None
-    negative_prompt: str = ""
-    scale: float | None = None
-    s_scale: float = 1.0
-    seed: int | None = 0
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    num_images: int = 1
-    control_images: Sequence[Any] = ()
-    controlnet_scales: Sequence[float] | None = None
-    keypoints: Any = None
-    multi_person: bool = False
-    face_index: int = 0
-    true_cfg: float = 1.0
-    progress: bool = False
+    prompt: str = field(metadata={"help": "what the image should show", "required": True})
+    method: str | None = field(
+        default=None, metadata={"help": "adapter method; detected from the checkpoint when left out"}
+    )
+    references: Sequence[Any] = field(
+        default=(),
+        metadata={
+            "help": "reference image; repeat for several (see the README for how each method combines them)",
+            "flag": "reference",
+            "metavar": "IMAGE",
+            "repeat": str,
+        },
+    )
+    face_embeddings: Sequence[Any] | None = field(
+        default=None,
+        metadata={
+            "help": "raw ArcFace embedding (as `idcraft faces --save-embeddings` writes it); repeatable; skips "
+            "face analysis. Each method normalises it as its official code does",
+            "flag": "face-embedding",
+            "metavar": "FILE.npy",
+            "repeat": str,
+        },
+    )
+    conditioning: Any = None  # from Engine.encode: the references already encoded
+    negative_prompt: str = field(default="", metadata={"help": "what the image should not show"})
+    scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "adapter scale, instantcharacter's subject scale (0 = base model alone). Default: 1.0 "
+            "(0.8 for instantcharacter)"
+        },
+    )
+    s_scale: float = field(default=1.0, metadata={"help": "FaceID-PlusV2: weight of the CLIP face structure"})
+    seed: int | None = field(
+        default=0, metadata={"help": "seeds torch.Generator('cpu'), as diffusers and the official code do"}
+    )
+    steps: int | None = field(
+        default=None, metadata={"help": "denoising steps. Default: 30 (28 for instantcharacter)"}
+    )
+    guidance: float | None = field(
+        default=None,
+        metadata={
+            "help": "classifier-free guidance scale; for instantcharacter FLUX's guidance embedding. Default: "
+            "7.5 (3.5 for instantcharacter)"
+        },
+    )
+    width: int | None = field(
+        default=None, metadata={"help": "default: the base model's native size (InstantID: the reference's)"}
+    )
+    height: int | None = field(default=None, metadata={"help": "default: as --width"})
+    num_images: int = field(default=1, metadata={"help": "images to generate from the one seed"})
+    control_images: Sequence[Any] = field(
+        default=(),
+        metadata={
+            "help": "condition image of each extra ControlNet, in --controlnet order",
+            "flag": "control-image",
+            "metavar": "IMAGE",
+            "repeat": str,
+        },
+    )
+    controlnet_scales: Sequence[float] | None = field(
+        default=None,
+        metadata={
+            "help": "per ControlNet, in order (1.0 when left out)",
+            "flag": "controlnet-scale",
+            "metavar": "S",
+            "repeat": float,
+        },
+    )
+    keypoints: Any = field(
+        default=None,
+        metadata={
+            "help": "five [x, y] face keypoints per face in output pixels, a JSON file (instantid; several "
+            "people). Default: the reference's own, in its frame",
+            "metavar": "FILE.json",
+            "type": str,
+        },
+    )
+    multi_person: bool = field(
+        default=False,
+        metadata={
+            "help": "each --reference (or each face of a single group photo) is a different person, kept in "
+            "its own region of the output; without it several photos are one person"
+        },
+    )
+    face_index: int = field(default=0, metadata={"help": "which face of each photo: 0 = largest"})
+    true_cfg: float = field(
+        default=1.0,
+        metadata={
+            "help": "instantcharacter: true classifier-free guidance scale with --negative-prompt (a second pass "
+            "per step); 1 = off, as in the official pipeline"
+        },
+    )
+    progress: bool = False  # show the sampler's progress bar
 
     def with_defaults(self, defaults: dict[str, Any]) -> GenerationRequest:
         """A copy with every ``None`` setting named in ``defaults`` filled in."""
