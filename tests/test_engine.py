@@ -73,20 +73,25 @@ def test_requests_at_once_in_threads_give_the_images_each_gives_alone(engine):
     alone = [_pixels(engine.generate(r)) for r in requests]
     assert not np.array_equal(alone[0], alone[1])
     for _ in range(2):
-        together: list = [None] * len(requests)
-        start = threading.Barrier(len(requests))
-
-        def work(index: int) -> None:
-            start.wait()
-            together[index] = _pixels(engine.generate(requests[index]))
-
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for got, expected in zip(together, alone, strict=True):
+        for got, expected in zip(_at_once(engine, requests), alone, strict=True):
             np.testing.assert_array_equal(got, expected)
+
+
+def _at_once(engine, requests) -> list:
+    """Every request in its own thread, all released together."""
+    together: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def work(index: int) -> None:
+        start.wait()
+        together[index] = _pixels(engine.generate(requests[index]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return together
 
 
 def test_nothing_about_a_request_is_left_on_shared_objects(engine):

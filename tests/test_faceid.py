@@ -55,25 +55,9 @@ def test_portrait_gives_16_tokens_per_photo(sd15, count):
     assert torch.allclose(tokens.cond[:, :16], first.cond, atol=1e-5)
 
 
-def test_faceid_lora_reaches_every_attention_layer(sd15, reference_image):
-    from idcraft.injection import AdapterRouter, IPAttnProcessor
-
-    adapter = random_adapter(sd15.unet, "faceid")
-    pipe = IPAdapterPipeline(sd15, adapter)
-    routers = list(sd15.unet.attn_processors.values())
-    assert all(isinstance(r, AdapterRouter) and len(r) == 1 for r in routers)
-    processors = [next(iter(r.routes.values())) for r in routers]
-    assert all(isinstance(p, IPAttnProcessor) and p.lora_rank for p in processors)
-    assert sum(p.has_image for p in processors) == len(processors) // 2
-    plain = None
-    with torch.no_grad():
-        for proc in adapter.layers.values():  # LoRA off (up = 0) and scale 0: exactly the base model
-            for name in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora"):
-                getattr(proc, name).up.weight.zero_()
-    off = _arr(pipe("a cat", face_embedding=_embedding(), scale=0.0, **SETTINGS))
-    adapter.detach()
+def _plain(sd15) -> np.ndarray:
     sd15.set_progress_bar_config(disable=True)
-    plain = _arr(
+    return _arr(
         sd15(
             "a cat",
             negative_prompt="",
@@ -84,7 +68,48 @@ def test_faceid_lora_reaches_every_attention_layer(sd15, reference_image):
             generator=torch.Generator("cpu").manual_seed(3),
         ).images
     )
-    assert np.array_equal(off, plain)
+
+
+def test_faceid_lora_reaches_every_attention_layer(sd15, reference_image):
+    from idcraft.injection import AdapterRouter, IPAttnProcessor
+
+    adapter = random_adapter(sd15.unet, "faceid")
+    with torch.no_grad():
+        for proc in adapter.layers.values():  # LoRA off (up = 0) and scale 0: exactly the base model
+            for name in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora"):
+                getattr(proc, name).up.weight.zero_()
+    pipe = IPAdapterPipeline(sd15, adapter)
+    routers = list(sd15.unet.attn_processors.values())
+    assert all(isinstance(r, AdapterRouter) and len(r) == 1 for r in routers)
+    processors = [next(iter(r.routes.values())) for r in routers]
+    assert all(isinstance(p, IPAttnProcessor) and p.lora_rank for p in processors)
+    assert sum(p.has_image for p in processors) == len(processors) // 2
+    off = _arr(pipe("a cat", face_embedding=_embedding(), scale=0.0, **SETTINGS))
+    adapter.detach()
+    assert np.array_equal(off, _plain(sd15))
+
+
+def test_merged_lora_gives_the_unmerged_image_and_restores_the_weights(sd15):
+    """Alone on its base, FaceID's LoRA is merged into the attention weights (a step then costs what the
+    base's does); the image is the one the LoRA computed on the fly gives, and detaching restores every
+    weight bit for bit. A second adapter on the same base unmerges it."""
+    before = {k: v.clone() for k, v in sd15.unet.state_dict().items()}
+    plain = _plain(sd15)
+    adapter = random_adapter(sd15.unet, "faceid")
+    pipe = IPAdapterPipeline(sd15, adapter)
+    assert all(p.lora_merged for p in adapter.layers.values())
+    face = _embedding()
+    merged = _arr(pipe("a cat", face_embedding=face, **SETTINGS))
+    other = IPAdapterPipeline(sd15, random_adapter(sd15.unet, "faceid-portrait", seed=1))
+    assert not any(p.lora_merged for p in adapter.layers.values())  # not alone any more: on the fly
+    on_the_fly = _arr(pipe("a cat", face_embedding=face, **SETTINGS))
+    assert np.abs(merged.astype(int) - on_the_fly).max() <= 1
+    assert not np.array_equal(merged, plain)
+    other.adapter.detach()
+    adapter.detach()
+    after = sd15.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert np.array_equal(_plain(sd15), plain)
 
 
 @pytest.mark.parametrize("method", ["faceid", "faceid-portrait"])

@@ -9,6 +9,7 @@ to / detaches from a UNet (and ControlNets) without touching their weights.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -235,13 +236,21 @@ class IPAdapter(nn.Module):
         """The per-request values of one generation with this adapter (see :func:`idcraft.injection.adapter_call`)."""
         return CallState(float(scale), int(num_tokens), tuple(regions) if regions else None, float(lora_scale))
 
-    def attach(self, unet: nn.Module, controlnets: Iterable[nn.Module] = ()) -> None:
+    def attach(
+        self, unet: nn.Module, controlnets: Iterable[nn.Module] = (), *, merge_lora: bool = False
+    ) -> None:
         """Put this adapter's processors on ``unet``'s attention layers, beside any other adapter attached
         there (each layer gets an :class:`~idcraft.injection.AdapterRouter`; a call says which adapter acts).
         ControlNets see the text tokens; for InstantID the first ControlNet is IdentityNet and sees the
         identity tokens instead (extra ControlNets, pose or depth say, still see the text, as in the
-        official pipeline). :meth:`detach` undoes it."""
+        official pipeline). :meth:`detach` undoes it.
+
+        ``merge_lora`` (inference; FaceID): while this adapter is the only one on ``unet``, its LoRA is
+        added into the attention weights, so a step costs what the base model's does instead of four
+        extra low-rank products per layer; the original weights are kept and put back bit for bit when it
+        is detached or another adapter joins it (which then computes the LoRA on the fly again)."""
         self.check_compatible(unet)
+        unmerge_lora(unet)  # an adapter merged here is no longer alone
         names = attention_layers(unet)
         current = unet.attn_processors
         routers = {}
@@ -259,15 +268,19 @@ class IPAdapter(nn.Module):
             previous = dict(net.attn_processors)
             install(net, {name: ControlNetAttnProcessor(self.layout, sees) for name in previous})
             self._attached.append((net, previous))
+        if merge_lora and self.method.lora and _alone(unet):
+            _merge_lora(self, unet)
 
     def detach(self) -> None:
         """Take this adapter's processors off the models :meth:`attach` put them on (a layer with no adapter
-        left gets back the processor it had before any)."""
+        left gets back the processor it had before any); merged LoRA is taken out of the weights first."""
         while self._attached:
             model, previous = self._attached.pop()
             if previous is not None:
                 install(model, previous)
                 continue
+            if _MERGED.get(model, (None,))[0] is self:
+                unmerge_lora(model)
             restored = {}
             for name, proc in model.attn_processors.items():
                 if isinstance(proc, AdapterRouter):
@@ -278,6 +291,46 @@ class IPAdapter(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Encoder features of N reference images -> ``[N, tokens, cross_attention_dim]``."""
         return self.image_proj(features)
+
+
+#: UNet -> (the adapter whose LoRA is merged into its weights, {parameter: original weight}).
+_MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LORA_TARGETS = (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out.0", "to_out_lora"))
+
+
+def _alone(unet: nn.Module) -> bool:
+    routers = [p for p in unet.attn_processors.values() if isinstance(p, AdapterRouter)]
+    return bool(routers) and all(len(r) == 1 for r in routers)
+
+
+@torch.no_grad()
+def _merge_lora(adapter: IPAdapter, unet: nn.Module) -> None:
+    """``W += up @ down`` (in float32, then the weight's dtype) for every LoRA of ``adapter``."""
+    names = attention_layers(unet)
+    originals: dict[nn.Parameter, torch.Tensor] = {}
+    for index, proc in adapter.layers.items():
+        if not proc.lora_rank:
+            continue
+        attn = attention_module(unet, names[int(index)])
+        for target, lora_name in _LORA_TARGETS:
+            weight = attn.get_submodule(target).weight
+            lora = getattr(proc, lora_name)
+            delta = lora.up.weight.float() @ lora.down.weight.float()
+            originals[weight] = weight.data.clone()
+            weight.data.copy_((weight.data.float() + delta.to(weight.device)).to(weight.dtype))
+        proc.lora_merged = True
+    _MERGED[unet] = (adapter, originals)
+
+
+@torch.no_grad()
+def unmerge_lora(unet: nn.Module) -> None:
+    """Put back the weights an adapter's merged LoRA changed on ``unet`` (bit for bit); no-op if none."""
+    adapter, originals = _MERGED.pop(unet, (None, {}))
+    for weight, original in originals.items():
+        weight.data.copy_(original)
+    if adapter is not None:
+        for proc in adapter.layers.values():
+            proc.lora_merged = False
 
 
 def _fresh_projection(

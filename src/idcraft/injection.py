@@ -178,6 +178,7 @@ class IPAttnProcessor(nn.Module):
         self.width = hidden_size
         self.lora_rank = lora_rank
         self.lora_scale = 1.0
+        self.lora_merged = False  # the LoRA is in the layer's own weights (see IPAdapter.attach)
         self.layout = layout
         self.scale = scale
 
@@ -188,7 +189,7 @@ class IPAttnProcessor(nn.Module):
 
     def _project(self, linear: nn.Module, lora: str, x: torch.Tensor, lora_scale: float) -> torch.Tensor:
         out = linear(x)
-        if self.lora_rank and lora_scale != 0:
+        if self.lora_rank and lora_scale != 0 and not self.lora_merged:
             out = out + lora_scale * getattr(self, lora)(x)
         return out
 

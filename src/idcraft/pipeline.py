@@ -75,7 +75,7 @@ class IPAdapterPipeline:
         self.pipe = pipe
         self.is_sdxl = hasattr(pipe, "text_encoder_2")
         self.num_controlnets = len(controlnets)
-        self.adapter.attach(pipe.unet, controlnets)
+        self.adapter.attach(pipe.unet, controlnets, merge_lora=True)
 
     @classmethod
     def from_pretrained(

@@ -35,8 +35,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..world.demo import DEMO_STEPS, run_demo
     from ..errors import IdcraftError
+    from ..world.demo import DEMO_STEPS, run_demo
 
     steps = DEMO_STEPS if args.steps is None else args.steps
     if steps < 1:
