@@ -112,18 +112,60 @@ def _read_safetensors(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], d
     return groups, metadata
 
 
+#: The start of a pre-1.6 ``torch.save`` file: pickle protocol 2, then the 10-byte magic number as a LONG1.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _torch_file_kind(path: Path) -> str | None:
+    """``"zip"`` (torch >= 1.6 ``torch.save``), ``"legacy"`` (the older format) or ``None``: not a file
+    ``torch.save`` writes, whatever ``torch.load`` would say about it."""
+    if zipfile.is_zipfile(path):
+        return "zip"
+    with path.open("rb") as f:
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if head.startswith(b"PK\x03\x04"):
+        return "cut zip"  # a zip archive's start without its end (the central directory): truncated
+    return "legacy" if head == _LEGACY_TORCH_MAGIC else None
+
+
+def _not_a_checkpoint(path: Path, detail: str = "") -> CheckpointError:
+    size = path.stat().st_size
+    return CheckpointError(
+        f"{path}: not a PyTorch checkpoint ({size:,} bytes{detail}): it is neither a torch.save zip archive "
+        "nor the older torch.save format, so it is corrupt or truncated (an interrupted download, a saved "
+        "error page) or another kind of file. Download it again, or pass the .safetensors version."
+    )
+
+
 def _read_bin(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    try:
+        kind = _torch_file_kind(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read this file ({exc.strerror or exc}).") from exc
+    if kind is None:
+        raise _not_a_checkpoint(path)
+    if kind == "cut zip":
+        raise CheckpointError(
+            f"{path}: truncated or corrupt: it starts as a torch.save zip archive but its end is missing "
+            f"({path.stat().st_size:,} bytes on disk), e.g. an interrupted download or copy. Download it again."
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a refused class but bytes that are no pickle at all
+            raise CheckpointError(
+                f"{path}: cannot read this checkpoint: its data is not a valid torch.save pickle, so it is "
+                f"corrupt or truncated ({path.stat().st_size:,} bytes on disk). Download it again."
+            ) from exc
         raise CheckpointError(
             f"{path}: refused to load: the file contains Python objects other than tensors, which "
             "weights_only loading does not execute. Official adapter files contain only tensors; "
             "if you trust this file, convert it to .safetensors yourself."
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # RuntimeError, EOFError, BadZipFile, OSError, KeyError ...: damaged inside
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"{path}: cannot read this checkpoint ({exc}); it is probably truncated or corrupt "
+            f"{path}: cannot read this checkpoint ({first}); it is probably truncated or corrupt "
             f"({path.stat().st_size:,} bytes on disk). Download it again."
         ) from exc
     if not isinstance(data, dict):

@@ -28,5 +28,10 @@ class ModelLoadError(IdcraftError):
     """A base model or encoder cannot be found locally or on the hub."""
 
 
+class OutputError(IdcraftError):
+    """An output file cannot be written: it exists (and --overwrite was not given), its folder cannot be
+    created or written, or its extension names no supported format."""
+
+
 class FaceError(IdcraftError):
     """Face analysis cannot give a usable face: none found, models missing, or the wrong kind of embedding."""

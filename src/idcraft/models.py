@@ -6,6 +6,7 @@ that says how to point at a local folder instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -66,10 +67,79 @@ def _unreachable(what: str, name: str, exc: Exception) -> ModelLoadError:
     )
 
 
+#: What a diffusers Stable Diffusion pipeline folder holds (named in messages about folders that do not).
+SD_FOLDER_LAYOUT = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+
+
+def _read_config(path: Path) -> dict | None:
+    """A JSON object from ``path``, or ``None`` when it is missing or not JSON."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _config_model_name(config: dict) -> str | None:
+    """The class a ``config.json`` describes: diffusers' ``_class_name`` or transformers' ``architectures``."""
+    architectures = config.get("architectures") or []
+    return (
+        config.get("_class_name") or (architectures[0] if architectures else None) or config.get("model_type")
+    )
+
+
+def _check_base_folder(folder: Path) -> None:
+    """Explain a local ``--base`` that is not a complete diffusers pipeline folder, before diffusers does
+    (its own message names a missing config.json, which misleads: the folder is the wrong kind)."""
+    if folder.is_file():
+        raise ModelLoadError(
+            f"base model {folder} is a file; --base needs a diffusers pipeline folder ({SD_FOLDER_LAYOUT}) or "
+            "a hub id. Single-file checkpoints can be converted with diffusers' from_single_file + "
+            "save_pretrained."
+        )
+    if not folder.is_dir():
+        return
+    index = _read_config(folder / "model_index.json")
+    if index is None:
+        missing = (
+            "no unet/ subfolder and no model_index.json"
+            if not (folder / "unet").is_dir()
+            else "no model_index.json"
+        )
+        config = _read_config(folder / "config.json")
+        hint = ""
+        if config is not None and _config_model_name(config):
+            hint = (
+                f" It holds a single model ({_config_model_name(config)}), not a pipeline: pass the pipeline "
+                "folder that contains it (usually its parent)."
+            )
+        raise ModelLoadError(
+            f"base model {folder} has {missing}: it is not a diffusers Stable Diffusion pipeline folder "
+            f"(expected {SD_FOLDER_LAYOUT}).{hint}"
+        )
+    absent = [
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and value
+        and value[0] is not None
+        and not (folder / name).is_dir()
+    ]
+    if absent:
+        names = ", ".join(f"{name}/" for name in absent)
+        raise ModelLoadError(
+            f"base model {folder} has no {names} subfolder although its model_index.json lists "
+            f"{'it' if len(absent) == 1 else 'them'}: it is not a complete diffusers Stable Diffusion pipeline "
+            f"folder (expected {SD_FOLDER_LAYOUT}); an interrupted download or copy? Fetch the folder again."
+        )
+
+
 def base_kind(base: str | os.PathLike) -> tuple[str, str]:
     """``(kind, class name)`` of a diffusers pipeline folder or hub id, from its ``model_index.json``."""
     from diffusers import DiffusionPipeline
 
+    _check_base_folder(Path(base).expanduser())
     try:
         index = DiffusionPipeline.load_config(str(base))
     except Exception as exc:  # diffusers raises OSError, EnvironmentError or hub errors
@@ -106,11 +176,50 @@ def load_image_encoder(
     """Load a ``CLIPVisionModelWithProjection`` (the encoder folder shipped next to the adapters)."""
     from transformers import CLIPVisionModelWithProjection
 
+    _check_image_encoder_folder(Path(path).expanduser())
     try:
         model = CLIPVisionModelWithProjection.from_pretrained(str(path))
     except Exception as exc:
         raise _unreachable("image encoder", str(path), exc) from exc
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_image_encoder_folder(folder: Path) -> None:
+    """Refuse a local folder that holds some other model than a CLIP vision encoder, reading its
+    ``config.json`` first: transformers would load a text encoder's weights into a vision model and fail
+    with a size mismatch and a pointer to a report the user never sees."""
+    if folder.is_file():
+        raise ModelLoadError(
+            f"image encoder {folder} is a file; --image-encoder needs a CLIPVisionModelWithProjection folder "
+            "(config.json + model.safetensors), e.g. IP-Adapter's models/image_encoder/, or a hub id."
+        )
+    if not folder.is_dir():
+        return
+    expected = (
+        "a CLIPVisionModelWithProjection folder (config.json + model.safetensors), e.g. IP-Adapter's "
+        "models/image_encoder/ (ViT-H) or sdxl_models/image_encoder/ (ViT-bigG)"
+    )
+    config = _read_config(folder / "config.json")
+    if config is None:
+        hint = ""
+        if (folder / "image_encoder" / "config.json").is_file():
+            hint = f" Did you mean {folder / 'image_encoder'}?"
+        elif (folder / "model_index.json").is_file():
+            hint = " It is a diffusers pipeline folder, not an image encoder."
+        raise ModelLoadError(
+            f"image encoder {folder} has no readable config.json: expected {expected}.{hint}"
+        )
+    model_type = str(config.get("model_type", ""))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if model_type in ("clip_vision_model", "clip") or any(a.startswith("CLIPVision") for a in architectures):
+        return  # a full CLIPModel folder loads its vision half
+    name = _config_model_name(config) or "model of unknown type"
+    if model_type == "clip_text_model" or any(a.startswith("CLIPText") for a in architectures):
+        raise ModelLoadError(
+            f"image encoder {folder} is a CLIP text encoder ({name}), not a CLIP vision model: it reads "
+            f"prompts, not images. Pass {expected}; a base model's text_encoder/ folder will not do."
+        )
+    raise ModelLoadError(f"image encoder {folder} is a {name}, not a CLIP vision model: expected {expected}.")
 
 
 def load_controlnet(path: str | os.PathLike, *, device: torch.device, dtype: torch.dtype):

@@ -32,31 +32,34 @@ def _corrupt(path):
 
 def test_folder_with_sidecars_missing_caption_and_corrupt_image(models, tmp_path):
     folder = tmp_path / "data"
-    images = make_images(folder, 5)
-    images[1].with_suffix(".txt").unlink()  # trains with an empty caption, counted
+    images = make_images(folder, 6)
+    images[1].with_suffix(".txt").unlink()  # no caption: skipped and listed, as the README says
+    images[5].with_suffix(".txt").write_text("  \n")  # an explicitly empty caption trains as one, counted
     _corrupt(images[3])  # skipped when loaded
     (folder / "notes.md").write_text("not an image")
 
     records, report = list_records(folder)
     assert [r.caption for r in records] == [
         "picture number 0",
-        "",
         "picture number 2",
         "picture number 3",
         "picture number 4",
+        "",
     ]
-    assert report.empty_captions == [str(images[1])]
+    assert report.skipped == {str(images[1]): "no caption: no img01.txt beside it"}
+    assert report.empty_captions == [str(images[5])]
 
     result = train(config(models, folder, tmp_path / "run", max_steps=6))
     assert result.step == 6
-    assert list(result.skipped.skipped) == [str(images[3])]
+    assert sorted(result.skipped.skipped) == [str(images[1]), str(images[3])]
     assert (
         "truncated or corrupt" in result.skipped.skipped[str(images[3])]
         or "not an image" in result.skipped.skipped[str(images[3])]
     )
     listed = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
-    assert listed[0].startswith(f"skipped\t{images[3]}\t")
-    assert listed[1] == f"empty-caption\t{images[1]}\ttrained with an empty caption"
+    assert listed[0] == f"skipped\t{images[1]}\tno caption: no img01.txt beside it"
+    assert listed[1].startswith(f"skipped\t{images[3]}\t")
+    assert listed[2] == f"empty-caption\t{images[5]}\ttrained with an empty caption"
 
 
 def test_jsonl_manifest_with_references_and_bad_lines(models, tmp_path):
@@ -65,7 +68,8 @@ def test_jsonl_manifest_with_references_and_bad_lines(models, tmp_path):
     lines = [
         {"image": "imgs/img00.png", "text": "first"},
         {"image": str(images[1]), "text": "second", "reference": "imgs/img02.png"},  # reference != target
-        {"image": "imgs/img02.png"},  # no caption: empty, counted
+        {"image": "imgs/img02.png"},  # no caption: skipped and listed
+        {"image": "imgs/img02.png", "text": ""},  # an explicitly empty caption: trains, counted
         {"image": "imgs/missing.png", "text": "gone"},
         {"image": "imgs/img03.png", "text": "no ref", "reference": "imgs/nope.png"},
         {"image": "imgs/img03.png", "text": "fine"},
@@ -76,22 +80,30 @@ def test_jsonl_manifest_with_references_and_bad_lines(models, tmp_path):
 
     records, report = list_records(manifest)
     assert [r.caption for r in records] == ["first", "second", "", "fine", "corrupt"]
+    assert report.empty_captions == [f"{manifest}:4"]
     assert (
         records[1].reference == str(tmp_path / "imgs" / "img02.png")
         and records[1].reference_path != records[1].image
     )
     assert records[0].reference is None and records[0].reference_path == records[0].image
     reasons = report.skipped
-    assert set(reasons) == {f"{manifest}:4", f"{manifest}:5", f"{manifest}:8"}
-    assert "no such file" in reasons[f"{manifest}:4"] and "reference" in reasons[f"{manifest}:5"]
-    assert "JSON" in reasons[f"{manifest}:8"]
+    assert set(reasons) == {f"{manifest}:3", f"{manifest}:5", f"{manifest}:6", f"{manifest}:9"}
+    assert "no caption" in reasons[f"{manifest}:3"]
+    assert "no such file" in reasons[f"{manifest}:5"] and "reference" in reasons[f"{manifest}:6"]
+    assert "JSON" in reasons[f"{manifest}:9"]
 
     result = train(config(models, manifest, tmp_path / "run", max_steps=4))
     assert result.step == 4
-    assert set(result.skipped.skipped) == {f"{manifest}:4", f"{manifest}:5", f"{manifest}:8", str(images[4])}
+    assert set(result.skipped.skipped) == {
+        f"{manifest}:3",
+        f"{manifest}:5",
+        f"{manifest}:6",
+        f"{manifest}:9",
+        str(images[4]),
+    }
     assert (
-        len((tmp_path / "run" / "skipped.txt").read_text().splitlines()) == 5
-    )  # 4 skipped + 1 empty caption
+        len((tmp_path / "run" / "skipped.txt").read_text().splitlines()) == 6
+    )  # 5 skipped + 1 empty caption
 
 
 def test_loss_masks_are_read_cropped_like_their_images_and_checked(models, tmp_path):

@@ -11,10 +11,11 @@ import importlib
 import logging
 import sys
 
+from .. import __version__
 from ..errors import IdcraftError
 
 #: Subcommand modules, in the order ``idcraft --help`` lists them.
-COMMANDS = ("generate", "demo", "eval", "faces", "train", "world")
+COMMANDS = ("generate", "demo", "eval", "faces", "train", "world", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot identity- and character-preserving image generation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"idcraft {__version__}",
+        help="print idcraft's version and exit",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(subparsers)

@@ -15,8 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -60,10 +58,15 @@ def register(subparsers) -> None:
         "--save-embeddings",
         metavar="DIR",
         help="write DIR/<image stem>.npy (raw embedding of the chosen face) and a .json note of its "
-        "recogniser",
+        "recogniser; inputs sharing a file name get <stem>-2, <stem>-3 ... in the order given",
     )
     p.add_argument(
         "--annotate", metavar="DIR", help="write DIR/<image stem>.png with boxes and keypoints drawn"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files already in the --save-embeddings / --annotate folders (refused otherwise)",
     )
     p.set_defaults(func=run)
 
@@ -72,9 +75,15 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import IdcraftError
     from ..faces import annotate_faces, get_face_analyser, select_face
     from ..images import load_image
+    from ..outputs import atomic_save_image
 
     if args.face_index < 0:
         raise IdcraftError("--face-index must be 0 (largest face) or more.")
+    # Every output name is decided, and checked free and writable, before the analyser loads.
+    stems = _unique_stems(args.images)
+    embeddings_dir = _output_dir(args.save_embeddings, "--save-embeddings")
+    annotate_dir = _output_dir(args.annotate, "--annotate")
+    _check_outputs(stems, embeddings_dir, annotate_dir, overwrite=args.overwrite)
     options: dict[str, Any] = {}
     if args.backend == "insightface":
         options = {"models_dir": args.models, "providers": args.providers}
@@ -93,12 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {analyser.describe()}")
 
     embed = args.save_embeddings is not None
-    embeddings_dir = _output_dir(args.save_embeddings)
-    annotate_dir = _output_dir(args.annotate)
-    used_stems: dict[str, int] = {}
     status = 0
-    for path in args.images:
-        stem = _unique_stem(Path(path).stem, used_stems)
+    for path, stem in zip(args.images, stems, strict=True):
         faces: list = []
         error = None
         try:
@@ -106,38 +111,86 @@ def run(args: argparse.Namespace) -> int:
             faces = analyser.detect(image, embed=embed)
             chosen = select_face(faces, args.face_index, name=path, analyser=analyser, image_size=image.size)
             if embeddings_dir is not None:
-                _save_embedding(embeddings_dir, stem, path, analyser.name, args.face_index, chosen)
+                _save_embedding(
+                    embeddings_dir, stem, path, analyser.name, args.face_index, chosen, args.overwrite
+                )
         except IdcraftError as exc:
             error = str(exc)
             status = 1
         if annotate_dir is not None and faces:
-            annotate_faces(image, faces).save(annotate_dir / f"{stem}.png")
+            atomic_save_image(
+                annotate_faces(image, faces), annotate_dir / f"{stem}.png", overwrite=args.overwrite
+            )
         _report(path, analyser.name, faces, error, as_json=args.json)
     return status
 
 
-def _output_dir(name: str | None) -> Path | None:
+def _output_dir(name: str | None, flag: str) -> Path | None:
+    """The folder ``name``, created and proven writable (or ``None`` when the flag was not given)."""
     if name is None:
         return None
-    from ..errors import IdcraftError
+    from ..errors import OutputError
+    from ..outputs import check_writable_folder
 
     folder = Path(name)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise IdcraftError(f"cannot create output folder {folder}: {exc}") from exc
-    return folder
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{flag} {folder}: is a file; give a folder to write into.")
+    return check_writable_folder(folder, flag=flag)
 
 
-def _unique_stem(stem: str, used: dict[str, int]) -> str:
-    """``stem``, or ``stem-2``, ``stem-3`` ... when two inputs share a file name (a/x.jpg, b/x.jpg)."""
-    count = used.get(stem, 0) + 1
-    used[stem] = count
-    return stem if count == 1 else f"{stem}-{count}"
+def _unique_stems(images: list[str]) -> list[str]:
+    """One output name per input: the file's stem, or ``stem-2``, ``stem-3`` ... (the first free one, in the
+    order given) when inputs share a file name (a/x.jpg, b/x.jpg), compared without case so that
+    case-insensitive file systems cannot merge them either. Each renamed input is reported on stderr."""
+    used: set[str] = set()
+    stems = []
+    for path in images:
+        stem = base = Path(path).stem
+        number = 1
+        while stem.casefold() in used:
+            number += 1
+            stem = f"{base}-{number}"
+        used.add(stem.casefold())
+        if stem != base:
+            print(
+                f"idcraft faces: note: {path} shares its file name with an earlier input; its outputs are "
+                f"named {stem}.*",
+                file=sys.stderr,
+            )
+        stems.append(stem)
+    return stems
 
 
-def _save_embedding(folder: Path, stem: str, image: str, backend: str, face_index: int, face) -> None:
-    np.save(folder / f"{stem}.npy", face.embedding)
+def _check_outputs(
+    stems: list[str], embeddings: Path | None, annotate: Path | None, *, overwrite: bool
+) -> None:
+    """Refuse, before any work, to replace existing output files unless ``--overwrite``."""
+    from ..errors import OutputError
+
+    planned = []
+    for stem in stems:
+        if embeddings is not None:
+            planned += [embeddings / f"{stem}.npy", embeddings / f"{stem}.json"]
+        if annotate is not None:
+            planned.append(annotate / f"{stem}.png")
+    for path in planned:
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; cannot write a file there.")
+    existing = [str(p) for p in planned if p.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise OutputError(
+            f"{', '.join(existing[:3])}{more} already exist; pass --overwrite to replace them, or choose "
+            "another folder."
+        )
+
+
+def _save_embedding(
+    folder: Path, stem: str, image: str, backend: str, face_index: int, face, overwrite: bool
+) -> None:
+    from ..outputs import atomic_save_npy, atomic_write_text
+
+    atomic_save_npy(face.embedding, folder / f"{stem}.npy", overwrite=overwrite)
     note = {
         "image": image,
         "backend": backend,
@@ -148,7 +201,7 @@ def _save_embedding(folder: Path, stem: str, image: str, backend: str, face_inde
         "normalized": False,
         **face.to_dict(),
     }
-    (folder / f"{stem}.json").write_text(json.dumps(note, indent=2) + "\n")
+    atomic_write_text(folder / f"{stem}.json", json.dumps(note, indent=2) + "\n", overwrite=overwrite)
 
 
 def _report(path: str, backend: str, faces: list, error: str | None, *, as_json: bool) -> None:

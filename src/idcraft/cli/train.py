@@ -79,7 +79,18 @@ def register(subparsers) -> None:
     p.add_argument("--config", dest="config_file", help="YAML or JSON file of settings")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=int, help="passes over the data when --max-steps is not given (100)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its newest complete checkpoint (a corrupt or truncated one "
+        "is passed over); refused when --method, --base or --data differ from the run's",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --output (its checkpoints and adapter files are deleted first); "
+        "without it a finished or started run there is never overwritten",
+    )
     p.add_argument(
         "--format",
         dest="format",
@@ -96,16 +107,36 @@ def register(subparsers) -> None:
     p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, help="clip gradients (off)")
     p.add_argument("--resolution", type=int, help="training image size (default: the base's native size)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="per process (8)")
-    p.add_argument("--gradient-accumulation", dest="gradient_accumulation", type=int)
+    p.add_argument(
+        "--gradient-accumulation",
+        dest="gradient_accumulation",
+        type=int,
+        help="micro-batches per optimizer step (1)",
+    )
     p.add_argument(
         "--learning-rate", "--lr", dest="learning_rate", type=float, help="AdamW learning rate (1e-4)"
     )
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (0.01)")
     p.add_argument("--lr-scheduler", dest="lr_scheduler", help="diffusers schedule name (constant)")
-    p.add_argument("--lr-warmup-steps", dest="lr_warmup_steps", type=int)
-    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--lr-warmup-steps",
+        dest="lr_warmup_steps",
+        type=int,
+        help="steps of linear learning-rate warm-up (0)",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        dest="mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        help="autocast precision (default: accelerate's launch configuration, else no)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: less memory, slower steps",
+    )
+    p.add_argument("--seed", type=int, help="seed of the data order and every random draw (42)")
     p.add_argument("--num-tokens", dest="num_tokens", type=int, help="image tokens (default: the method's)")
     p.add_argument("--num-workers", dest="num_workers", type=int, help="data loading processes (0)")
     p.add_argument("--lora-rank", dest="lora_rank", type=int, help="FaceID LoRA rank (128, the official)")
@@ -124,16 +155,16 @@ def register(subparsers) -> None:
         action="store_true",
         help="encode references once into OUTPUT/cache (or --cache-dir) and reuse them",
     )
-    p.add_argument("--cache-dir", dest="cache_dir")
+    p.add_argument("--cache-dir", dest="cache_dir", help="feature cache folder (default: OUTPUT/cache)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints")
     p.add_argument(
         "--keep-checkpoints", dest="keep_checkpoints", type=int, help="newest checkpoints kept (3)"
     )
     p.add_argument("--log-every", dest="log_every", type=int, help="steps between log.csv rows (1)")
     p.add_argument("--sample-every", dest="sample_every", type=int, help="steps between sample images")
-    p.add_argument("--sample-prompt", dest="sample_prompt")
-    p.add_argument("--sample-reference", dest="sample_reference")
-    p.add_argument("--sample-steps", dest="sample_steps", type=int)
+    p.add_argument("--sample-prompt", dest="sample_prompt", help='prompt of the sample images ("a photo")')
+    p.add_argument("--sample-reference", dest="sample_reference", help="reference image of the sample images")
+    p.add_argument("--sample-steps", dest="sample_steps", type=int, help="denoising steps per sample (30)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU exists")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)

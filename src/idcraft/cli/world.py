@@ -12,6 +12,26 @@ import argparse
 import json
 import sys
 
+#: Render sizes accepted. The world is drawn for 64x64 (characters, backdrops and keypoints are laid out on
+#: that grid and supersampled 4x); below 16 px a character is a few pixels, and 2048 px already draws on
+#: an 8192x8192 canvas (about 270 MB per RGBA layer, several layers, seconds per image); beyond that
+#: memory and time grow fourfold per doubling for no detail the 64-px design has.
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 2048
+
+
+def check_resolution(value: int) -> int:
+    """``value`` if it is a render size the world supports, else a clear error saying the range and why."""
+    from ..errors import IdcraftError
+
+    if not MIN_RESOLUTION <= value <= MAX_RESOLUTION:
+        raise IdcraftError(
+            f"--resolution {value}: must be {MIN_RESOLUTION} to {MAX_RESOLUTION} pixels. The world is drawn "
+            f"for 64x64 and supersampled 4x, so {MAX_RESOLUTION} px already means a "
+            f"{4 * MAX_RESOLUTION}x{4 * MAX_RESOLUTION} canvas per layer; below {MIN_RESOLUTION} px a "
+            "character is a few pixels."
+        )
+    return value
+
 
 def register(subparsers) -> None:
     from ..world.scene import BACKGROUNDS, NUM_VARIANTS, POSES, POSITIONS, SIZES
@@ -26,21 +46,34 @@ def register(subparsers) -> None:
 
     r = sub.add_parser("render", help="render one identity in one scene; prints caption and ground truth")
     r.add_argument("--id", type=int, required=True, help="identity id (0 to NUM_IDENTITIES-1)")
-    r.add_argument("--background", choices=BACKGROUNDS, default="room")
-    r.add_argument("--position", choices=POSITIONS, default="centre")
-    r.add_argument("--size", choices=SIZES, default="large")
-    r.add_argument("--pose", choices=POSES, default="standing")
+    r.add_argument("--background", choices=BACKGROUNDS, default="room", help="backdrop (default room)")
+    r.add_argument(
+        "--position", choices=POSITIONS, default="centre", help="horizontal third (default centre)"
+    )
+    r.add_argument("--size", choices=SIZES, default="large", help="character scale (default large)")
+    r.add_argument("--pose", choices=POSES, default="standing", help="placement and tilt (default standing)")
     r.add_argument("--variant", type=int, choices=range(NUM_VARIANTS), default=0, help="backdrop details")
     r.add_argument("--reference", action="store_true", help="render the identity's reference portrait")
     r.add_argument("--seed", type=int, help="jitter placement and paraphrase the caption with this seed")
-    r.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
-    r.add_argument("--output", required=True, metavar="PNG", help="where to write the image")
+    r.add_argument(
+        "--resolution",
+        type=int,
+        default=64,
+        help=f"image size in pixels, {MIN_RESOLUTION} to {MAX_RESOLUTION} (default 64)",
+    )
+    r.add_argument(
+        "--output",
+        required=True,
+        metavar="IMAGE",
+        help="where to write the image (.png, .jpg or .webp; the extension picks the format)",
+    )
+    r.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     r.set_defaults(func=run_render)
 
     d = sub.add_parser("dataset", help="write PNGs and a JSONL manifest for idcraft train")
     d.add_argument("--output", required=True, metavar="DIR", help="folder to write (manifest.jsonl inside)")
     d.add_argument("--samples", type=int, required=True, help="number of samples")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of identities, scenes and jitter (default 0)")
     d.add_argument(
         "--split",
         choices=["train", "held-out", "all"],
@@ -54,7 +87,12 @@ def register(subparsers) -> None:
         help="reference per sample: the identity's portrait (default), the identity in another scene, "
         "or none (each image is its own reference)",
     )
-    d.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
+    d.add_argument(
+        "--resolution",
+        type=int,
+        default=64,
+        help=f"image size in pixels, {MIN_RESOLUTION} to {MAX_RESOLUTION} (default 64)",
+    )
     d.add_argument("--workers", type=int, default=None, help="render processes (default: every core)")
     d.set_defaults(func=run_dataset)
 
@@ -84,12 +122,17 @@ def register(subparsers) -> None:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import numpy as np
 
+    from ..errors import IdcraftError
+    from ..outputs import atomic_save_image, check_output_path
     from ..world import Scene, identity_from_id, render, render_reference
+    from ..world.identity import NUM_IDENTITIES
 
+    check_resolution(args.resolution)
+    if not 0 <= args.id < NUM_IDENTITIES:
+        raise IdcraftError(f"--id {args.id}: identities are numbered 0 to {NUM_IDENTITIES - 1}.")
+    out = check_output_path(args.output, overwrite=args.overwrite, image=True)
     identity = identity_from_id(args.id)
     if args.reference:
         sample = render_reference(identity, args.resolution)
@@ -97,17 +140,19 @@ def run_render(args: argparse.Namespace) -> int:
         scene = Scene(args.background, args.position, args.size, args.pose, args.variant)
         rng = None if args.seed is None else np.random.default_rng(args.seed)
         sample = render(identity, scene, args.resolution, rng)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sample.image.save(out)
+    atomic_save_image(sample.image, out, overwrite=args.overwrite)
     print(json.dumps({"image": str(out), "text": sample.caption, **sample.ground_truth()}))
     return 0
 
 
 def run_dataset(args: argparse.Namespace) -> int:
+    from ..errors import IdcraftError
     from ..world import held_out_ids, train_ids, write_dataset
     from ..world.identity import NUM_IDENTITIES
 
+    check_resolution(args.resolution)
+    if args.samples < 1:
+        raise IdcraftError(f"--samples {args.samples}: must be at least 1.")
     ids = {"train": train_ids(), "held-out": held_out_ids(), "all": tuple(range(NUM_IDENTITIES))}[args.split]
     manifest = write_dataset(
         args.output,

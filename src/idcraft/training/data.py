@@ -14,8 +14,10 @@ Two sources:
   ``[x, y]`` keypoints of the face in ``image``), so large datasets can be analysed once, offline.
 
 Bad samples never stop a run. What can be seen cheaply is checked when the list is built (missing files,
-malformed lines); a missing caption trains with an empty one and is counted. An image that turns out to
-be unreadable when it is loaded is skipped then. Both end in the run's skip report.
+malformed lines, an image with no caption: no ``.txt`` sidecar or no ``"text"``, or an unreadable one);
+such samples are skipped. An explicitly empty caption (an empty sidecar, ``"text": ""``) trains as one
+and is counted. An image that turns out to be unreadable when it is loaded is skipped then. All end in
+the run's skip report (``skipped.txt``).
 
 The order is a pure function of ``(seed, epoch)`` (:func:`epoch_order`); each process walks its own
 stride of it with a *cursor*, taking the next readable samples until a batch is full. The cursor is the
@@ -101,8 +103,9 @@ class SkipReport:
         return out
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in self.lines()), encoding="utf-8")
+        from ..outputs import atomic_write_text
+
+        atomic_write_text(path, "".join(line + "\n" for line in self.lines()))
 
 
 # ---------------------------------------------------------------------------- listing samples
@@ -120,19 +123,41 @@ def list_records(source: str | os.PathLike) -> tuple[list[Record], SkipReport]:
     )
 
 
+def data_fingerprint(source: str | os.PathLike) -> str | None:
+    """A cheap fingerprint of ``--data``, recorded in a run's ``config.json`` and checked on ``--resume``:
+    a manifest's SHA-256; for a folder, the SHA-256 of its image and caption files' relative paths and
+    sizes (no image is read, so it costs a directory walk). ``None`` when ``source`` does not exist."""
+    path = Path(source)
+    digest = hashlib.sha256()
+    if path.is_file():
+        digest.update(b"manifest\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    elif path.is_dir():
+        digest.update(b"folder\0")
+        kinds = IMAGE_SUFFIXES | {".txt"}
+        for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in kinds and p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\n".encode())
+    else:
+        return None
+    return digest.hexdigest()[:16]
+
+
 def _folder_records(root: Path) -> tuple[list[Record], SkipReport]:
     report = SkipReport()
     records = []
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         caption_file = image.with_suffix(".txt")
-        caption = ""
-        if caption_file.is_file():
-            try:
-                caption = caption_file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                report.empty_captions.append(str(image))
-                report.skip(str(caption_file), f"caption unreadable ({exc}); trained with an empty caption")
-        else:
+        if not caption_file.is_file():
+            report.skip(str(image), f"no caption: no {caption_file.name} beside it")
+            continue
+        try:
+            caption = caption_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            report.skip(str(image), f"caption {caption_file.name} unreadable ({exc})")
+            continue
+        if not caption:
             report.empty_captions.append(str(image))
         records.append(Record(str(image), caption))
     return records, report
@@ -177,9 +202,14 @@ def _manifest_records(manifest: Path) -> tuple[list[Record], SkipReport]:
                     report.skip(where, f"loss_mask {loss_mask}: no such file")
                     continue
             caption = entry.get("text")
+            if caption is None:
+                report.skip(where, 'no caption: no "text" (give "text": "" to train with an empty one)')
+                continue
             if not isinstance(caption, str):
+                report.skip(where, f'"text" must be a string, found {type(caption).__name__}')
+                continue
+            if not caption.strip():
                 report.empty_captions.append(where)
-                caption = ""
             records.append(
                 Record(
                     image,

@@ -39,6 +39,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,8 +52,8 @@ from ..errors import IdcraftError
 from ..images import load_image
 from . import state as ckpt
 from .cache import FeatureCache
-from .config import TrainConfig, check_resumable
-from .data import BatchStream, DataPosition, Record, SampleLoader, SkipReport, list_records
+from .config import TrainConfig, check_resumable, check_same_run
+from .data import BatchStream, DataPosition, Record, SampleLoader, SkipReport, data_fingerprint, list_records
 from .recipe import TrainingRecipe, canonical_method, exports_state, model_state_keys, recipe_for
 from .reporting import Reporter
 
@@ -136,7 +137,14 @@ class Trainer:
         config = self.config
         recipe_cls = recipe_for(config.method)  # fail on an unknown method before loading anything
         config.method = canonical_method(config.method)
+        # Only the launcher's first process locks (and cleans) the run folder; the others share its lock.
+        with ckpt.run_lock(config.output_dir, enabled=_first_process()):
+            return self._run(recipe_cls)
+
+    def _run(self, recipe_cls: type[TrainingRecipe]) -> TrainResult:
+        config = self.config
         output = config.output_dir
+        config.data_fingerprint = data_fingerprint(config.data)
         resume_from = self._resume_point(output)
         if config.sample_every:  # fail now, not after hours of training
             if not config.sample_reference:
@@ -294,16 +302,69 @@ class Trainer:
             return Accelerator(**options)
 
     def _resume_point(self, output: Path) -> Path | None:
-        latest = ckpt.latest_checkpoint(output)
-        if self.config.resume:
-            if latest is None:
-                log.warning("--resume: no checkpoint in %s; starting from the beginning.", output)
-            return latest
-        if latest is not None:
-            raise IdcraftError(
-                f"{output} holds checkpoints of an earlier run ({latest.name}); pass --resume to "
-                "continue it, or choose another --output."
+        """The checkpoint to continue from (``--resume``: the newest one that is complete, falling back
+        past corrupt or truncated ones, after checking it belongs to this method, base and data), or
+        ``None`` for a fresh run, which never silently replaces an earlier run's checkpoints or finished
+        adapter (``--overwrite`` deletes them first)."""
+        config = self.config
+        dirs = ckpt.checkpoint_dirs(output)
+        finished = [p.name for p in (output / "adapter.safetensors", output / "adapter.bin") if p.is_file()]
+        speak = _first_process()
+        if config.resume:
+            if config.overwrite:
+                raise IdcraftError(
+                    "--resume continues the run in --output and --overwrite replaces it; give only one."
+                )
+            chosen, problems = None, []
+            for folder in reversed(dirs):
+                problem = ckpt.checkpoint_problem(folder)
+                if problem is None:
+                    chosen = folder
+                    break
+                problems.append(f"{folder.name}: {problem}")
+                if speak:
+                    log.warning(
+                        "--resume: checkpoint %s is corrupt or truncated (%s); falling back to the one before it.",
+                        folder,
+                        problem,
+                    )
+            if chosen is None:
+                if problems:
+                    raise IdcraftError(
+                        f"--resume: no usable checkpoint in {output}; every one is corrupt or truncated ("
+                        + "; ".join(problems)
+                        + "). Pass --overwrite instead of --resume to train again from the start."
+                    )
+                if finished:
+                    raise IdcraftError(
+                        f"--resume: {output} holds a finished run ({finished[0]}) but no checkpoint to continue "
+                        "from; pass --overwrite instead of --resume to train it again from the start, or choose "
+                        "another --output."
+                    )
+                if speak:
+                    log.warning("--resume: no checkpoint in %s; starting from the beginning.", output)
+                return None
+            saved = ckpt.read_json(chosen / "state.json")
+            check_same_run(saved.get("config", {}), config)
+            if speak:
+                log.warning("--resume: continuing from step %d (%s).", int(saved["step"]), chosen)
+            return chosen
+        if dirs or finished:
+            what = (
+                f"checkpoints of an earlier run ({dirs[-1].name})"
+                if dirs
+                else f"a finished run ({finished[0]})"
             )
+            if not config.overwrite:
+                raise IdcraftError(
+                    f"{output} holds {what}; pass --resume to continue it, --overwrite to replace it, or "
+                    "choose another --output."
+                )
+            if speak:
+                log.warning("--overwrite: deleting %s in %s.", what, output)
+                shutil.rmtree(ckpt.checkpoint_root(output), ignore_errors=True)
+                for name in finished:
+                    (output / name).unlink(missing_ok=True)
         return None
 
     def _check_resume(self, folder: Path, world: int, backend: str) -> None:
@@ -528,10 +589,11 @@ class Trainer:
                 )
             finally:
                 ckpt.restore_rng(rng)
+            from ..outputs import atomic_save_image
+
             folder = config.output_dir / "samples"
-            folder.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
-                image.save(folder / f"step-{run.step:08d}-{i}.png")
+                atomic_save_image(image, folder / f"step-{run.step:08d}-{i}.png", overwrite=True)
                 reporter.image(f"samples/{i}", image, run.step)
         run.accelerator.wait_for_everyone()
 
@@ -562,6 +624,11 @@ class Trainer:
                 )
         accelerator.wait_for_everyone()
         return files
+
+
+def _first_process() -> bool:
+    """Whether this is the launcher's first process (or the only one); known before accelerate starts."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _deepspeed_requested() -> bool:

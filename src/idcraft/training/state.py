@@ -22,11 +22,14 @@ leaves the previous checkpoint as the latest; only the newest ``keep`` checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,110 @@ def checkpoint_dirs(output: Path) -> list[Path]:
 def latest_checkpoint(output: Path) -> Path | None:
     dirs = checkpoint_dirs(output)
     return dirs[-1] if dirs else None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why checkpoint ``folder`` cannot be resumed from (``None``: it looks complete). Cheap checks that
+    catch a truncated or half-copied checkpoint before any model is loaded: ``state.json`` parses and
+    names this step, the weights file's safetensors header matches its size, and every ``.pt`` file is a
+    complete zip archive (torch's format; the central directory at its end is gone when truncated)."""
+    folder = Path(folder)
+    try:
+        state = read_json(folder / "state.json")
+        step = int(state["step"])
+        world = int(state.get("world", 1))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"state.json unreadable ({type(exc).__name__}: {exc})"
+    match = _NAME.match(folder.name)
+    if match and int(match.group(1)) != step:
+        return f"state.json says step {step}"
+    weights = folder / "trainable.safetensors"
+    if not weights.is_file():
+        return "trainable.safetensors missing"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            f.keys()
+    except Exception as exc:  # SafetensorError, OSError: truncated or not safetensors
+        return f"trainable.safetensors unreadable ({exc})"
+    if state.get("backend", "ddp") == "ddp" and not (folder / "optimizer.pt").is_file():
+        return "optimizer.pt missing"
+    names = ["lr_scheduler.pt", *(f"rank-{r}.pt" for r in range(world))]
+    for name in names:
+        if not (folder / name).is_file():
+            return f"{name} missing"
+    for file in sorted(folder.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{file.name} truncated or corrupt ({exc})"
+    return None
+
+
+# ---------------------------------------------------------------------------- the run folder's lock
+LOCK_NAME = ".idcraft-train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(output: Path, *, enabled: bool = True) -> Iterator[Path]:
+    """Hold ``OUTPUT/.idcraft-train.lock`` (an exclusive ``flock``, the holder's pid inside) while a run
+    writes ``output``; a second run into the same folder fails at once, naming the holder. Created folders
+    that end up empty are removed again. Where ``fcntl`` is missing (Windows) no lock is taken."""
+    from ..errors import IdcraftError
+
+    output = Path(output)
+    if not enabled:
+        yield output
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield output
+        return
+    created = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IdcraftError(
+            f"--output {output}: cannot create the run folder ({exc.strerror or exc})."
+        ) from exc
+    path = output / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise IdcraftError(
+                f"--output {output}: cannot write in the run folder ({exc.strerror or exc})."
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise IdcraftError(
+                f"--output {output} is in use by another training run (pid {holder}); wait for it to end, "
+                "or choose another --output."
+            ) from None
+        try:  # the file may have been removed by the previous holder between our open and lock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield output
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held, so nobody locks a file that is about to vanish
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                output.rmdir()  # only succeeds when the run wrote nothing
 
 
 # ---------------------------------------------------------------------------- RNG

@@ -12,6 +12,16 @@ Two small torch models, stored in ``identity/`` of the world bundle (:func:`save
 * the **detector** reads the image resized to 64x64 and gives 5 keypoints (soft-argmax over heatmaps),
   the box of the body that carries the face, and a presence logit -- a scene without a character gives
   no face, so such a photo raises :class:`~idcraft.faces.NoFaceError` as with the real backends;
+* a detection also needs the image to look like the world: the presence logit was only ever trained on
+  world renders and backdrops, and on anything else (a photo, noise) it says whatever it likes -- a real
+  astronaut photo scores 0.998. So, like a real detector's score threshold, a face is reported only when
+  the detector's own pooled features lie near those of world renders: their whitened (Mahalanobis)
+  distance to the training renders' feature distribution, ``familiarity.safetensors`` (mean and
+  whitening matrix, written by the trainer), must stay under ``familiarity_threshold`` (config.json).
+  Measured on the shipped models: world scenes, references, JPEG copies and renders at 32-512 px stay
+  under 1.35, renders cropped to zoom in up to 1.8x under 1.8 (97.5% of them); whole photos, noise, flat
+  colours, diagrams measure 1.9 and more (a tight crop of a photo can come closer: 1% of random
+  astronaut crops pass). The threshold is 1.8. Model folders without the file skip the check;
 * the **recogniser** reads the character aligned by a similarity transform from its 5 keypoints to a
   fixed template, like ArcFace's ``norm_crop`` but with a taller frame that holds the whole character
   (ears, accessory, body pattern, feet), and returns the raw 512-d embedding (unnormalised; FaceID
@@ -39,6 +49,14 @@ EMBEDDING_MODEL = "idcraft-world-recogniser"
 CONFIG_NAME = "config.json"
 DETECTOR_WEIGHTS = "detector.safetensors"
 RECOGNISER_WEIGHTS = "recogniser.safetensors"
+#: Mean and whitening matrix of the detector's pooled features over world renders (see the module notes).
+FAMILIARITY_WEIGHTS = "familiarity.safetensors"
+#: Shrinkage of the feature covariance toward its mean variance before whitening, so that directions
+#: in which the renders barely vary do not make every small change look foreign.
+FAMILIARITY_SHRINKAGE = 0.003
+#: Lowest familiarity threshold a trainer writes: world renders measured on the shipped models stay under
+#: ~1.7 even zoomed, rotated, blurred and noised as in detector training; photos and noise start near 1.9.
+FAMILIARITY_FLOOR = 1.8
 #: Side of the image the detector reads (renders are made at this size).
 DETECT_SIZE = 64
 
@@ -53,6 +71,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "detect_size": DETECT_SIZE,
     "detector_widths": [16, 24, 48, 96],
     "presence_threshold": 0.5,
+    "familiarity_threshold": FAMILIARITY_FLOOR,
     "crop_width": 28,
     "crop_height": 40,
     "recogniser_widths": [24, 32, 64, 128],
@@ -173,6 +192,13 @@ class WorldDetector(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` ``[B, 3, 64, 64]`` in [-1, 1] -> keypoints ``[B, 5, 2]`` (pixel centres at integers), box
         ``[B, 4]`` (x0, y0, x1, y1 edges), presence logit ``[B]``."""
+        kps, box, logit, _ = self.run(x)
+        return kps, box, logit
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s outputs plus the familiarity features ``[B, 2 * (w2 + w3)]``: the mean- and
+        max-pooled activations of the two deepest encoder stages, ``log1p``-compressed (what
+        :func:`familiarity_distance` measures)."""
         e1 = self.enc1(self.stem(x))
         e2 = self.enc2(e1)
         e3 = self.enc3(e2)
@@ -186,7 +212,8 @@ class WorldDetector(nn.Module):
         gy = (torch.arange(h, device=x.device, dtype=prob.dtype) + 0.5) * stride_y - 0.5
         points = torch.stack([(prob.sum(2) * gx).sum(-1), (prob.sum(3) * gy).sum(-1)], -1)  # [B, 7, 2]
         pooled = torch.cat([e3.mean((2, 3)), e3.amax((2, 3))], 1)
-        return points[:, :5], points[:, 5:].reshape(b, 4), self.presence(pooled)[:, 0]
+        features = torch.cat([pooled, e2.mean((2, 3)), e2.amax((2, 3))], 1).float().clamp_min(0).log1p()
+        return points[:, :5], points[:, 5:].reshape(b, 4), self.presence(pooled)[:, 0], features
 
 
 class WorldRecogniser(nn.Module):
@@ -215,6 +242,30 @@ class WorldRecogniser(nn.Module):
         return self.features(self.fc(self.pool(self.body(crops)).flatten(1)))
 
 
+def familiarity_statistics(features: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"mean", "whitening"}`` of familiarity features ``[N, D]`` (:meth:`WorldDetector.run`) of world
+    renders: the mean, and ``W`` with ``|W (f - mean)|^2 / D`` the squared Mahalanobis distance under the
+    covariance shrunk by :data:`FAMILIARITY_SHRINKAGE` (so a typical render measures about 1)."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    mean = x.mean(0)
+    centred = x - mean
+    cov = centred.T @ centred / max(1, len(x) - 1)
+    dim = cov.shape[0]
+    cov = (1 - FAMILIARITY_SHRINKAGE) * cov + FAMILIARITY_SHRINKAGE * cov.trace() / dim * torch.eye(
+        dim, dtype=cov.dtype
+    )
+    values, vectors = torch.linalg.eigh(cov)
+    whitening = vectors.T / values.clamp_min(1e-12).sqrt()[:, None]
+    return {"mean": mean.float().contiguous(), "whitening": whitening.float().contiguous()}
+
+
+def familiarity_distance(features: torch.Tensor, statistics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Whitened distance ``[B]`` of familiarity features ``[B, D]`` from the world renders' distribution
+    (about 1 for a typical render; see the module notes)."""
+    mean, whitening = statistics["mean"].to(features), statistics["whitening"].to(features)
+    return ((features - mean) @ whitening.T).pow(2).mean(1).sqrt()
+
+
 def build_models(config: dict[str, Any]) -> tuple[WorldDetector, WorldRecogniser]:
     """Fresh detector and recogniser of ``config``'s sizes."""
     detector = WorldDetector(list(config["detector_widths"]))
@@ -228,15 +279,26 @@ def build_models(config: dict[str, Any]) -> tuple[WorldDetector, WorldRecogniser
 
 
 def save_identity_models(
-    folder: str | os.PathLike, detector: WorldDetector, recogniser: WorldRecogniser, config: dict[str, Any]
+    folder: str | os.PathLike,
+    detector: WorldDetector,
+    recogniser: WorldRecogniser,
+    config: dict[str, Any],
+    familiarity: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``config.json``, ``detector.safetensors`` and ``recogniser.safetensors`` into ``folder``."""
+    """Write ``config.json``, ``detector.safetensors`` and ``recogniser.safetensors`` into ``folder``, and
+    ``familiarity.safetensors`` when ``familiarity`` (:func:`familiarity_statistics`) is given."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     keys = list(DEFAULT_CONFIG)
-    cfg = {k: config[k] for k in keys}
+    cfg = {k: config.get(k, DEFAULT_CONFIG[k]) for k in keys}
+    if familiarity is not None:
+        save_file(
+            {k: v.detach().cpu().float().contiguous() for k, v in familiarity.items()},
+            str(folder / FAMILIARITY_WEIGHTS),
+            metadata={"format": "pt"},
+        )
     cfg.update(template=crop_template(config).round(4).tolist(), embedding_model=EMBEDDING_MODEL)
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     for model, name in ((detector, DETECTOR_WEIGHTS), (recogniser, RECOGNISER_WEIGHTS)):
@@ -261,6 +323,14 @@ def resolve_identity_dir(models_dir: str | os.PathLike | None) -> Path:
         f"{base}: no world face models here (expected {CONFIG_NAME}, {DETECTOR_WEIGHTS} and "
         f"{RECOGNISER_WEIGHTS}, or an {IDENTITY}/ folder holding them)."
     )
+
+
+def load_familiarity(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The familiarity statistics saved in ``folder``, or ``None`` (models trained before they existed)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / FAMILIARITY_WEIGHTS
+    return load_file(str(path)) if path.is_file() else None
 
 
 def load_identity_models(
@@ -307,6 +377,8 @@ class WorldFaceAnalyser(FaceAnalyser):
         self.device = torch.device(device)
         self.detector, self.recogniser, self.config = load_identity_models(self.folder, self.device)
         self.threshold = float(self.config["presence_threshold"] if threshold is None else threshold)
+        self.familiarity = load_familiarity(self.folder)
+        self.familiarity_threshold = float(self.config["familiarity_threshold"])
         self.size = int(self.config["detect_size"])
         self.template = torch.from_numpy(crop_template(self.config))
 
@@ -320,22 +392,35 @@ class WorldFaceAnalyser(FaceAnalyser):
         smallest = 12 * max(width, height) / self.size
         return (
             f"The world detector searched the whole {width}x{height} image (resized to {self.size}x{self.size}) "
-            f"for one world character with a body at least ~{smallest:.0f} px wide; it knows nothing of real "
-            "faces"
+            f"for one world character with a body at least ~{smallest:.0f} px wide, in an image that looks "
+            "like the offline world's renders; it knows nothing of real faces or photos"
         )
+
+    def accepted(self, found: dict[str, np.ndarray]) -> np.ndarray:
+        """Which of :meth:`detect_batch`'s detections count as faces: presence at least the threshold and,
+        where the models carry familiarity statistics, an image that looks like the world's renders."""
+        keep = found["score"] >= self.threshold
+        if self.familiarity is not None:
+            keep &= found["familiarity"] <= self.familiarity_threshold
+        return keep
 
     @torch.no_grad()
     def detect_batch(self, images: np.ndarray | torch.Tensor, chunk: int = 512) -> dict[str, np.ndarray]:
         """Detections for uint8 ``[B, 64, 64, 3]`` images: ``kps`` ``[B, 5, 2]``, ``bbox`` ``[B, 4]``,
-        ``score`` ``[B]`` (presence probability) in 64x64 pixel coordinates."""
+        ``score`` ``[B]`` (presence probability) in 64x64 pixel coordinates, and ``familiarity`` ``[B]``
+        (distance from the world renders' features, 0 without statistics; see :meth:`accepted`)."""
         images = _uint8_batch(images)
         parts = []
         for start in range(0, len(images), chunk):
             x = to_unit_range(images[start : start + chunk].to(self.device))
-            kps, box, logit = self.detector(x.contiguous(memory_format=torch.channels_last))
-            parts.append((kps.cpu(), box.cpu(), logit.sigmoid().cpu()))
-        kps, box, score = (torch.cat(column).numpy() for column in zip(*parts, strict=True))
-        return {"kps": kps, "bbox": box, "score": score}
+            kps, box, logit, features = self.detector.run(x.contiguous(memory_format=torch.channels_last))
+            if self.familiarity is None:
+                distance = torch.zeros(len(x))
+            else:
+                distance = familiarity_distance(features, self.familiarity)
+            parts.append((kps.cpu(), box.cpu(), logit.sigmoid().cpu(), distance.float().cpu()))
+        kps, box, score, distance = (torch.cat(column).numpy() for column in zip(*parts, strict=True))
+        return {"kps": kps, "bbox": box, "score": score, "familiarity": distance}
 
     @torch.no_grad()
     def embed_batch(
@@ -361,7 +446,7 @@ class WorldFaceAnalyser(FaceAnalyser):
         pixels = np.asarray(picture, dtype=np.uint8)[None]
         found = self.detect_batch(pixels)
         score = float(found["score"][0])
-        if score < self.threshold:
+        if not self.accepted(found)[0]:
             return []
         kps = found["kps"][0]
         embedding = self.embed_batch(pixels, kps[None])[0] if embed else None

@@ -34,9 +34,13 @@ from ..face_backend import (
     DEFAULT_CONFIG as MODEL_CONFIG,
 )
 from ..face_backend import (
+    FAMILIARITY_FLOOR,
+    WorldDetector,
     WorldFaceAnalyser,
     build_models,
     crop_template,
+    familiarity_distance,
+    familiarity_statistics,
     save_identity_models,
     similarity_matrices,
     to_unit_range,
@@ -220,21 +224,110 @@ def evaluate_identity(
         np.minimum(box[:, 2:], truth[:, 2:]) - np.maximum(box[:, :2], truth[:, :2]), 0, None
     ).prod(1)
     union = (box[:, 2:] - box[:, :2]).clip(0).prod(1) + (truth[:, 2:] - truth[:, :2]).prod(1) - inter
-    threshold = analyser.threshold
     out.update(
         {
             "detector_kps_error_px": float(error.mean()),
             "detector_kps_error_px_p95": float(np.percentile(error.mean(1), 95)),
             "reference_kps_error_px": float(np.linalg.norm(found_refs["kps"] - ref_kps, axis=-1).mean()),
             "detector_box_iou": float((inter / np.maximum(union, 1e-6)).mean()),
-            "detector_recall": float(np.mean(found["score"] >= threshold)),
-            "reference_recall": float(np.mean(found_refs["score"] >= threshold)),
+            "detector_recall": float(np.mean(analyser.accepted(found))),
+            "reference_recall": float(np.mean(analyser.accepted(found_refs))),
             "detector_false_positive_rate": float(
-                np.mean(analyser.detect_batch(negatives)["score"] >= threshold)
+                np.mean(analyser.accepted(analyser.detect_batch(negatives)))
             ),
+            "familiarity_max_render": float(max(found["familiarity"].max(), found_refs["familiarity"].max())),
         }
     )
     return out
+
+
+#: Training images the familiarity statistics are fitted on, at most (each also once augmented).
+FAMILIARITY_SAMPLES = 4096
+#: Margin of the familiarity threshold over the largest distance of a held-out render.
+FAMILIARITY_MARGIN = 1.15
+
+
+@torch.no_grad()
+def fit_familiarity(
+    detector: WorldDetector,
+    images: torch.Tensor | np.ndarray,
+    generator: torch.Generator,
+    augment: float = DEFAULT_CONFIG["augment"],
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Familiarity statistics (:func:`~idcraft.world.face_backend.familiarity_statistics`) of the trained
+    ``detector``'s features over uint8 ``[N, 64, 64, 3]`` world renders: up to
+    :data:`FAMILIARITY_SAMPLES` of them as they are and once more zoomed, rotated, shifted, blurred and
+    noised as in detector training, so that softer or reframed world images still count as the world."""
+    images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    chosen = images[torch.randperm(len(images), generator=generator)[:FAMILIARITY_SAMPLES]]
+    detector = detector.eval()
+    features = []
+    for start in range(0, len(chosen), 256):
+        x = to_unit_range(chosen[start : start + 256].to(device))
+        moved = warp_crops(x, _random_similarity(len(x), generator, augment).to(x.device), 64, 64, "border")
+        for inputs in (x, _degrade(moved, generator).clamp(-1, 1)):
+            features.append(
+                detector.run(inputs.contiguous(memory_format=torch.channels_last))[3].double().cpu()
+            )
+    return familiarity_statistics(torch.cat(features))
+
+
+@torch.no_grad()
+def familiarity_threshold(
+    detector: WorldDetector,
+    statistics: dict[str, torch.Tensor],
+    held_out: np.ndarray,
+    device: str | torch.device = "cpu",
+) -> float:
+    """The threshold to store: :data:`FAMILIARITY_MARGIN` times the largest distance of the ``held_out``
+    renders (uint8 ``[N, 64, 64, 3]``, identities never trained on), and never under
+    :data:`~idcraft.world.face_backend.FAMILIARITY_FLOOR`."""
+    detector = detector.eval()
+    largest = 0.0
+    for start in range(0, len(held_out), 256):
+        x = to_unit_range(torch.as_tensor(np.asarray(held_out[start : start + 256])).to(device))
+        features = detector.run(x.contiguous(memory_format=torch.channels_last))[3]
+        largest = max(largest, float(familiarity_distance(features, statistics).max()))
+    return round(max(FAMILIARITY_FLOOR, FAMILIARITY_MARGIN * largest), 4)
+
+
+def add_familiarity(
+    folder: str | os.PathLike,
+    *,
+    samples: int = FAMILIARITY_SAMPLES,
+    eval_samples: int = DEFAULT_CONFIG["eval_samples"],
+    seed: int = 0,
+    workers: int | None = None,
+) -> dict[str, float]:
+    """Fit and write ``familiarity.safetensors`` and ``familiarity_threshold`` for identity models saved
+    before they existed (``folder`` as :func:`~idcraft.world.face_backend.save_identity_models` wrote it),
+    from ``samples`` fresh renders of the training ids plus their references, calibrated on
+    ``eval_samples`` held-out renders and references -- what :func:`train_identity` now does itself.
+    Returns the threshold and the largest held-out distance."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..arrays import render_arrays
+    from ..face_backend import CONFIG_NAME, FAMILIARITY_WEIGHTS, load_identity_models
+    from ..identity import train_ids
+
+    folder = Path(folder)
+    detector, _, _ = load_identity_models(folder)
+    ids = np.asarray(train_ids())
+    images = np.concatenate(
+        [render_arrays(samples, seed, ids=ids, workers=workers).images, reference_arrays(ids)[0]]
+    )
+    statistics = fit_familiarity(detector, images, torch.Generator().manual_seed(seed))
+    held_out = held_out_arrays(eval_samples, seed)
+    held_out_images = np.concatenate([held_out.images, reference_arrays(np.unique(held_out.identity_ids))[0]])
+    threshold = familiarity_threshold(detector, statistics, held_out_images)
+    save_file(statistics, str(folder / FAMILIARITY_WEIGHTS), metadata={"format": "pt"})
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["familiarity_threshold"] = threshold
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return {"familiarity_threshold": threshold, "familiarity_samples": len(images), "seed": seed}
 
 
 def train_identity(
@@ -344,10 +437,18 @@ def train_identity(
     train_seconds = time.perf_counter() - train_started
     train_cpu_seconds = time.process_time() - cpu_started  # all threads: what a busy machine hides
 
-    folder = save_identity_models(output_dir, detector.cpu().eval(), recogniser.cpu().eval(), cfg)
-    analyser = WorldFaceAnalyser(folder, device=dev)
     if eval_arrays is None:
         eval_arrays = held_out_arrays(cfg["eval_samples"], seed)
+    detector.eval()
+    familiarity = fit_familiarity(detector, images, generator, cfg["augment"], dev)
+    eval_refs = reference_arrays(np.unique(eval_arrays.identity_ids))[0]
+    cfg["familiarity_threshold"] = familiarity_threshold(
+        detector, familiarity, np.concatenate([eval_arrays.images, eval_refs]), dev
+    )
+    folder = save_identity_models(
+        output_dir, detector.cpu().eval(), recogniser.cpu().eval(), cfg, familiarity
+    )
+    analyser = WorldFaceAnalyser(folder, device=dev)
     metrics = evaluate_identity(
         analyser, eval_arrays, empty_scenes(cfg["eval_negatives"], seed=seed + EVAL_SEED_OFFSET)
     )
