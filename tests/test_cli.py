@@ -76,3 +76,53 @@ def test_truncated_adapter(models, capsys):
     (models / "cut.safetensors").write_bytes(data[:1000])
     assert main(_args(models, adapter=models / "cut.safetensors")) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_cheap_mistakes_fail_before_torch_loads(models, tmp_path):
+    """Settings, devices, output paths and option/method mismatches are refused in a fraction of a second:
+    no torch, no diffusers imported."""
+    import subprocess
+    import sys
+
+    base = [
+        "generate",
+        "--base",
+        str(models / "base"),
+        "--adapter",
+        "a.bin",
+        "--reference",
+        "r.png",
+        "--prompt",
+        "p",
+    ]
+    cases = {
+        "--width 65": "multiple of 8",
+        "--scale nan": "finite",
+        "--device tpu": "not a device",
+        "--seed 123456789012345678901234": "--seed",
+        f"--output {tmp_path}": "is a directory",
+        "--method instantcharacter --keypoints k.json": "not used by instantcharacter",
+    }
+    for extra, message in cases.items():
+        code = (
+            "import sys; from idcraft.cli import main; rc = main(sys.argv[1:]); "
+            "print('HEAVY' if {'torch', 'diffusers'} & set(sys.modules) else 'LIGHT', rc)"
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", code, *base, *extra.split()], capture_output=True, text=True, timeout=60
+        )
+        assert message in run.stderr, (extra, run.stderr)
+        assert run.stdout.split() == ["LIGHT", "2"], (extra, run.stdout, run.stderr)
+
+
+def test_adapter_with_nan_weights_is_refused(models, capsys):
+    import torch
+
+    from idcraft.checkpoints import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(models / "plus.safetensors")
+    key = next(iter(ckpt.ip_adapter))
+    ckpt.ip_adapter[key] = torch.full_like(ckpt.ip_adapter[key], float("nan"))
+    save_checkpoint(ckpt, models / "nan.safetensors")
+    with pytest.raises(Exception, match=f"ip_adapter.{key} holds NaN"):
+        load_checkpoint(models / "nan.safetensors")

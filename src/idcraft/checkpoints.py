@@ -64,7 +64,19 @@ def load_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
             f"{path}: not an IP-Adapter checkpoint: it has no {' / '.join(missing)} tensors (found {found}). "
             "Expected the official layout {'image_proj': ..., 'ip_adapter': ...}."
         )
+    _check_finite(groups, path)
     return AdapterCheckpoint(groups["image_proj"], groups["ip_adapter"], metadata, str(path))
+
+
+def _check_finite(groups: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+    """A NaN or infinite weight makes every image black or noise: refuse the file, naming the tensor."""
+    for group in GROUPS:
+        for key, tensor in groups[group].items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(
+                    f"{path}: {group}.{key} holds NaN or infinite values; the file is damaged, or was saved from a "
+                    "diverged training run. Use another copy or an earlier checkpoint."
+                )
 
 
 def save_checkpoint(checkpoint: AdapterCheckpoint, path: str | os.PathLike) -> Path:

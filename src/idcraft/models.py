@@ -35,7 +35,12 @@ def resolve_device(device: str | None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise IdcraftError(
+            f"--device {device!r}: not a device PyTorch knows; use auto, cpu, cuda, cuda:N or mps."
+        ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise IdcraftError(
             f"--device {device} was asked for, but this PyTorch build sees no CUDA GPU; use --device cpu."

@@ -97,6 +97,8 @@ def check_output_paths(
     flag: str = "--output",
 ) -> list[Path]:
     """:func:`check_output_path` for each of :func:`numbered_paths` ``(output, count)``."""
+    if Path(output).expanduser().is_dir():
+        raise OutputError(f"{flag} {output}: is a directory; give a file name inside it instead.")
     if image:
         image_format(output)
     return [

@@ -229,6 +229,10 @@ class GenerationRequest:
                 raise IdcraftError(f"--{name} must be a whole number of pixels, at least 8, got {value!r}.")
             if value > limits.max_side:
                 raise IdcraftError(f"--{name} {value} is over the limit of {limits.max_side} pixels.")
+            if value % 8:  # every base: the VAE halves the image three times (FLUX packs 2x2 more)
+                raise IdcraftError(
+                    f"--{name} {value} is not a multiple of 8, which every base model needs (try {value // 8 * 8})."
+                )
         if (
             self.width is not None
             and self.height is not None
@@ -255,6 +259,22 @@ class GenerationResult:
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+#: Device names idcraft runs on (``auto`` picks CUDA, then MPS, then the CPU).
+DEVICE_KINDS = ("auto", "cpu", "cuda", "mps", "xpu")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device name no backend has (``tpu``, ``gpu``...) in microseconds, before torch loads;
+    whether the device exists on this machine is checked when models load."""
+    if device is None:
+        return
+    kind, _, index = str(device).partition(":")
+    if kind not in DEVICE_KINDS or (index and (not index.isdigit() or kind in ("auto", "cpu"))):
+        raise IdcraftError(
+            f"--device {device!r}: not a device idcraft runs on; use auto, cpu, cuda, cuda:N, mps or xpu."
+        )
 
 
 def _finite(value: Any) -> bool:

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if not args.verbose:
-        _quiet_libraries(show_progress=sys.stderr.isatty())
+    if not args.verbose and not getattr(args, "quiet_late", False):
+        quiet_libraries()  # commands that check their input first call it themselves, after the checks
     try:
         return int(args.func(args) or 0)
     except IdcraftError as exc:
@@ -57,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _quiet_libraries(show_progress: bool) -> None:
+def quiet_libraries(verbose: bool = False) -> None:
     """Keep the terminal for what the user asked for: library notices only with --verbose, loading bars
-    only on a terminal (generation progress is shown by the command itself)."""
+    only on a terminal (generation progress is shown by the command itself). Imports diffusers and
+    transformers (seconds), so commands call it once their cheap checks have passed."""
     import os
     import warnings
 
+    if verbose:
+        return
+    show_progress = sys.stderr.isatty()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     import diffusers

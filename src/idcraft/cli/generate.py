@@ -97,7 +97,7 @@ def register(subparsers) -> None:
     )
     for flag, kwargs in (*MODEL_FLAGS, *request_flags()):
         p.add_argument(flag, **kwargs)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, quiet_late=True)
 
 
 def request_from_args(args: argparse.Namespace, *, read_files: bool = True):
@@ -129,10 +129,12 @@ def run(args: argparse.Namespace) -> int:
     from ..methods import family_of
     from ..outputs import atomic_save_image, check_output_paths
     from ..registry import get_method
+    from ..requests import check_device
 
     # Checks that need no model come first, in milliseconds: the settings, the method's options, the output.
     flags = request_from_args(args, read_files=False)
     replace(flags, keypoints=None).validate()  # keypoints are still a file name here
+    check_device(args.device)
     method = args.method or ("instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None)
     if method is not None:
         family_of(method).check(get_method(method), flags)
@@ -141,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
     if not request.references and not request.face_embeddings:
         raise IdcraftError("give at least one --reference image (or, for face methods, --face-embedding).")
     from ..engine import Engine
+    from . import quiet_libraries
 
+    quiet_libraries(args.verbose)
     engine = Engine.from_pretrained(
         args.base,
         args.adapter,
