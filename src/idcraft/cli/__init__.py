@@ -18,6 +18,18 @@ from ..errors import IdcraftError
 COMMANDS = ("generate", "demo", "eval", "faces", "train", "world", "serve")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to a flag's help where there is a default worth saying and the help text
+    does not already say it (no "(default: None)", no default given twice)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default in (None, False, "", [], (), argparse.SUPPRESS) or not action.option_strings
+        if quiet or "default" in text.lower():
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idcraft",

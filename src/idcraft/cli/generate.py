@@ -88,12 +88,13 @@ MODEL_FLAGS: tuple[tuple[str, dict], ...] = (
 
 def register(subparsers) -> None:
     from ..requests import request_flags
+    from . import DefaultsHelpFormatter
 
     p = subparsers.add_parser(
         "generate",
         help="generate images of a reference subject from a prompt",
         description="Generate images that keep the subject of --reference, following --prompt.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     for flag, kwargs in (*MODEL_FLAGS, *request_flags()):
         p.add_argument(flag, **kwargs)
