@@ -174,3 +174,15 @@ def test_two_people_with_instantid(instantid):
     image = pipe("two people", tokens=tokens, keypoints=two, **(SETTINGS | {"width": 128}))[0]
     assert image.size == (128, 64)
     assert adapter.layout.regions is None, "regions are cleared after the call"
+
+
+def test_resampler_runs_once_on_zeros_then_embedding(sdxl):
+    """InstantID's pipeline projects ``cat([zeros_like(emb), emb])`` in one Resampler call and splits it;
+    batched and separate calls differ in the last bits (float32 CPU: ~3e-6), so the tokens must be the
+    batched call's exactly."""
+    adapter = random_adapter(sdxl.unet, "instantid")
+    e = _embedding()
+    tokens = identity_tokens(adapter, [Identity(e)])
+    vector = torch.as_tensor(e)[None]
+    both = adapter.project(torch.cat([torch.zeros_like(vector), vector]))
+    assert torch.equal(tokens.uncond, both[:1]) and torch.equal(tokens.cond, both[1:])

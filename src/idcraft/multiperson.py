@@ -32,7 +32,7 @@ def place_faces(
     for i, (kps, (frame_w, frame_h)) in enumerate(zip(keypoints, frames, strict=True)):
         scale = min(strip / frame_w, height / frame_h)
         offset = np.array([i * strip + (strip - frame_w * scale) / 2, (height - frame_h * scale) / 2])
-        placed.append(np.asarray(kps, dtype=np.float32) * scale + offset.astype(np.float32))
+        placed.append(np.asarray(kps) * scale + offset)
     return placed
 
 

@@ -38,18 +38,21 @@ def draw_kps(
 ) -> Image.Image:
     """InstantID's keypoint image for ``kps`` (5x2), the size of ``image_pil`` (whose pixels are not used)."""
     cv2 = _cv2()
-    kps = np.asarray(kps, dtype=np.float64)
+    # The caller's dtype is kept (insightface gives float32, JSON float64): InstantID computes the limbs'
+    # centres and lengths in it, and float32 vs float64 arithmetic can move a truncated centre by a pixel.
+    kps = np.array(kps)
     if kps.ndim != 2 or kps.shape[1] != 2 or len(kps) < 3:
         raise ValueError(f"expected Nx2 keypoints (5 in insightface order), got shape {kps.shape}.")
     width, height = image_pil.size
     canvas = np.zeros((height, width, 3), dtype=np.float64)
 
     for start, end in KPS_LIMBS:
-        (x0, y0), (x1, y1) = kps[start], kps[end]
-        half_length = math.hypot(x0 - x1, y0 - y1) / 2
-        angle = math.degrees(math.atan2(y0 - y1, x0 - x1))
-        centre = (int(np.mean([x0, x1])), int(np.mean([y0, y1])))
-        polygon = cv2.ellipse2Poly(centre, (int(half_length), STICK_WIDTH), int(angle), 0, 360, 1)
+        pair = kps[[start, end]]
+        x, y = pair[:, 0], pair[:, 1]  # numpy values of kps's dtype, reduced exactly as InstantID does
+        length = ((x[0] - x[1]) ** 2 + (y[0] - y[1]) ** 2) ** 0.5
+        angle = math.degrees(math.atan2(y[0] - y[1], x[0] - x[1]))
+        centre = (int(np.mean(x)), int(np.mean(y)))
+        polygon = cv2.ellipse2Poly(centre, (int(length / 2), STICK_WIDTH), int(angle), 0, 360, 1)
         canvas = cv2.fillConvexPoly(canvas, polygon, color_list[start])
     canvas = (canvas * 0.6).astype(np.uint8)
 
