@@ -1,0 +1,49 @@
+"""``idcraft serve``: the HTTP API and web page (see :mod:`idcraft.serve` and docs/serve.md)."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an HTTP API and a web page for generation (offline world by default)",
+        description="Keep models loaded and answer generation requests over HTTP: POST /v1/images/generations "
+        "(OpenAI shape plus idcraft's fields), POST /v1/references, GET /v1/models, /healthz, /metrics, and a "
+        "web page at /. With no --config it serves the offline world bundled with idcraft (no download).",
+    )
+    p.add_argument(
+        "--config", metavar="YAML", help="models to keep loaded and server limits (see docs/serve.md)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--device", default=None, help="offline world only: cpu, cuda, mps or auto")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="load the config and models, print what would be served, and exit",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    import logging
+
+    from ..serve.catalog import build_catalog
+    from ..serve.config import load_config
+
+    config = load_config(args.config)
+    if args.device is not None:
+        config.world.device = args.device
+    logging.getLogger("idcraft.serve").setLevel(logging.INFO)
+    catalog = build_catalog(config)
+    if args.check:
+        from ..serve.service import Service
+
+        print(json.dumps(Service(config, catalog).models(), indent=2))
+        return 0
+    from ..serve.server import serve
+
+    print(f"idcraft serve: {', '.join(catalog.methods)} on http://{args.host}:{args.port}/", flush=True)
+    serve(config, host=args.host, port=args.port, catalog=catalog)
+    return 0

@@ -1,0 +1,26 @@
+"""``idcraft serve``: an HTTP API and a web page over :class:`idcraft.engine.Engine`.
+
+Modules, one job each: :mod:`.config` (the YAML file), :mod:`.catalog` (what stays loaded),
+:mod:`.service` (requests -> engine calls, identity cache), :mod:`.scheduler` (queue, slots per device,
+timeouts), :mod:`.cache` (bounded LRU stores), :mod:`.images` (untrusted image bytes), :mod:`.errors`
+(failures -> HTTP statuses, in one place), :mod:`.metrics` (Prometheus text), :mod:`.middleware` (body
+bound, 500 guard), :mod:`.app` (routes), :mod:`.server` (uvicorn). See docs/serve.md.
+"""
+
+from __future__ import annotations
+
+from .config import ServeConfig, config_from_dict, load_config
+
+__all__ = ["ServeConfig", "config_from_dict", "create_app", "load_config", "serve"]
+
+
+def create_app(*args, **kwargs):
+    from .app import create_app as _create_app
+
+    return _create_app(*args, **kwargs)
+
+
+def serve(*args, **kwargs):
+    from .server import serve as _serve
+
+    return _serve(*args, **kwargs)

@@ -1,0 +1,184 @@
+"""The HTTP routes (FastAPI): thin shells over :class:`~.service.Service`.
+
+| route | what |
+|---|---|
+| ``GET /`` | the web page (static HTML + JS, no build step, nothing from a CDN) |
+| ``POST /v1/images/generations`` | OpenAI-shaped generation plus idcraft's fields |
+| ``POST /v1/references`` | upload a reference once (JSON base64 or multipart ``file``) -> its id |
+| ``GET /v1/models`` | served methods and their defaults |
+| ``GET /v1/examples`` | reference images to try (the world's held-out characters) |
+| ``GET /healthz`` | liveness and queue state |
+| ``GET /metrics`` | Prometheus text |
+
+With a token configured (the environment variable named by ``server.auth_token_env``), ``/v1/*`` and
+``/metrics`` need ``Authorization: Bearer <token>``; the page and ``/healthz`` stay open.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import IdcraftError
+from .catalog import Catalog, build_catalog
+from .config import ServeConfig
+from .errors import ApiError, bad_request, error_response
+from .middleware import BodyLimit, Guard
+from .schemas import ImageRequest, ReferenceUpload
+from .service import Service
+
+log = logging.getLogger("idcraft.serve")
+
+STATIC = resources.files("idcraft.serve") / "static"
+
+
+def create_app(config: ServeConfig | None = None, catalog: Catalog | None = None) -> FastAPI:
+    """The server's application; ``catalog``: methods already loaded (else loaded from ``config`` now)."""
+    config = config or ServeConfig()
+    catalog = catalog if catalog is not None else build_catalog(config)
+    service = Service(config, catalog)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        log.info("idcraft serve: %s ready", ", ".join(catalog.methods))
+        try:
+            yield
+        finally:
+            import asyncio
+
+            await asyncio.to_thread(service.close)
+
+    app = FastAPI(
+        title="idcraft",
+        summary="Identity-preserving image generation: IP-Adapter, FaceID, InstantID, InstantCharacter.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.service = service
+    _errors(app, service)
+    _routes(app, service)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes, metrics=service.metrics)
+    if config.server.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.server.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(Guard, metrics=service.metrics)
+    return app
+
+
+def _errors(app: FastAPI, service: Service) -> None:
+    @app.exception_handler(ApiError)
+    @app.exception_handler(IdcraftError)
+    async def known(request: Request, exc: Exception):
+        return error_response(exc, service.metrics, log)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return error_response(bad_request(validation_message(exc)), service.metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}."
+        return error_response(
+            ApiError(exc.status_code, kind, message, dict(exc.headers or {})), service.metrics
+        )
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """One line per problem, naming the field: ``n: Input should be a valid integer``."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        if error.get("type") == "extra_forbidden":
+            parts.append(f"{where}: unknown field (not read by this API; see GET /docs)")
+        elif error.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})")
+        else:
+            parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request."
+
+
+def _routes(app: FastAPI, service: Service) -> None:
+    def authorized(request: Request) -> None:
+        token = service.token
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.encode()):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "this server needs a bearer token: send Authorization: Bearer <token>.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    guarded = [Depends(authorized)]
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        health = service.health()
+        return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics() -> Response:
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        return service.models()
+
+    @app.get("/v1/examples", dependencies=guarded)
+    async def examples() -> dict:
+        return service.example_list()
+
+    @app.post("/v1/images/generations", dependencies=guarded)
+    async def generations(body: ImageRequest) -> JSONResponse:
+        return JSONResponse(await service.generate(body))
+
+    @app.post("/v1/references", dependencies=guarded)
+    async def references(request: Request) -> dict:
+        return await service.add_reference(await _upload_bytes(request))
+
+
+async def _upload_bytes(request: Request) -> bytes:
+    """The image of ``POST /v1/references``: multipart ``file`` (or ``image``), or JSON ``{"image": b64}``."""
+    from pydantic import ValidationError
+
+    from .images import from_base64
+
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file") or form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise bad_request("multipart upload: send the image as a file field named 'file'.")
+        return await upload.read()
+    try:
+        body = ReferenceUpload.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    return from_base64(body.image, "image")

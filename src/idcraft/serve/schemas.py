@@ -1,0 +1,51 @@
+"""Request bodies of the HTTP API (pydantic): the OpenAI images shape plus idcraft's own fields.
+
+Unknown fields are refused (400), as the engine refuses options a method does not read: a misspelt
+``guidence`` must not silently fall back to the default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImageRequest(BaseModel):
+    """``POST /v1/images/generations``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    #: images to make (OpenAI's name for ``num_images``)
+    n: int = 1
+    #: ``"WxH"``; left out: the method's default (the base model's native size)
+    size: str | None = None
+    #: only ``b64_json``: images come back inline
+    response_format: str = "b64_json"
+    #: left out: a random seed, reported in the answer
+    seed: int | None = None
+    #: the idcraft method; ``model`` (OpenAI's field) is read when ``method`` is left out
+    method: str | None = None
+    model: str | None = None
+    #: base64 images (raw or ``data:`` URLs) or ids from ``POST /v1/references``
+    references: list[str] = Field(default_factory=list)
+    negative_prompt: str | None = None
+    scale: float | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    keypoints: Any = None
+    multi_person: bool = False
+    face_index: int = 0
+    s_scale: float = 1.0
+    true_cfg: float = 1.0
+    #: OpenAI's end-user id: accepted, not used
+    user: str | None = None
+
+
+class ReferenceUpload(BaseModel):
+    """``POST /v1/references`` as JSON (multipart form data with a ``file`` field works too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str
