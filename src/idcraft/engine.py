@@ -48,7 +48,8 @@ class Engine:
 
     Build it with :meth:`from_pretrained` (one method from paths or hub ids) or from pipelines you hold:
     ``Engine({"ip-adapter": ip_pipe, "faceid": faceid_pipe})``. ``face_backend``/``face_models`` say how
-    faces are found in reference photos (an ArcFace recogniser for the official face methods).
+    faces are found in reference photos (an ArcFace recogniser for the official face methods);
+    ``defaults`` override the methods' defaults for settings a request leaves out.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class Engine:
         face_backend: str = "insightface",
         face_models: str | os.PathLike | None = None,
         limits: Limits | None = None,
+        defaults: Mapping[str, Any] | None = None,
     ):
         if not isinstance(pipelines, Mapping):
             pipelines = {_method_of(p).name: p for p in pipelines}
@@ -71,6 +73,9 @@ class Engine:
             self._pipelines[method.name] = pipe
         self.faces = FaceSettings(face_backend, face_models)
         self.limits = limits or Limits()
+        #: Settings a request leaves at ``None`` get these before the method's own defaults (a small base
+        #: model may want fewer steps, say).
+        self.defaults = dict(defaults or {})
         # Offloading moves weights between devices around a call: such pipelines take one call at a time.
         self._locks = {name: threading.Lock() for name, pipe in self._pipelines.items() if _offloads(pipe)}
 
@@ -149,7 +154,7 @@ class Engine:
         method = get_method(name)
         family = family_of(method)
         family.check(method, request)
-        request = replace(request, method=name).with_defaults(family.defaults)
+        request = replace(request, method=name).with_defaults({**family.defaults, **self.defaults})
         factor = _size_factor(self._pipelines[name])
         for side in ("width", "height"):
             value = getattr(request, side)

@@ -149,7 +149,12 @@ def world_engine(bundle_root: str | os.PathLike | None = None, device: str | Non
         )
     if not pipelines:
         raise IdcraftError(f"no adapters in the world bundle at {root}: rebuild it with `idcraft world build`.")
-    return Engine(pipelines, face_backend="world", face_models=bundle.bundle_path(bundle.IDENTITY, root))
+    return Engine(
+        pipelines,
+        face_backend="world",
+        face_models=bundle.bundle_path(bundle.IDENTITY, root),
+        defaults={"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
+    )
 
 
 class WorldGenerator:
