@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import IdcraftError
 
 #: Subcommand modules, in the order ``idcraft --help`` lists them.
-COMMANDS = ("generate", "demo", "eval", "faces", "train", "world", "serve")
+COMMANDS = ("generate", "demo", "eval", "compare", "batch", "faces", "train", "world", "serve")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
