@@ -126,3 +126,13 @@ def test_adapter_with_nan_weights_is_refused(models, capsys):
     save_checkpoint(ckpt, models / "nan.safetensors")
     with pytest.raises(Exception, match=f"ip_adapter.{key} holds NaN"):
         load_checkpoint(models / "nan.safetensors")
+
+
+def test_broken_unet_config_is_named(models, capsys):
+    import shutil
+
+    shutil.copytree(models / "base", models / "broken")
+    (models / "broken" / "unet" / "config.json").write_text("{broken")
+    assert main(_args(models, base=models / "broken")) == 2
+    err = capsys.readouterr().err
+    assert "unet/config.json" in err and "damaged" in err and "Traceback" not in err

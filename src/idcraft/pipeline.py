@@ -458,6 +458,15 @@ def _meta_unet(base):
     """The base UNet built on the meta device: its structure and widths without reading its weights."""
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(os.path.join(str(base), "unet"))
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+    from .errors import ModelLoadError
+
+    folder = os.path.join(str(base), "unet")
+    try:
+        config = UNet2DConditionModel.load_config(folder)
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(
+            f"base model {base}: cannot read {folder}/config.json ({exc}). The file is damaged or not a "
+            "diffusers UNet config: copy the base model folder again."
+        ) from exc

@@ -124,9 +124,16 @@ def _meta_transformer(base: str | os.PathLike):
     """The FLUX transformer built on the meta device: its structure without reading its weights."""
     from diffusers import FluxTransformer2DModel
 
-    config = FluxTransformer2DModel.load_config(os.path.join(str(base), "transformer"))
-    with torch.device("meta"):
-        return FluxTransformer2DModel.from_config(config)
+    folder = os.path.join(str(base), "transformer")
+    try:
+        config = FluxTransformer2DModel.load_config(folder)
+        with torch.device("meta"):
+            return FluxTransformer2DModel.from_config(config)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise IdcraftError(
+            f"base model {base}: cannot read {folder}/config.json ({exc}). The file is damaged or not a "
+            "diffusers FLUX transformer config: copy the base model folder again."
+        ) from exc
 
 
 class InstantCharacterPipeline:
