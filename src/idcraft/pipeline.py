@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -267,21 +269,14 @@ class IPAdapterPipeline:
         canvas = canvases.pop()
         if canvas is not None:
             width, height = canvas
-        text = self.pipe.encode_prompt(
-            prompt=[item.prompt for item in items],
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=[negative_prompt] * len(items),
-        )
-        cond = torch.cat([item.tokens.cond for item in items]).to(text[0])
-        uncond = torch.cat([item.tokens.uncond for item in items]).to(text[1])
+        text = encode_text(self.pipe, [item.prompt for item in items], [negative_prompt] * len(items))
+        cond = torch.cat([item.tokens.cond for item in items])
+        uncond = torch.cat([item.tokens.uncond for item in items])
         embeds = {
-            "prompt_embeds": torch.cat([text[0], cond], dim=1),
-            "negative_prompt_embeds": torch.cat([text[1], uncond], dim=1),
+            **text,
+            "prompt_embeds": _append(text["prompt_embeds"], cond, 1),
+            "negative_prompt_embeds": _append(text["negative_prompt_embeds"], uncond, 1),
         }
-        if self.is_sdxl:
-            embeds.update(pooled_prompt_embeds=text[2], negative_pooled_prompt_embeds=text[3])
         extra = {}
         if self.num_controlnets:
             per_item = [
@@ -310,20 +305,12 @@ class IPAdapterPipeline:
 
     def _prompt_embeddings(self, prompt, negative_prompt, tokens: ReferenceTokens, num_images: int) -> dict:
         """The base pipeline's text embeddings with the image tokens appended (negative to negative)."""
-        text = self.pipe.encode_prompt(
-            prompt=prompt,
-            device=self.device,
-            num_images_per_prompt=num_images,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt,
-        )
-        embeds = {
-            "prompt_embeds": _append(text[0], tokens.cond, num_images),
-            "negative_prompt_embeds": _append(text[1], tokens.uncond, num_images),
+        text = encode_text(self.pipe, prompt, negative_prompt, num_images)
+        return {
+            **text,
+            "prompt_embeds": _append(text["prompt_embeds"], tokens.cond, num_images),
+            "negative_prompt_embeds": _append(text["negative_prompt_embeds"], tokens.uncond, num_images),
         }
-        if self.is_sdxl:
-            embeds.update(pooled_prompt_embeds=text[2], negative_pooled_prompt_embeds=text[3])
-        return embeds
 
     def _controlnet_inputs(self, control_image, controlnet_scale, faces, canvas) -> dict:
         """ControlNet condition images and scales; InstantID's keypoint image comes first (IdentityNet)."""
@@ -398,9 +385,45 @@ class IPAdapterPipeline:
         return [np.asarray(i.kps) * scale for i in identities], canvas
 
 
+def encode_text(pipe, prompt, negative_prompt, num_images: int = 1) -> dict:
+    """``pipe``'s own text embeddings of ``prompt`` and ``negative_prompt`` (strings or lists), as the
+    keyword arguments its call takes (``prompt_embeds``, ``negative_prompt_embeds`` and, for SDXL, the
+    pooled ones), encoded under :func:`text_lock`."""
+    with text_lock(pipe):
+        text = pipe.encode_prompt(
+            prompt=prompt,
+            device=pipe._execution_device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt,
+        )
+    embeds = {"prompt_embeds": text[0], "negative_prompt_embeds": text[1]}
+    if hasattr(pipe, "text_encoder_2"):
+        embeds.update(pooled_prompt_embeds=text[2], negative_pooled_prompt_embeds=text[3])
+    return embeds
+
+
 def _append(text: torch.Tensor, image_tokens: torch.Tensor, num_images: int) -> torch.Tensor:
     image_tokens = image_tokens.to(device=text.device, dtype=text.dtype).repeat(num_images, 1, 1)
     return torch.cat([text, image_tokens], dim=1)
+
+
+_TEXT_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TEXT_LOCKS_GUARD = threading.Lock()
+
+
+def text_lock(pipe) -> threading.Lock:
+    """The lock to hold while ``pipe`` tokenizes and encodes text.
+
+    A Hugging Face fast tokenizer sets padding and truncation on its one shared Rust object at every
+    call, so two requests tokenizing at once on one pipeline can each get the other's settings (and a
+    prompt encoded unpadded). Text encoding takes milliseconds; holding one lock per tokenizer for it
+    keeps requests apart while their denoising runs in parallel."""
+    key = getattr(pipe, "tokenizer", None) or pipe
+    with _TEXT_LOCKS_GUARD:
+        if key not in _TEXT_LOCKS:
+            _TEXT_LOCKS[key] = threading.Lock()
+        return _TEXT_LOCKS[key]
 
 
 def request_view(pipe, *, progress: bool = False):

@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import IdcraftError
 from ..images import ImageInput
 from ..models import _unreachable, resolve_device, resolve_dtype
-from ..pipeline import request_view
+from ..pipeline import request_view, text_lock
 from .adapter import InstantCharacterAdapter
 from .encoders import SubjectEncoder, SubjectFeatures
 from .memory import FLUX_COMPONENTS, MemoryEstimate, estimate_memory
@@ -303,19 +303,35 @@ class InstantCharacterPipeline:
         runner = request_view(self.pipe, progress=progress)
         call = self.adapter.call(prepared, scale, lambda: runner.current_timestep)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        text = self._encode_text(
+            runner, prompt, negative_prompt if true_cfg > 1 else None, num_images, max_sequence_length
+        )
         with subject_call(call):
             return runner(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
+                **text,
                 true_cfg_scale=true_cfg,
                 guidance_scale=guidance,
                 num_inference_steps=steps,
                 generator=generator,
                 width=width,
                 height=height,
-                num_images_per_prompt=num_images,
+                num_images_per_prompt=1,  # the embeddings are already one per image
                 max_sequence_length=max_sequence_length,
             ).images
+
+    def _encode_text(
+        self, runner, prompt: str, negative_prompt: str | None, num_images: int, length: int
+    ) -> dict:
+        """The prompt's (and, for true CFG, the negative prompt's) CLIP + T5 embeddings, encoded as the
+        FLUX pipeline would, under the tokenizer's lock (see :func:`idcraft.pipeline.text_lock`)."""
+        kwargs = {"device": self.device, "num_images_per_prompt": num_images, "max_sequence_length": length}
+        with text_lock(runner):
+            embeds, pooled, _ = runner.encode_prompt(prompt=prompt, prompt_2=None, **kwargs)
+            text = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+            if negative_prompt is not None:
+                embeds, pooled, _ = runner.encode_prompt(prompt=negative_prompt, prompt_2=None, **kwargs)
+                text.update(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled)
+        return text
 
 
 def _estimate_or_none(base, adapter, image_encoder, image_encoder_2, **kwargs) -> MemoryEstimate | None:

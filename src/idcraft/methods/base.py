@@ -151,10 +151,13 @@ class SDFamily(Family):
         tokenizer = getattr(pipe.pipe, "tokenizer", None)
         if tokenizer is None:
             return []
+        from ..pipeline import text_lock
+
         limit = tokenizer.model_max_length
         out = []
         for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
-            count = len(tokenizer(text).input_ids) if text else 0
+            with text_lock(pipe.pipe):
+                count = len(tokenizer(text).input_ids) if text else 0
             if count > limit:
                 out.append(
                     f"the {what} is {count} tokens; the text encoder reads {limit}, so the rest is ignored."

@@ -345,13 +345,12 @@ class WorldGenerator:
         import torch
 
         from ..injection import adapter_call
-        from ..pipeline import request_view
+        from ..pipeline import encode_text, request_view
 
         generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
         with adapter_call(None):
             images = request_view(self.base)(
-                prompt=prompts,
-                negative_prompt=[""] * len(prompts),
+                **encode_text(self.base, prompts, [""] * len(prompts)),
                 guidance_scale=guidance,
                 num_inference_steps=steps,
                 generator=generators,
