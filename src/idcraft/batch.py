@@ -483,20 +483,11 @@ def _entry(config, label):
 
 def _chunks(prepared: list, size: int) -> list[list]:
     """Runs of jobs with the same settings (what one pipeline call can batch), at most ``size`` each."""
+    from .engine import batch_key
+
     by_key: dict[tuple, list] = {}
     for item in prepared:
-        r = item[1]
-        key = (
-            r.negative_prompt,
-            r.scale,
-            r.steps,
-            r.guidance,
-            r.width,
-            r.height,
-            tuple(r.controlnet_scales or ()),
-            r.num_images,
-            r.multi_person,
-        )
+        key = batch_key(item[1])
         by_key.setdefault(key, []).append(item)
     out = []
     for items in by_key.values():

@@ -223,21 +223,7 @@ class Engine:
         prepared = [self.prepare(r) for r in requests]
         method = prepared[0][0]
         family = family_of(method)
-        shared = {
-            (
-                m.name,
-                r.negative_prompt,
-                r.scale,
-                r.steps,
-                r.guidance,
-                r.width,
-                r.height,
-                tuple(r.controlnet_scales or ()),
-                r.num_images,
-                r.multi_person,
-            )
-            for m, r in prepared
-        }
+        shared = {batch_key(r) for _, r in prepared}  # prepared requests carry their method's name
         if (
             len(shared) > 1
             or not hasattr(family, "run_batch")
@@ -306,6 +292,23 @@ def _choose_method(method: str | None, base, image_encoder_2) -> Method | None:
     if is_flux_base(base) or image_encoder_2 is not None:
         return get_method("instantcharacter")
     return None
+
+
+def batch_key(request: GenerationRequest) -> tuple:
+    """Requests with equal keys can run in one pipeline call (:meth:`Engine.generate_batch`): the same
+    method and every setting but the prompt, references and seed."""
+    return (
+        request.method,
+        request.negative_prompt,
+        request.scale,
+        request.steps,
+        request.guidance,
+        request.width,
+        request.height,
+        tuple(request.controlnet_scales or ()),
+        request.num_images,
+        request.multi_person,
+    )
 
 
 def _settings(request: GenerationRequest) -> dict[str, Any]:
