@@ -10,80 +10,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-#: Flags naming the models to load (not part of a request): (flag, argparse keyword arguments).
-MODEL_FLAGS: tuple[tuple[str, dict], ...] = (
-    (
-        "--base",
-        {"required": True, "help": "base model: a diffusers folder or hub id (SD1.5, SDXL, or FLUX.1)"},
-    ),
-    ("--adapter", {"required": True, "help": "adapter checkpoint (.bin or .safetensors, official layout)"}),
-    (
-        "--image-encoder",
-        {
-            "help": "CLIP image encoder folder or hub id (every method but faceid and "
-            "faceid-portrait); for instantcharacter the SigLIP encoder (google/siglip-so400m-patch14-384)"
-        },
-    ),
-    (
-        "--image-encoder-2",
-        {"metavar": "DIR", "help": "instantcharacter: DINOv2 encoder (facebook/dinov2-giant)"},
-    ),
-    (
-        "--controlnet",
-        {
-            "action": "append",
-            "default": [],
-            "metavar": "DIR",
-            "help": "ControlNet folder or hub "
-            "id; repeatable. It sees the text only; for instantid the first one is IdentityNet (it sees the face "
-            "tokens, and its keypoint image is drawn for you)",
-        },
-    ),
-    (
-        "--face-backend",
-        {
-            "default": "insightface",
-            "help": "face analysis for --reference photos of face "
-            "methods: an ArcFace recogniser is required (insightface)",
-        },
-    ),
-    ("--face-models", {"metavar": "DIR", "help": "insightface model pack folder (antelopev2, buffalo_l)"}),
-    ("--device", {"default": "auto", "help": "cpu, cuda, cuda:1, mps or auto"}),
-    (
-        "--dtype",
-        {
-            "default": "auto",
-            "choices": ["auto", "float32", "float16", "bfloat16"],
-            "help": "auto = float16 on GPU (bfloat16 for instantcharacter), float32 on CPU",
-        },
-    ),
-    (
-        "--offload",
-        {
-            "choices": ["none", "model", "sequential"],
-            "default": "none",
-            "help": "instantcharacter: "
-            "keep weights in RAM and move them to the GPU per model or per layer (least memory, slowest)",
-        },
-    ),
-    (
-        "--skip-memory-check",
-        {
-            "action": "store_true",
-            "help": "instantcharacter: run even when the memory "
-            "estimate printed before loading says it does not fit",
-        },
-    ),
-    (
-        "--output",
-        {
-            "default": "idcraft.png",
-            "help": "image path; the extension picks the format (.png, .jpg, "
-            ".webp); several images are numbered NAME-0.png, NAME-1.png ...",
-        },
-    ),
-    ("--overwrite", {"action": "store_true", "help": "replace existing output files"}),
-)
+#: Flags naming the models to load and where to write (not part of a request): flag -> argparse options.
+MODEL_FLAGS: dict[str, dict] = {
+    "--base": {"required": True, "help": "base model: diffusers folder or hub id (SD1.5, SDXL, FLUX.1)"},
+    "--adapter": {"required": True, "help": "adapter file (.bin or .safetensors, official layout)"},
+    "--image-encoder": {"help": "CLIP image encoder folder (SigLIP for instantcharacter)"},
+    "--image-encoder-2": {"metavar": "DIR", "help": "instantcharacter: the DINOv2 encoder folder"},
+    "--controlnet": {"action": "append", "default": [], "metavar": "DIR", "help": "ControlNet folder, "
+                     "repeatable; for instantid the first is IdentityNet (its keypoint image is drawn for you)"},
+    "--face-backend": {"default": "insightface", "help": "face analysis for face methods' --reference photos"},
+    "--face-models": {"metavar": "DIR", "help": "insightface model pack folder (antelopev2, buffalo_l)"},
+    "--device": {"default": "auto", "help": "cpu, cuda, cuda:1, mps or auto"},
+    "--dtype": {"default": "auto", "choices": ["auto", "float32", "float16", "bfloat16"],
+                "help": "auto = float16 on GPU (bfloat16 for FLUX), float32 on CPU"},
+    "--offload": {"choices": ["none", "model", "sequential"], "default": "none",
+                  "help": "instantcharacter: keep weights in RAM, move them to the GPU per model or layer"},
+    "--skip-memory-check": {"action": "store_true", "help": "instantcharacter: run even if it may not fit"},
+    "--output": {"default": "idcraft.png", "help": "image path, format from the extension (.png, .jpg, "
+                 ".webp); several images are numbered NAME-0.png, NAME-1.png ..."},
+    "--overwrite": {"action": "store_true", "help": "replace existing output files"},
+}  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -96,7 +42,7 @@ def register(subparsers) -> None:
         description="Generate images that keep the subject of --reference, following --prompt.",
         formatter_class=DefaultsHelpFormatter,
     )
-    for flag, kwargs in (*MODEL_FLAGS, *request_flags()):
+    for flag, kwargs in (*MODEL_FLAGS.items(), *request_flags()):
         p.add_argument(flag, **kwargs)
     p.set_defaults(func=run, quiet_late=True)
 
