@@ -157,7 +157,8 @@ class DefaultFaceAnalyser(FaceAnalyser):
             f"faces of about {MIN_FACE} px and more at that scale, i.e. down to about {smallest:.0f} px in "
             f"this {width}x{height} image"
             + (
-                "; it misses strongly turned or tilted faces (try --backend insightface)"
+                "; it misses strongly turned or tilted faces (try the insightface backend: --face-backend "
+                "insightface for generate and train, --backend insightface for idcraft faces)"
                 if kind.startswith("HOG")
                 else ""
             )

@@ -55,6 +55,7 @@ def run_demo(
     """Run the demo into ``output``; returns the grid's path. ``identity``: an id (default: the held-out
     id picked by ``seed``)."""
     from ..errors import IdcraftError
+    from ..outputs import atomic_save_image, atomic_write_text, check_writable_folder
     from . import bundle
     from .evaluate import score
     from .generate import DEFAULT_GUIDANCE, Request, WorldGenerator, available_methods, reference_image
@@ -62,6 +63,9 @@ def run_demo(
     from .judge import Judge
 
     start = time.perf_counter()
+    if Path(output).exists() and not Path(output).is_dir():
+        raise IdcraftError(f"--output {output}: is a file; the demo writes a folder (grid.png, demo.json ...).")
+    check_writable_folder(Path(output), create=False)  # before any model loads, not after generating
     held = held_out_ids()
     ident = identity_from_id(held[seed % len(held)] if identity is None else identity)
     generator = WorldGenerator(bundle_root, device=device)
@@ -95,7 +99,7 @@ def run_demo(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     reference = reference_image(ident.id)
-    reference.save(output / "reference.png")
+    atomic_save_image(reference, output / "reference.png", overwrite=True)
     held_note = "held out: no model trained on it" if ident.id in HELD_OUT_IDS else "a training identity"
     title = (
         f"identity #{ident.id} ({ident.colour} {ident.shape}; {held_note}), adapter scale {scale:g}, "
@@ -103,7 +107,7 @@ def run_demo(
     )
     prompts = [r.prompt("coarse") for r in requests]
     grid = _grid(title, reference, prompts, methods, rows, scores)
-    grid.save(output / "grid.png")
+    atomic_save_image(grid, output / "grid.png", overwrite=True)
     record = {
         "identity": ident.to_dict(),
         "held_out": ident.id in HELD_OUT_IDS,
@@ -115,7 +119,7 @@ def run_demo(
         "scores": {m: {"identity": s["identity"], "prompt": s["prompt"]} for m, s in scores.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (output / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(output / "demo.json", json.dumps(record, indent=2) + "\n")
 
     print(f"idcraft demo: {title}; {record['seconds']:.1f} s on {generator.device}")
     for k, text in enumerate(prompts, 1):
