@@ -405,3 +405,13 @@ def test_world_backend_still_finds_every_world_character(world_analyser):
     assert found["familiarity"].max() < 0.85 * world_analyser.familiarity_threshold  # with room to spare
     big = render(identity_from_id(5), random_scene(rng), 256, rng).image  # other sizes resize to 64
     assert len(world_analyser.detect(big)) == 1
+
+
+def test_demo_output_that_is_a_file_fails_before_any_model_loads(tmp_path, capsys):
+    from idcraft.cli import main
+
+    target = tmp_path / "grid"
+    target.write_text("keep me")
+    assert main(["demo", "--output", str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
