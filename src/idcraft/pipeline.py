@@ -90,10 +90,16 @@ class IPAdapterPipeline:
         controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
+        shared: dict | None = None,
     ) -> IPAdapterPipeline:
-        """Load everything, checking the adapter against the base model and encoder before returning."""
+        """Load everything, checking the adapter against the base model and encoder before returning.
+
+        ``shared``: base pipelines and image encoders already loaded, by path, device and dtype; what this
+        call loads is added to it, so pipelines built with one dict share one base model (each with its own
+        adapter attached) and one image encoder per encoder folder."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        shared = {} if shared is None else shared
         ip_adapter = IPAdapter.from_checkpoint(str(adapter), method=method)
         needs_encoder = ip_adapter.method.needs_image_encoder
         if needs_encoder and image_encoder is None:
@@ -101,16 +107,20 @@ class IPAdapterPipeline:
                 f"{ip_adapter.method.name} reads CLIP image features: pass --image-encoder (the image_encoder "
                 "folder published with the adapter)."
             )
-        encoder = (
-            ClipImageEncoder(load_image_encoder(image_encoder, device=dev, dtype=dt))
-            if needs_encoder
-            else None
-        )
+        encoder = None
+        if needs_encoder:
+            key = ("image_encoder", str(image_encoder), str(dev), str(dt))
+            if key not in shared:
+                shared[key] = ClipImageEncoder(load_image_encoder(image_encoder, device=dev, dtype=dt))
+            encoder = shared[key]
         names = {"base_name": f"base model {base}", "encoder_name": f"image encoder {image_encoder}"}
         encoder_config = encoder.config if encoder is not None else None
-        if _is_local_dir(base):  # fail in milliseconds, before loading gigabytes
-            ip_adapter.check_compatible(_meta_unet(base), encoder_config, **names)
-        pipe = load_base_pipeline(base, device=dev, dtype=dt)
+        key = ("base", str(base), str(dev), str(dt))
+        if key not in shared:
+            if _is_local_dir(base):  # fail in milliseconds, before loading gigabytes
+                ip_adapter.check_compatible(_meta_unet(base), encoder_config, **names)
+            shared[key] = load_base_pipeline(base, device=dev, dtype=dt)
+        pipe = shared[key]
         ip_adapter.check_compatible(pipe.unet, encoder_config, **names)
         controlnets = [load_controlnet(c, device=dev, dtype=dt) for c in _as_list(controlnet)]
         return cls(pipe, ip_adapter, encoder, controlnet=controlnets or None)

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from idcraft.cli import main
 from idcraft.errors import IdcraftError
+from idcraft.model_config import models_config_from_dict
 from idcraft.serve.config import config_from_dict, load_config
 
 from .conftest import STEPS, pixels
@@ -35,7 +36,7 @@ def test_config_file_is_read_and_checked(tmp_path):
     )
     (tmp_path / "sd").mkdir()
     config = load_config(path)
-    model = config.models[0]
+    model = config.models["ip-adapter-plus"]
     assert model.method == "ip-adapter-plus" and model.defaults == {"steps": 30, "scale": 0.7}
     assert model.base == str(tmp_path / "sd")  # relative to the config's folder where it exists there
     assert model.adapter == "./plus.safetensors"  # left as given otherwise (a hub id stays one)
@@ -53,6 +54,8 @@ def test_config_file_is_read_and_checked(tmp_path):
         ({"limits": {"max_steps": 2.5}}, "whole number"),
         ({"models": {"ip-adapter": {"base": "x"}}}, "adapter is required"),
         ({"models": {"ip-adapter": {"base": "x", "adapter": "y", "defaults": {"stpes": 3}}}}, "stpes"),
+        ({"models": {"ip-adapter": {"base": "x", "adapter": "y", "offload": "model"}}}, "FLUX.1) only"),
+        ({"models": {"sd15": {"base": "x", "adapter": "y"}}}, "give `method:`"),
         ({"bogus": 1}, "unknown key(s) bogus"),
     ],
 )
@@ -139,6 +142,13 @@ def test_the_documented_config_parses():
     docs = Path(__file__).resolve().parents[2] / "README.md"
     block = re.search(r"```yaml\n(# serve.yaml.*?)```", docs.read_text(), re.DOTALL)
     assert block, "the config example is missing from the README"
-    config = config_from_dict(yaml.safe_load(block.group(1)))
-    assert [m.method for m in config.models] == ["ip-adapter-plus", "faceid-plusv2", "instantid"]
+    data = yaml.safe_load(block.group(1))
+    config = config_from_dict(data)
+    assert [m.method for m in config.models.values()] == ["ip-adapter-plus", "faceid-plusv2", "instantid"]
     assert config.server.auth_token_env == "IDCRAFT_API_TOKEN" and config.limits.max_steps == 500
+    # idcraft eval/batch read the same file (its server and world sections ignored), and their own example
+    assert list(models_config_from_dict(data).models) == list(config.models)
+    block = re.search(r"```yaml\n(models: .*?)```", docs.read_text(), re.DOTALL)
+    evaluation = models_config_from_dict(yaml.safe_load(block.group(1)))
+    assert list(evaluation.models) == ["ip-adapter-plus-face", "faceid-plusv2", "instantid"]
+    assert list(evaluation.recipes) == ["lcm", "light"] and set(evaluation.extra) == {"grid", "scoring"}

@@ -113,7 +113,7 @@ def _scoring_arguments(p) -> None:
 def _scoring(args, config):
     from ..errors import IdcraftError
     from ..evaluation import ScoringSettings
-    from ..model_config import _path
+    from ..model_config import config_path
 
     section = dict(config.extra.get("scoring") or {})
     allowed = {"face_backend", "face_models", "clip", "dino", "copy_threshold", "device", "batch_size"}
@@ -122,7 +122,7 @@ def _scoring(args, config):
         raise IdcraftError(f"{config.source}: scoring: unknown key(s) {', '.join(unknown)}.")
     where = Path(config.source).parent if config.source else None
     for key in ("face_models", "clip", "dino"):
-        section[key] = _path(section.get(key), where)
+        section[key] = config_path(section.get(key), where)
     given = {
         "face_backend": args.face_backend,
         "face_models": args.face_models,
@@ -167,14 +167,14 @@ def run_model_eval(args) -> int:
     from ..errors import IdcraftError
     from ..evaluation import read_prompts, read_subjects, run_eval
     from ..evaluation.report import format_table
-    from ..model_config import _path, load_models_config
+    from ..model_config import config_path, load_models_config
 
     if not args.config:
         raise IdcraftError("--references needs --config MODELS.yaml (the model files of each method).")
     config = load_models_config(args.config)
     section = config.extra.get("grid") or {}
     where = Path(args.config).parent
-    references = args.references or _path(section.get("references"), where)
+    references = args.references or config_path(section.get("references"), where)
     if not references:
         raise IdcraftError(
             "give --references DIR|FILE.jsonl (or `references:` in the config's grid section)."
@@ -182,7 +182,7 @@ def run_model_eval(args) -> int:
     prompt_values = args.prompts
     if not prompt_values:
         listed = section.get("prompts") or []
-        prompt_values = [_path(listed, where)] if isinstance(listed, str) else [str(p) for p in listed]
+        prompt_values = [config_path(listed, where)] if isinstance(listed, str) else [str(p) for p in listed]
     subjects = read_subjects(references)
     prompts = read_prompts(prompt_values or [])
     if not prompts and not all(s.prompts for s in subjects):

@@ -2,9 +2,9 @@
 
 With no ``models`` in the config it serves the offline world (:func:`idcraft.world.generate.world_engine`:
 every bundled method on one shared miniature SD1.5, no download). Otherwise each entry is loaded from its
-files; SD-family entries naming the same base, device and dtype share one loaded base model (and one
-image encoder per encoder folder), each with its own adapter attached, as the world does. Methods are
-grouped into engines by their face settings (an engine has one face backend).
+files by :func:`idcraft.model_config.load_engines`: SD-family entries naming the same base, device and
+dtype share one loaded base model (and one image encoder per encoder folder), each with its own adapter
+attached, as the world does; methods are grouped into engines by their face settings.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any
 from ..engine import Engine
 from ..errors import IdcraftError
 from ..methods import family_of
+from ..model_config import device_name, load_engines
 from ..registry import get_method
-from .config import ModelConfig, ServeConfig
+from .config import ServeConfig
 
 log = logging.getLogger("idcraft.serve")
 
@@ -128,118 +129,13 @@ def world_catalog(config: ServeConfig, engine: Engine | None = None) -> Catalog:
 
 
 def models_catalog(config: ServeConfig) -> Catalog:
-    from collections import Counter, defaultdict
-
-    entries = []
-    for entry in config.models:
-        method = get_method(entry.method)
-        entries.append((method.name, entry))
-    names = Counter(name for name, _ in entries)
-    repeated = [n for n, c in names.items() if c > 1]
-    if repeated:
-        raise IdcraftError(f"models: {', '.join(repeated)} given more than once (one entry per method).")
-    share = Counter(_base_key(e) for _, e in entries if _can_share(e))
-    loaded = _Loaded()
-    pipelines: dict[str, Any] = {}
-    devices: dict[str, str] = {}
-    for name, entry in entries:
-        log.info("loading %s from %s", name, entry.adapter)
-        if _can_share(entry) and share[_base_key(entry)] > 1:
-            pipelines[name] = loaded.shared_pipeline(name, entry)
-        else:
-            pipelines[name] = Engine.from_pretrained(
-                entry.base,
-                entry.adapter,
-                entry.image_encoder,
-                method=name,
-                image_encoder_2=entry.image_encoder_2,
-                controlnet=entry.controlnet,
-                device=entry.device,
-                dtype=entry.dtype,
-                offload=entry.offload,
-                width=entry.width,
-                height=entry.height,
-            ).pipeline(name)
-        devices[name] = _device_name(entry.device)
-    groups: dict[tuple, dict[str, Any]] = defaultdict(dict)
-    for name, entry in entries:
-        backend = entry.face_backend or config.face_backend
-        models = entry.face_models if entry.face_backend else (entry.face_models or config.face_models)
-        groups[(backend, models)][name] = pipelines[name]
-    engines = {}
-    for (backend, models), group in groups.items():
-        engine = Engine(group, face_backend=backend, face_models=models, limits=config.limits)
-        for name in group:
-            engines[name] = engine
-    served = [Served(name, engines[name], devices[name], dict(entry.defaults)) for name, entry in entries]
+    log.info("loading %s", ", ".join(f"{e.method} from {e.adapter}" for e in config.models.values()))
+    engines = load_engines(config)
+    served = [
+        Served(entry.method, engines[label], device_name(entry.device), dict(entry.defaults))
+        for label, entry in config.models.items()
+    ]
     return Catalog(served)
-
-
-def _can_share(entry: ModelConfig) -> bool:
-    return get_method(entry.method).base == "sd" and entry.offload in (None, "none")
-
-
-def _base_key(entry: ModelConfig) -> tuple:
-    return (entry.base, _device_name(entry.device), str(entry.dtype or "auto"))
-
-
-def _device_name(device: str | None) -> str:
-    from ..models import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        return "cuda:0"
-    return str(dev)
-
-
-class _Loaded:
-    """Bases and image encoders loaded once, shared by the entries that name them."""
-
-    def __init__(self):
-        self.bases: dict[tuple, Any] = {}
-        self.encoders: dict[tuple, Any] = {}
-
-    def shared_pipeline(self, name: str, entry: ModelConfig):
-        from ..adapter import IPAdapter
-        from ..encoders import ClipImageEncoder
-        from ..models import (
-            load_base_pipeline,
-            load_controlnet,
-            load_image_encoder,
-            resolve_device,
-            resolve_dtype,
-        )
-        from ..pipeline import IPAdapterPipeline
-
-        dev = resolve_device(entry.device)
-        dt = resolve_dtype(entry.dtype, dev)
-        adapter = IPAdapter.from_checkpoint(str(entry.adapter), method=name)
-        encoder = None
-        if adapter.method.needs_image_encoder:
-            if entry.image_encoder is None:
-                raise IdcraftError(
-                    f"models.{entry.method}: {name} reads CLIP image features: give image_encoder."
-                )
-            key = (entry.image_encoder, str(dev), str(dt))
-            if key not in self.encoders:
-                self.encoders[key] = ClipImageEncoder(
-                    load_image_encoder(entry.image_encoder, device=dev, dtype=dt)
-                )
-            encoder = self.encoders[key]
-        key = _base_key(entry)
-        if key not in self.bases:
-            base = load_base_pipeline(entry.base, device=dev, dtype=dt)
-            base.set_progress_bar_config(disable=True)
-            self.bases[key] = base
-        controlnets = (
-            entry.controlnet
-            if isinstance(entry.controlnet, list)
-            else [entry.controlnet]
-            if entry.controlnet
-            else []
-        )
-        loaded = [load_controlnet(c, device=dev, dtype=dt) for c in controlnets]
-        return IPAdapterPipeline(self.bases[key], adapter, encoder, controlnet=loaded or None)
 
 
 def _device_of(pipe) -> str:

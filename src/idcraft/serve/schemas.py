@@ -37,7 +37,7 @@ class ImageRequest(BaseModel):
     keypoints: Any = None
     multi_person: bool = False
     face_index: int = 0
-    s_scale: float = 1.0
+    s_scale: float | None = None
     true_cfg: float = 1.0
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None

@@ -201,7 +201,7 @@ class Service:
             if body.negative_prompt is not None
             else defaults.get("negative_prompt", ""),
             scale=body.scale if body.scale is not None else defaults.get("scale"),
-            s_scale=body.s_scale,
+            s_scale=body.s_scale if body.s_scale is not None else defaults.get("s_scale", 1.0),
             seed=body.seed,
             steps=body.steps if body.steps is not None else defaults.get("steps"),
             guidance=body.guidance if body.guidance is not None else defaults.get("guidance"),
