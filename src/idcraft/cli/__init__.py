@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if not args.verbose and not getattr(args, "quiet_late", False):
-        quiet_libraries()  # commands that check their input first call it themselves, after the checks
+    quiet_libraries(args.verbose)
     try:
         return int(args.func(args) or 0)
     except IdcraftError as exc:
@@ -71,26 +70,54 @@ def main(argv: list[str] | None = None) -> int:
 
 def quiet_libraries(verbose: bool = False) -> None:
     """Keep the terminal for what the user asked for: library notices only with --verbose, loading bars
-    only on a terminal (generation progress is shown by the command itself). Imports diffusers and
-    transformers (seconds), so commands call it once their cheap checks have passed."""
+    only on a terminal (generation progress is shown by the command itself).
+
+    Cheap: it sets the libraries' own environment switches and, for diffusers' loading bars, acts when
+    diffusers is first imported -- a command that fails its checks never imports the libraries at all."""
     import os
     import warnings
 
     if verbose:
         return
-    show_progress = sys.stderr.isatty()
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ.setdefault(name, "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import diffusers
-    import huggingface_hub
-    import transformers
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers and the hub read it
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    huggingface_hub.utils.logging.set_verbosity_error()
-    if not show_progress:
+    def no_bars(diffusers) -> None:
         diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+
+    if "diffusers" in sys.modules:
+        no_bars(sys.modules["diffusers"])
+    else:
+        sys.meta_path.insert(0, _WhenImported("diffusers", no_bars))
+
+
+class _WhenImported:
+    """An import hook that runs ``then(module)`` right after ``name`` is first imported, then leaves."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run, then = spec.loader.exec_module, self.then
+
+        def exec_module(module) -> None:
+            run(module)
+            then(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     )
     for flag, kwargs in (*MODEL_FLAGS.items(), *request_flags()):
         p.add_argument(flag, **kwargs)
-    p.set_defaults(func=run, quiet_late=True)
+    p.set_defaults(func=run)
 
 
 def request_from_args(args: argparse.Namespace, *, read_files: bool = True):

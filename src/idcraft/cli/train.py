@@ -171,7 +171,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import TrainConfig, train
+    from ..training.config import TrainConfig  # checks the settings before the training stack loads
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "config_file")}
     if "format" in values:
@@ -179,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     if "progress" not in values:
         values["progress"] = sys.stderr.isatty()
     config = TrainConfig.from_sources(getattr(args, "config_file", None), **values)
+    _check_paths(config)
+    from ..training import train
+
     result = train(config)
     for path in result.files:
         print(path)
@@ -188,3 +191,25 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _check_paths(config) -> None:
+    """What can be checked in milliseconds, before torch loads: the method is known, the data exists,
+    and a base model given as a local path is there."""
+    from pathlib import Path
+
+    from ..errors import IdcraftError
+    from ..registry import METHODS, get_method
+
+    try:
+        get_method(config.method)  # the command line trains the registry's methods (each has a recipe)
+    except IdcraftError:
+        raise IdcraftError(
+            f"training is not available for method {config.method!r}; "
+            f"trainable methods: {', '.join(sorted(METHODS))}."
+        ) from None
+    if not Path(config.data).expanduser().exists():
+        raise IdcraftError(f"--data {config.data}: no such folder or manifest.")
+    base = str(config.base)
+    if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
+        raise IdcraftError(f"--base {base}: no such folder.")

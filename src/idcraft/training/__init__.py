@@ -13,13 +13,37 @@ their own.
                                data="./data.jsonl", output="./runs/plus", max_steps=10_000))
 """
 
-from . import faceid as _faceid  # noqa: F401  (registers the FaceID family's recipe)
-from . import instantcharacter as _instantcharacter  # noqa: F401  (registers InstantCharacter's recipe)
-from . import instantid as _instantid  # noqa: F401  (registers InstantID's recipe)
-from . import ip_adapter as _ip_adapter  # noqa: F401  (registers the IP-Adapter family's recipe)
-from .config import TrainConfig
-from .loop import StepInfo, Trainer, TrainResult, train
-from .recipe import RECIPES, TrainingRecipe, recipe_for, register_recipe
+import importlib
+
+#: Public names, and the module each lives in: imported when first used, so that reading and checking a
+#: TrainConfig (``idcraft train``'s first step) does not load torch and diffusers.
+_EXPORTS = {
+    "TrainConfig": ".config",
+    "StepInfo": ".loop",
+    "Trainer": ".loop",
+    "TrainResult": ".loop",
+    "train": ".loop",
+    "RECIPES": ".recipe",
+    "TrainingRecipe": ".recipe",
+    "recipe_for": ".recipe",
+    "register_recipe": ".recipe",
+}
+#: The modules that register the built-in families' recipes.
+RECIPE_MODULES = (".faceid", ".instantcharacter", ".instantid", ".ip_adapter")
+
+
+def register_builtin_recipes() -> None:
+    for module in RECIPE_MODULES:
+        importlib.import_module(module, __name__)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _EXPORTS[name] != ".config":
+        register_builtin_recipes()
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
 
 __all__ = [
     "RECIPES",

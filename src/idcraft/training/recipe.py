@@ -240,6 +240,9 @@ def canonical_method(name: str) -> str:
 
 def recipe_for(method: str) -> type[TrainingRecipe]:
     """The recipe class that trains ``method``."""
+    from . import register_builtin_recipes
+
+    register_builtin_recipes()
     name = canonical_method(method)
     if name not in RECIPES:
         raise IdcraftError(
