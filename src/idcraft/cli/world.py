@@ -3,7 +3,8 @@
 ``idcraft world render`` draws one identity in one scene (or its reference portrait) and prints the
 caption and ground truth as JSON, so a single sample can be inspected or reproduced by hand;
 ``idcraft world dataset`` writes a folder of PNGs with a JSONL manifest that ``idcraft train --data``
-reads directly.
+reads directly. ``idcraft world build`` retrains the bundled models (:mod:`idcraft.world.rebuild`);
+``idcraft world pack`` / ``unpack`` move a bundle as a few float16 archives (:mod:`idcraft.world.pack`).
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def register(subparsers) -> None:
         choices=list(PROFILES),
         default="full",
         help="full (the shipped bundle; about 3 h on 2 CPU cores), cpu (about half the steps; 96 min on "
-        "2 CPU cores, a weaker base) or reduced (minutes, for tests)",
+        "2 CPU cores, a weaker base), h200 (one H200 with --device cuda: about 9 min, a wider base and a "
+        "VAE with 8 latent channels; docs/world-gpu.md), reduced (minutes, for tests) or tiny (every "
+        "stage at toy sizes, about 20 s: checks a build's plumbing)",
     )
     b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     b.add_argument(
@@ -118,7 +121,54 @@ def register(subparsers) -> None:
     )
     b.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE", help="retrain these")
     b.add_argument("--workers", type=int, default=None, help="render processes (default: every core)")
+    b.add_argument(
+        "--pack",
+        metavar="DIR",
+        default=None,
+        help="after every finished stage, write the bundle's models to DIR as float16 archives of at most "
+        "16 MiB (at most 7; a run cut off early keeps what finished); restore with idcraft world unpack",
+    )
+    b.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="record a failing stage in BUILD.json and go on with the stages that do not need it",
+    )
+    b.add_argument(
+        "--latent-channels",
+        type=int,
+        choices=[4, 8, 16],
+        default=None,
+        help="the VAE's latent channels (default: the profile's); the UNet and the adapters follow",
+    )
+    b.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply every stage's steps and time cap by F (e.g. 3 with --stages text_unet: a base "
+        "trained three times as long)",
+    )
     b.set_defaults(func=run_build)
+
+    u = sub.add_parser(
+        "unpack",
+        help="restore a bundle folder from the archives of idcraft world build --pack (or world pack)",
+        description="Restore a bundle folder from the newest complete set of world-bundle-g<N>-<i>of<k>.tar "
+        "archives in a folder: every file checked, safetensors back in float32 (or kept in float16).",
+    )
+    u.add_argument("--from", dest="source", required=True, metavar="DIR", help="folder holding the archives")
+    u.add_argument("--output", required=True, metavar="DIR", help="bundle folder to write")
+    u.add_argument(
+        "--float16",
+        action="store_true",
+        help="keep the weights in float16 (half the size; the loaders read them into float32 models)",
+    )
+    u.set_defaults(func=run_unpack)
+
+    k = sub.add_parser("pack", help="write a bundle folder as float16 archives of at most 16 MiB")
+    k.add_argument("--bundle", required=True, metavar="DIR", help="bundle folder to pack")
+    k.add_argument("--output", required=True, metavar="DIR", help="folder to write the archives to")
+    k.set_defaults(func=run_pack)
 
 
 def run_render(args: argparse.Namespace) -> int:
@@ -178,6 +228,32 @@ def run_build(args: argparse.Namespace) -> int:
         stages=args.stages,
         force=args.force,
         workers=args.workers,
+        pack=args.pack,
+        keep_going=args.keep_going,
+        latent_channels=args.latent_channels,
+        time_scale=args.time_scale,
     )
     print(f"bundle written to {args.output}; use it with IDCRAFT_WORLD_BUNDLE={args.output}")
+    return 0
+
+
+def run_unpack(args: argparse.Namespace) -> int:
+    from ..world.pack import unpack_bundle
+
+    info = unpack_bundle(args.source, args.output, float16=args.float16)
+    print(
+        f"unpacked generation {info['generation']} ({info['parts']} archive(s), {len(info['written'])} files, "
+        f"stages: {' '.join(info['stages']) or 'none'}) to {args.output}; use it with "
+        f"IDCRAFT_WORLD_BUNDLE={args.output}"
+    )
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from ..world.pack import pack_bundle
+
+    info = pack_bundle(args.bundle, args.output)
+    print(
+        f"packed {len(info['files'])} files ({info['bytes'] / 2**20:.1f} MiB) into {', '.join(info['paths'])}"
+    )
     return 0

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..errors import IdcraftError
 from .arrays import ATTRIBUTE_NAMES, SCENE_NAMES, WorldArrays, attribute_labels, reference_images
 from .identity import ATTRIBUTES, COARSE_ATTRIBUTES, FINE_ATTRIBUTES, NUM_IDENTITIES, identity_from_id
 from .scene import SCENE_ATTRIBUTES
-from .trainers.steps import shuffled_batches
+from .trainers.steps import LOG_EVERY, FastLoop, shuffled_batches, use_fast_path
 
 #: Every head the judge has, in order: identity attributes then scene attributes.
 HEADS: tuple[str, ...] = ATTRIBUTE_NAMES + SCENE_NAMES
@@ -119,15 +120,16 @@ def to_pixels(images: np.ndarray | Sequence, device: torch.device | str = "cpu")
 
 
 def augment(pixels: torch.Tensor, config: dict, generator: torch.Generator) -> torch.Tensor:
-    """Slight blur, resampling, noise and colour jitter, drawn per image from ``generator`` (on CPU, so
-    the draws are the same on every device)."""
+    """Slight blur, resampling, noise and colour jitter, drawn per image from ``generator`` where it lives
+    (a CPU generator, as the CPU path uses, draws the same on every device; the fast path draws on the
+    accelerator)."""
     n = pixels.shape[0]
+    at = generator.device
 
     def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        return (torch.rand(n, *shape, generator=generator) * (hi - lo) + lo).to(pixels.device)
+        return (torch.rand(n, *shape, generator=generator, device=at) * (hi - lo) + lo).to(pixels.device)
 
-    kernel = torch.tensor([1.0, 2.0, 1.0], device=pixels.device)
-    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
+    kernel = _blur_kernel(pixels.device)
     blurred = F.conv2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
     weight = uniform(0, config["blur"], 1, 1, 1)
     out = pixels + weight * (blurred - pixels)
@@ -138,9 +140,17 @@ def augment(pixels: torch.Tensor, config: dict, generator: torch.Generator) -> t
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = (out - mean) * uniform(1 - c, 1 + c, 1, 1, 1) + mean + uniform(-b, b, 1, 1, 1)
     out = out * uniform(1 - g, 1 + g, 3, 1, 1)
-    noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
+    noise = torch.randn(pixels.shape, generator=generator, device=at).to(pixels.device)
     out = out + noise * uniform(0, config["noise"], 1, 1, 1)
     return out.clamp(0, 1)
+
+
+@lru_cache(maxsize=8)
+def _blur_kernel(device: torch.device) -> torch.Tensor:
+    """:func:`augment`'s 3x3 Gaussian, made once per device (a copy from the host each step would make a
+    GPU step wait for the host)."""
+    kernel = torch.tensor([1.0, 2.0, 1.0], device=device)
+    return (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
 
 
 def _labels(arrays: WorldArrays) -> np.ndarray:
@@ -167,6 +177,22 @@ def _losses(logits: dict[str, torch.Tensor], labels: torch.Tensor, smoothing: fl
     ).mean()
 
 
+def _losses_on_device(
+    logits: dict[str, torch.Tensor], labels: torch.Tensor, smoothing: float
+) -> torch.Tensor:
+    """:func:`_losses` without a host round trip: heads with no labelled sample in the batch weigh 0."""
+    per_head, present = [], []
+    for k, name in enumerate(HEADS):
+        valid = (labels[:, k] >= 0).sum()
+        summed = F.cross_entropy(
+            logits[name].float(), labels[:, k], ignore_index=-100, label_smoothing=smoothing, reduction="sum"
+        )
+        per_head.append(summed / valid.clamp(min=1))
+        present.append((valid > 0).float())
+    weights = torch.stack(present)
+    return (torch.stack(per_head) * weights).sum() / weights.sum().clamp(min=1)
+
+
 def train_judge(
     arrays: WorldArrays,
     output_dir: str | os.PathLike,
@@ -180,15 +206,20 @@ def train_judge(
     device: str = "cpu",
     config: dict | None = None,
     progress: bool = True,
+    fast: bool | None = None,
+    max_seconds: float | None = None,
+    log_every: int | None = None,
 ) -> dict:
     """Train the judge on ``arrays`` (renders; any identities: it is a judge, not a generator), save it to
     ``output_dir`` and return measurements: final loss, seconds, and the accuracy per head on
     ``held_out`` (default: the last tenth of ``arrays``, not trained on).
 
     ``references``: also train the identity heads on every identity's reference portrait.
-    """
-    from tqdm.auto import tqdm
 
+    ``fast`` (default: on a CUDA device) runs the step loop of :func:`_train_judge_fast` (bfloat16
+    autocast, batches and augmentation drawn on the device, fused AdamW, no host synchronisation per
+    step, ``max_seconds`` a time cap); the CPU path is unchanged.
+    """
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -210,26 +241,27 @@ def train_judge(
     cfg = model.config
     all_images = torch.from_numpy(np.ascontiguousarray(images)).to(dev)  # uint8: 12 KB an image
     all_labels = torch.from_numpy(labels).to(dev)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    batches = shuffled_batches(len(all_images), batch_size, generator)
-    loss_avg = None
-    bar = tqdm(range(steps), desc="judge", disable=not progress)
-    for _ in bar:
-        index = next(batches).to(dev)
-        pixels = augment(all_images[index].permute(0, 3, 1, 2).float() / 255.0, cfg, generator)
-        loss = _losses(model(pixels), all_labels[index], cfg["label_smoothing"])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{loss_avg:.3f}")
+    fast_measurements: dict = {}
+    if use_fast_path(dev, fast):
+        loop = FastLoop(
+            dev,
+            steps,
+            seed=seed,
+            desc="judge",
+            batch_size=batch_size,
+            log_every=log_every or LOG_EVERY,
+            max_seconds=max_seconds,
+            progress=progress,
+        )
+        loss_avg = _train_judge_fast(model, all_images, all_labels, cfg, loop, learning_rate, warmup)
+        fast_measurements = loop.measurements()
+        steps_run = fast_measurements["steps_done"]
+    else:
+        loss_avg = _train_judge_cpu(
+            model, all_images, all_labels, cfg, dev, steps, batch_size, learning_rate, warmup, seed, progress
+        )
+        steps_run = steps
     train_seconds = time.perf_counter() - start
 
     judge = Judge(model.eval(), cfg)
@@ -252,9 +284,63 @@ def train_judge(
         "learning_rate": learning_rate,
         "seed": seed,
         "seconds": round(train_seconds, 1),
+        **({**fast_measurements, "steps_done": steps_run} if fast_measurements else {}),
     }
     judge.save(output_dir)
     return dict(judge.metrics)
+
+
+def _train_judge_cpu(
+    model, all_images, all_labels, cfg, dev, steps, batch_size, learning_rate, warmup, seed, progress
+):
+    """The judge's step loop as it has always run (the CPU path); returns the smoothed final loss."""
+    from tqdm.auto import tqdm
+
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    batches = shuffled_batches(len(all_images), batch_size, generator)
+    loss_avg = None
+    bar = tqdm(range(steps), desc="judge", disable=not progress)
+    for _ in bar:
+        index = next(batches).to(dev)
+        pixels = augment(all_images[index].permute(0, 3, 1, 2).float() / 255.0, cfg, generator)
+        loss = _losses(model(pixels), all_labels[index], cfg["label_smoothing"])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{loss_avg:.3f}")
+    return loss_avg
+
+
+def _train_judge_fast(model, all_images, all_labels, cfg, loop: FastLoop, learning_rate, warmup) -> float:
+    """The judge's step loop on an accelerator (:class:`~.trainers.steps.FastLoop`); returns the loss
+    averaged over the last ``log_every`` steps (the CPU path's smoothed loss, near enough)."""
+    optimiser = loop.adamw(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = loop.schedule(optimiser, warmup)
+    batches = loop.batches(len(all_images))
+    loop.start()
+    for step in range(loop.steps):
+        index = next(batches)
+        pixels = augment(all_images[index].permute(0, 3, 1, 2).float() / 255.0, cfg, loop.generator)
+        with loop.autocast():
+            logits = model(pixels)
+        loss = _losses_on_device(logits, all_labels[index], cfg["label_smoothing"])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        loop.record(step, loss)
+        if loop.out_of_time():
+            break
+    losses = loop.finish()
+    tail = losses[-loop.log_every :]
+    return float(np.mean(tail)) if tail else 0.0
 
 
 class Judge:

@@ -37,7 +37,7 @@ from ..arrays import (
     reference_images,
 )
 from ..identity import held_out_ids
-from .steps import warmup_cosine
+from .steps import LOG_EVERY, FastLoop, use_fast_path, warmup_cosine
 
 #: The columns of :func:`content_labels`.
 CONTENT_NAMES: tuple[str, ...] = (*ATTRIBUTE_NAMES[:2], *SCENE_NAMES)
@@ -99,13 +99,21 @@ def clip_pixels(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     uint8 as PIL does; rescale; CLIP mean/std), within PIL's fixed-point rounding."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"expected square uint8 images [B, S, S, 3], got {tuple(images.shape)}")
-    weights = pil_resize_matrix(int(images.shape[1]), size).to(images.device)
+    weights, mean, std = _pixel_constants(int(images.shape[1]), size, images.device)
     x = images.permute(0, 3, 1, 2).float()
     x = torch.matmul(x, weights.T).round_().clamp_(0, 255)  # rows: [B, 3, S, size]
     x = torch.matmul(weights, x).round_().clamp_(0, 255)  # columns: [B, 3, size, size]
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1) * 255.0
     return x.sub_(mean).div_(std)
+
+
+@lru_cache(maxsize=16)
+def _pixel_constants(size_in: int, size_out: int, device: torch.device):
+    """:func:`clip_pixels`' resize matrix and CLIP mean/std on ``device``, made once per device (a copy
+    from the host each step would make a GPU step wait for the host)."""
+    weights = pil_resize_matrix(size_in, size_out).to(device)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255.0
+    return weights, mean, std
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -113,7 +121,8 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     if max_shift <= 0:
         return images
     b, s = images.shape[0], images.shape[1]
-    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator).to(images.device)
+    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator, device=generator.device)
+    shifts = shifts.to(images.device)
     base = torch.arange(s, device=images.device)
     rows = (base[None, :] - shifts[:, 1:2]).clamp(0, s - 1)  # [B, S]
     cols = (base[None, :] - shifts[:, 0:1]).clamp(0, s - 1)
@@ -190,7 +199,14 @@ def contrastive_loss(
     (a paraphrase is not a negative): the target of each row is uniform over its equal-content columns."""
     image = _features(model.get_image_features(pixel_values=pixels))
     text = _features(model.get_text_features(input_ids=input_ids))
-    logits = model.logit_scale.exp() * image @ text.T
+    return _contrastive(image, text, model.logit_scale, content)
+
+
+def _contrastive(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, content: torch.Tensor
+) -> torch.Tensor:
+    """:func:`contrastive_loss` from normalised float features ``[B, D]``."""
+    logits = logit_scale.exp() * image @ text.T
     same = (content[:, None, :] == content[None, :, :]).all(-1).float()
     target = same / same.sum(1, keepdim=True)
     return 0.5 * (
@@ -223,6 +239,31 @@ class GroupedBatches:
             pick = torch.randint(0, len(members), (self.group,), generator=self.generator)
             parts.append(members[pick])
         return torch.cat(parts)[: self.batch_size]
+
+
+class DeviceGroupedBatches:
+    """:class:`GroupedBatches` drawn on the device (the fast path): the members of every group padded into
+    one tensor, groups and members chosen with ``generator`` (which lives on the device)."""
+
+    def __init__(self, content: np.ndarray, batch_size: int, group: int, generator: torch.Generator):
+        keys = content[:, 1] * 1000 + content[:, 2]  # colour, background
+        members = [np.flatnonzero(keys == k) for k in np.unique(keys)]
+        width = max(len(m) for m in members)
+        table = np.zeros((len(members), width), dtype=np.int64)
+        for g, m in enumerate(members):
+            table[g, : len(m)] = m
+        dev = generator.device
+        self.table = torch.from_numpy(table).to(dev)
+        self.counts = torch.tensor([len(m) for m in members], device=dev)
+        self.batch_size, self.group, self.generator = batch_size, max(1, group), generator
+
+    def __call__(self) -> torch.Tensor:
+        groups = -(-self.batch_size // self.group)
+        at = self.generator.device
+        chosen = torch.randint(0, len(self.table), (groups,), generator=self.generator, device=at)
+        u = torch.rand(groups, self.group, generator=self.generator, device=at)
+        pick = (u * self.counts[chosen][:, None]).long().clamp(max=self.table.shape[1] - 1)
+        return self.table[chosen[:, None], pick].flatten()[: self.batch_size]
 
 
 @torch.no_grad()
@@ -285,15 +326,21 @@ def train_clip_vision(
     config: dict[str, Any] | None = None,
     progress: bool = True,
     eval_arrays: WorldArrays | None = None,
+    fast: bool | None = None,
+    max_seconds: float | None = None,
+    log_every: int = LOG_EVERY,
 ) -> dict[str, Any]:
     """Train the CLIP role on ``arrays`` (renders + captions, no identity labels) and save the vision tower
     to ``output_dir``. Returns the final loss, held-out caption retrieval accuracy and timings.
 
     ``eval_arrays`` (default: ``config["eval_samples"]`` renders of the held-out ids, a seed no training
     set uses) must be renders the model never trained on.
-    """
-    from tqdm.auto import tqdm
 
+    ``fast`` (default: on a CUDA device) runs the step loop of :func:`_train_clip_fast` (renders, token ids
+    and content labels on the device, :class:`DeviceGroupedBatches`, bfloat16 autocast for the towers and
+    a float32 loss, fused AdamW, no host synchronisation per step, ``max_seconds`` a time cap); the CPU
+    path is unchanged.
+    """
     from ...encoders.clip import default_image_processor
     from ..tokenizer import clip_tokenizer
 
@@ -311,38 +358,44 @@ def train_clip_vision(
     model = build_clip_model(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(dev)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
-        lr=learning_rate,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
     warmup = min(cfg["warmup_steps"], max(1, steps // 10))
-    schedule = warmup_cosine(optimizer, steps, warmup)
-
-    images = torch.from_numpy(arrays.images)
     n = len(arrays)
-    content = torch.from_numpy(content_labels(arrays))
-    batches = GroupedBatches(content.numpy(), batch_size, cfg["group_size"], generator)
-    losses: list[float] = []
-    model.train()
-    bar = tqdm(range(steps), desc="clip-vision", disable=not progress)
-    train_started, cpu_started = time.perf_counter(), time.process_time()
-    for _ in bar:
-        index = batches()
-        batch = random_shift(images[index], cfg["max_shift"], generator).to(dev)
-        ids = token_ids[torch.from_numpy(caption_index[index.numpy()])]
-        ids = ids[:, : int((ids != tokenizer.eos_token_id).sum(1).max()) + 1].to(dev)  # trim shared padding
-        loss = contrastive_loss(model, clip_pixels(batch, cfg["image_size"]), ids, content[index].to(dev))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if use_fast_path(dev, fast):
+        loop = FastLoop(
+            dev,
+            steps,
+            seed=seed,
+            desc="clip-vision",
+            batch_size=batch_size,
+            log_every=log_every,
+            max_seconds=max_seconds,
+            progress=progress,
+        )
+        train_started, cpu_started = time.perf_counter(), time.process_time()
+        losses = _train_clip_fast(
+            model, groups, arrays, token_ids, caption_index, cfg, loop, learning_rate, warmup
+        )
+        fast_measurements = loop.measurements()
+    else:
+        train_started, cpu_started = time.perf_counter(), time.process_time()
+        losses = _train_clip_cpu(
+            model,
+            groups,
+            arrays,
+            token_ids,
+            caption_index,
+            tokenizer,
+            cfg,
+            dev,
+            generator,
+            steps,
+            batch_size,
+            learning_rate,
+            warmup,
+            progress,
+        )
+        fast_measurements = {}
     train_seconds = time.perf_counter() - train_started
     train_cpu_seconds = time.process_time() - cpu_started  # all threads: what a busy machine hides
 
@@ -368,10 +421,93 @@ def train_clip_vision(
         "parameters": sum(p.numel() for p in tower.parameters()),
         "initial_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(tail)) if losses else None,
-        "seconds_per_step": train_seconds / max(1, steps),
+        "seconds_per_step": train_seconds / max(1, len(losses) if fast_measurements else steps),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - started,
+        **fast_measurements,
         **metrics,
     }
+
+
+def _train_clip_cpu(
+    model,
+    groups,
+    arrays,
+    token_ids,
+    caption_index,
+    tokenizer,
+    cfg,
+    dev,
+    generator,
+    steps,
+    batch_size,
+    learning_rate,
+    warmup,
+    progress,
+) -> list[float]:
+    """The CLIP role's step loop as it has always run (the CPU path)."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
+    schedule = warmup_cosine(optimizer, steps, warmup)
+
+    images = torch.from_numpy(arrays.images)
+    content = torch.from_numpy(content_labels(arrays))
+    batches = GroupedBatches(content.numpy(), batch_size, cfg["group_size"], generator)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc="clip-vision", disable=not progress)
+    for _ in bar:
+        index = batches()
+        batch = random_shift(images[index], cfg["max_shift"], generator).to(dev)
+        ids = token_ids[torch.from_numpy(caption_index[index.numpy()])]
+        ids = ids[:, : int((ids != tokenizer.eos_token_id).sum(1).max()) + 1].to(dev)  # trim shared padding
+        loss = contrastive_loss(model, clip_pixels(batch, cfg["image_size"]), ids, content[index].to(dev))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def _train_clip_fast(
+    model, groups, arrays: WorldArrays, token_ids, caption_index, cfg, loop: FastLoop, learning_rate, warmup
+) -> list[float]:
+    """The CLIP role's step loop on an accelerator (:class:`~.steps.FastLoop`). Captions keep their
+    common padding (CLIP's causal text tower pools at the first end token, which padding after it cannot
+    change), so no step waits on the host to trim it."""
+    dev, generator = loop.device, loop.generator
+    optimizer = loop.adamw(groups, lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
+    schedule = loop.schedule(optimizer, warmup)
+    images = torch.from_numpy(arrays.images).to(dev)
+    rows = token_ids.to(dev)[torch.from_numpy(caption_index).long().to(dev)]  # [N, L]
+    content_np = content_labels(arrays)
+    content = torch.from_numpy(content_np).to(dev)
+    batches = DeviceGroupedBatches(content_np, loop.batch_size, cfg["group_size"], generator)
+    model.train()
+    loop.start()
+    for step in range(loop.steps):
+        index = batches()
+        batch = random_shift(images[index], cfg["max_shift"], generator)
+        with loop.autocast():
+            image = model.get_image_features(pixel_values=clip_pixels(batch, cfg["image_size"]))
+            text = model.get_text_features(input_ids=rows[index])
+        loss = _contrastive(_features(image), _features(text), model.logit_scale, content[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        loop.record(step, loss)
+        if loop.out_of_time():
+            break
+    return loop.finish()

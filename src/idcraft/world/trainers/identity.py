@@ -48,7 +48,7 @@ from ..face_backend import (
 )
 from ..identity import held_out_ids, resolve_identity
 from ..render import render_reference
-from .steps import warmup_cosine
+from .steps import LOG_EVERY, FastLoop, use_fast_path, warmup_cosine
 
 #: Model sizes (:data:`idcraft.world.face_backend.DEFAULT_CONFIG`) and run settings; ``config=`` overrides.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -178,6 +178,178 @@ def _detector_batch(
     inputs = _degrade(torch.cat([x, neg]), generator).clamp(-1, 1)
     present = torch.cat([torch.ones(b), torch.zeros(m)]).to(x.device)
     return inputs, new_kps.to(x.device), new_boxes.to(x.device), present
+
+
+# ---------------------------------------------------------------------------- the fast path's augmentation
+def _random_similarity_on_device(n: int, generator: torch.Generator, share: float) -> torch.Tensor:
+    """:func:`_random_similarity` drawn where ``generator`` lives, with no masked assignment."""
+    at = generator.device
+    scale = torch.empty(n, device=at).uniform_(0.8, 1.3, generator=generator)
+    angle = torch.empty(n, device=at).uniform_(-10, 10, generator=generator) * math.pi / 180
+    shift = torch.empty(n, 2, device=at).uniform_(-4, 4, generator=generator)
+    keep = torch.rand(n, generator=generator, device=at) >= share
+    scale = torch.where(keep, torch.ones_like(scale), scale)
+    angle = torch.where(keep, torch.zeros_like(angle), angle)
+    shift = torch.where(keep[:, None], torch.zeros_like(shift), shift)
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
+    centre = torch.full((n, 2), 31.5, device=at)
+    offset = centre + shift - torch.einsum("bij,bj->bi", rot, centre)
+    return torch.cat([rot, offset[..., None]], 2)
+
+
+def _warp_on_device(images: torch.Tensor, matrices: torch.Tensor, width: int, height: int, padding: str):
+    """:func:`~idcraft.world.face_backend.warp_crops` with the 2x3 affine inverted in closed form
+    (``torch.linalg.inv`` checks for singular matrices on the host, a synchronisation per call)."""
+    b, _, h, w = images.shape
+    a, bb, c, d = matrices[:, 0, 0], matrices[:, 0, 1], matrices[:, 1, 0], matrices[:, 1, 1]
+    det = a * d - bb * c
+    inv_rot = torch.stack([torch.stack([d, -bb], -1), torch.stack([-c, a], -1)], 1) / det[:, None, None]
+    inv_shift = -torch.einsum("bij,bj->bi", inv_rot, matrices[:, :, 2])
+    inverse = torch.cat([inv_rot, inv_shift[..., None]], 2)  # crop -> image
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=images.device, dtype=torch.float32),
+        torch.arange(width, device=images.device, dtype=torch.float32),
+        indexing="ij",
+    )
+    points = torch.stack([xs, ys, torch.ones_like(xs)], -1)
+    source = torch.einsum("bij,yxj->byxi", inverse, points)
+    grid = torch.stack([(source[..., 0] + 0.5) * (2.0 / w), (source[..., 1] + 0.5) * (2.0 / h)], -1) - 1.0
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def _degrade_on_device(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """:func:`_degrade` drawn where ``generator`` lives."""
+    n, at = x.shape[0], generator.device
+    blur = torch.rand(n, generator=generator, device=at) < 0.33
+    soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    x = torch.where(blur[:, None, None, None], 0.5 * x + 0.5 * soft, x)
+    sigma = torch.rand(n, 1, 1, 1, generator=generator, device=at) * 0.06
+    return x + sigma * torch.randn(x.shape, generator=generator, device=at)
+
+
+def _detector_batch_on_device(images, kps, boxes, negatives, cfg: dict[str, Any], generator: torch.Generator):
+    """:func:`_detector_batch` on the device: the same augmentation, drawn there, with ``torch.where``
+    where the CPU path assigns through masks."""
+    b, at = images.shape[0], generator.device
+    matrices = _random_similarity_on_device(b, generator, cfg["augment"])
+    new_kps = _transform(kps, matrices)
+    corners = torch.stack([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [0, 3]], boxes[:, [2, 3]]], 1)
+    moved = _transform(corners - 0.5, matrices) + 0.5
+    new_boxes = torch.cat([moved.amin(1), moved.amax(1)], 1).clamp(0, 64)
+    outside = ((new_kps < 1) | (new_kps > 62)).flatten(1).any(1)
+    identity = torch.eye(2, 3, device=at)  # made on the device: no copy from the host
+    matrices = torch.where(outside[:, None, None], identity, matrices)
+    new_kps = torch.where(outside[:, None, None], kps, new_kps)
+    new_boxes = torch.where(outside[:, None], boxes, new_boxes)
+    x = _warp_on_device(to_unit_range(images), matrices, 64, 64, "border")
+    m = negatives.shape[0]
+    neg_matrices = _random_similarity_on_device(m, generator, cfg["augment"])
+    neg = _warp_on_device(to_unit_range(negatives), neg_matrices, 64, 64, "border")
+    flat = torch.rand(m, generator=generator, device=at) < 0.25
+    colour = torch.empty(m, 3, 1, 1, device=at).uniform_(-1, 1, generator=generator)
+    neg = torch.where(flat[:, None, None, None], colour.expand_as(neg), neg)
+    inputs = _degrade_on_device(torch.cat([x, neg]), generator).clamp(-1, 1)
+    present = torch.cat([torch.ones(b, device=at), torch.zeros(m, device=at)])
+    return inputs, new_kps, new_boxes, present
+
+
+def _train_identity_fast(
+    detector,
+    recogniser,
+    head,
+    images,
+    kps,
+    boxes,
+    labels,
+    negatives,
+    cfg: dict[str, Any],
+    loop: FastLoop,
+    *,
+    steps: int,
+    detector_steps: int,
+    learning_rate: float,
+    det_lr: float,
+    warmup: int,
+) -> dict[str, list[float]]:
+    """:func:`train_identity`'s step loop on an accelerator (:class:`~.steps.FastLoop`): every series of
+    the CPU path's history, kept on the device and read back once at the end."""
+    dev, generator = loop.device, loop.generator
+    channels_last = torch.channels_last
+    rec_opt = loop.adamw(
+        [*recogniser.parameters(), *head.parameters()], lr=learning_rate, weight_decay=cfg["weight_decay"]
+    )
+    det_opt = loop.adamw(detector.parameters(), lr=det_lr, weight_decay=cfg["weight_decay"])
+    rec_sched = loop.schedule(rec_opt, warmup, steps)
+    det_sched = loop.schedule(det_opt, warmup, detector_steps)
+    template = torch.from_numpy(crop_template(cfg)).to(dev)
+    images, kps, boxes = images.to(dev), kps.to(dev), boxes.to(dev)
+    labels, negatives = labels.to(dev), negatives.to(dev)
+    batch_size = loop.batch_size
+    n_neg = max(1, round(batch_size * cfg["negatives"]))
+    series = {
+        name: torch.zeros(max(1, loop.steps), device=dev)
+        for name in ("recogniser", "train_accuracy", "detector", "kps_px")
+    }
+    zero = torch.zeros((), device=dev)
+    detector.train()
+    recogniser.train()
+    loop.start()
+    for step in range(loop.steps):
+        index = torch.randint(0, len(images), (batch_size,), generator=generator, device=dev)
+        batch_images, batch_kps = images[index], kps[index]
+        rec_loss, det_loss, kps_px = zero, zero, zero
+        if step < steps:
+            sigma = torch.rand(batch_size, 1, 1, generator=generator, device=dev) * cfg["kps_jitter"]
+            noisy = batch_kps + sigma * torch.randn(batch_kps.shape, generator=generator, device=dev)
+            crops = _warp_on_device(
+                to_unit_range(batch_images),
+                similarity_matrices(noisy, template),
+                cfg["crop_width"],
+                cfg["crop_height"],
+                "zeros",
+            )
+            margin = cfg["arcface_margin"] * min(1.0, (step + 1) / max(1.0, cfg["margin_warmup"] * steps))
+            with loop.autocast():
+                embeddings = recogniser(crops.contiguous(memory_format=channels_last))
+            rec_loss, accuracy = head(embeddings.float(), labels[index], margin)
+            rec_opt.zero_grad(set_to_none=True)
+            rec_loss.backward()
+            rec_opt.step()
+            rec_sched.step()
+            series["recogniser"][step] = rec_loss.detach()
+            series["train_accuracy"][step] = accuracy.detach()
+        if step < detector_steps:
+            neg = negatives[torch.randint(0, len(negatives), (n_neg,), generator=generator, device=dev)]
+            inputs, target_kps, target_boxes, present = _detector_batch_on_device(
+                batch_images, batch_kps, boxes[index], neg, cfg, generator
+            )
+            with loop.autocast():
+                pred_kps, pred_boxes, logits = detector(inputs.contiguous(memory_format=channels_last))
+            pred_kps, pred_boxes, logits = pred_kps.float(), pred_boxes.float(), logits.float()
+            positive = slice(0, batch_size)
+            kps_l1 = (pred_kps[positive] - target_kps).abs().mean()
+            box_l1 = (pred_boxes[positive] - target_boxes).abs().mean()
+            det_loss = kps_l1 + 0.5 * box_l1 + F.binary_cross_entropy_with_logits(logits, present)
+            det_opt.zero_grad(set_to_none=True)
+            det_loss.backward()
+            det_opt.step()
+            det_sched.step()
+            with torch.no_grad():
+                kps_px = (pred_kps[positive] - target_kps).norm(dim=-1).mean()
+            series["detector"][step] = det_loss.detach()
+            series["kps_px"][step] = kps_px
+        loop.record(step, rec_loss if step < steps else det_loss, {"detector": det_loss, "kps_px": kps_px})
+        if loop.out_of_time():
+            break
+    loop.finish()
+    done = loop.steps_done
+    return {
+        "recogniser": series["recogniser"][: min(done, steps)].tolist(),
+        "train_accuracy": series["train_accuracy"][: min(done, steps)].tolist(),
+        "detector": series["detector"][: min(done, detector_steps)].tolist(),
+        "kps_px": series["kps_px"][: min(done, detector_steps)].tolist(),
+    }
 
 
 def _top1(
@@ -342,11 +514,18 @@ def train_identity(
     config: dict[str, Any] | None = None,
     progress: bool = True,
     eval_arrays: WorldArrays | None = None,
+    fast: bool | None = None,
+    max_seconds: float | None = None,
+    log_every: int = LOG_EVERY,
 ) -> dict[str, Any]:
     """Train the detector and the recogniser on ``arrays`` (training ids only, plus their reference
     portraits) and save both to ``output_dir`` (:func:`~idcraft.world.face_backend.save_identity_models`).
     Returns losses, detector error and held-out identification (``eval_arrays``: default
-    ``config["eval_samples"]`` renders of the held-out ids)."""
+    ``config["eval_samples"]`` renders of the held-out ids).
+
+    ``fast`` (default: on a CUDA device) runs the step loop of :func:`_train_identity_fast` (data on the
+    device, augmentation drawn there with no masked assignment or matrix inverse that waits on the host,
+    bfloat16 autocast, fused AdamW, ``max_seconds`` a time cap); the CPU path is unchanged."""
     from tqdm.auto import tqdm
 
     cfg = {**DEFAULT_CONFIG, **(config or {})}
@@ -377,63 +556,100 @@ def train_identity(
     head = ArcFaceHead(cfg["embedding_dim"], len(train_ids), cfg["arcface_scale"]).to(dev)
     detector_steps = steps if cfg["detector_steps"] is None else int(cfg["detector_steps"])
     warmup = max(1, min(200, steps // 20))
-    rec_opt = torch.optim.AdamW(
-        [*recogniser.parameters(), *head.parameters()], lr=learning_rate, weight_decay=cfg["weight_decay"]
-    )
     det_lr = learning_rate if cfg["detector_learning_rate"] is None else float(cfg["detector_learning_rate"])
-    det_opt = torch.optim.AdamW(detector.parameters(), lr=det_lr, weight_decay=cfg["weight_decay"])
-    rec_sched = warmup_cosine(rec_opt, steps, warmup)
-    det_sched = warmup_cosine(det_opt, detector_steps, warmup)
-    template = torch.from_numpy(crop_template(cfg)).to(dev)
-    n_neg = max(1, round(batch_size * cfg["negatives"]))
+    fast_measurements: dict[str, Any] = {}
+    if use_fast_path(dev, fast):
+        loop = FastLoop(
+            dev,
+            max(steps, detector_steps),
+            seed=seed,
+            desc="identity",
+            batch_size=batch_size,
+            log_every=log_every,
+            max_seconds=max_seconds,
+            progress=progress,
+        )
+        train_started, cpu_started = time.perf_counter(), time.process_time()
+        history = _train_identity_fast(
+            detector,
+            recogniser,
+            head,
+            images,
+            kps,
+            boxes,
+            labels,
+            negatives,
+            cfg,
+            loop,
+            steps=steps,
+            detector_steps=detector_steps,
+            learning_rate=learning_rate,
+            det_lr=det_lr,
+            warmup=warmup,
+        )
+        fast_measurements = loop.measurements()
+    else:
+        rec_opt = torch.optim.AdamW(
+            [*recogniser.parameters(), *head.parameters()], lr=learning_rate, weight_decay=cfg["weight_decay"]
+        )
+        det_opt = torch.optim.AdamW(detector.parameters(), lr=det_lr, weight_decay=cfg["weight_decay"])
+        rec_sched = warmup_cosine(rec_opt, steps, warmup)
+        det_sched = warmup_cosine(det_opt, detector_steps, warmup)
+        template = torch.from_numpy(crop_template(cfg)).to(dev)
+        n_neg = max(1, round(batch_size * cfg["negatives"]))
 
-    history: dict[str, list[float]] = {"recogniser": [], "train_accuracy": [], "detector": [], "kps_px": []}
-    detector.train()
-    recogniser.train()
-    bar = tqdm(range(max(steps, detector_steps)), desc="identity", disable=not progress)
-    train_started, cpu_started = time.perf_counter(), time.process_time()
-    for step in bar:
-        index = torch.randint(0, n, (batch_size,), generator=generator)
-        batch_images, batch_kps = images[index], kps[index]
-        postfix = {}
-        if step < steps:
-            sigma = torch.rand(batch_size, 1, 1, generator=generator) * cfg["kps_jitter"]
-            noisy = batch_kps + sigma * torch.randn(batch_kps.shape, generator=generator)
-            crops = warp_crops(
-                to_unit_range(batch_images.to(dev)),
-                similarity_matrices(noisy.to(dev), template),
-                cfg["crop_width"],
-                cfg["crop_height"],
-            )
-            margin = cfg["arcface_margin"] * min(1.0, (step + 1) / max(1.0, cfg["margin_warmup"] * steps))
-            embeddings = recogniser(crops.contiguous(memory_format=channels_last))
-            loss, accuracy = head(embeddings, labels[index].to(dev), margin)
-            rec_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            rec_opt.step()
-            rec_sched.step()
-            history["recogniser"].append(float(loss.detach()))
-            history["train_accuracy"].append(float(accuracy))
-            postfix["arcface"] = f"{history['recogniser'][-1]:.2f}"
-        if step < detector_steps:
-            neg = negatives[torch.randint(0, len(negatives), (n_neg,), generator=generator)]
-            inputs, target_kps, target_boxes, present = _detector_batch(
-                batch_images.to(dev), batch_kps, boxes[index], neg.to(dev), cfg, generator
-            )
-            pred_kps, pred_boxes, logits = detector(inputs.contiguous(memory_format=channels_last))
-            positive = slice(0, batch_size)
-            kps_l1 = (pred_kps[positive] - target_kps).abs().mean()
-            box_l1 = (pred_boxes[positive] - target_boxes).abs().mean()
-            loss = kps_l1 + 0.5 * box_l1 + F.binary_cross_entropy_with_logits(logits, present)
-            det_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            det_opt.step()
-            det_sched.step()
-            history["detector"].append(float(loss.detach()))
-            with torch.no_grad():
-                history["kps_px"].append(float((pred_kps[positive] - target_kps).norm(dim=-1).mean()))
-            postfix["kps_px"] = f"{history['kps_px'][-1]:.2f}"
-        bar.set_postfix(postfix)
+        history: dict[str, list[float]] = {
+            "recogniser": [],
+            "train_accuracy": [],
+            "detector": [],
+            "kps_px": [],
+        }
+        detector.train()
+        recogniser.train()
+        bar = tqdm(range(max(steps, detector_steps)), desc="identity", disable=not progress)
+        train_started, cpu_started = time.perf_counter(), time.process_time()
+        for step in bar:
+            index = torch.randint(0, n, (batch_size,), generator=generator)
+            batch_images, batch_kps = images[index], kps[index]
+            postfix = {}
+            if step < steps:
+                sigma = torch.rand(batch_size, 1, 1, generator=generator) * cfg["kps_jitter"]
+                noisy = batch_kps + sigma * torch.randn(batch_kps.shape, generator=generator)
+                crops = warp_crops(
+                    to_unit_range(batch_images.to(dev)),
+                    similarity_matrices(noisy.to(dev), template),
+                    cfg["crop_width"],
+                    cfg["crop_height"],
+                )
+                margin = cfg["arcface_margin"] * min(1.0, (step + 1) / max(1.0, cfg["margin_warmup"] * steps))
+                embeddings = recogniser(crops.contiguous(memory_format=channels_last))
+                loss, accuracy = head(embeddings, labels[index].to(dev), margin)
+                rec_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                rec_opt.step()
+                rec_sched.step()
+                history["recogniser"].append(float(loss.detach()))
+                history["train_accuracy"].append(float(accuracy))
+                postfix["arcface"] = f"{history['recogniser'][-1]:.2f}"
+            if step < detector_steps:
+                neg = negatives[torch.randint(0, len(negatives), (n_neg,), generator=generator)]
+                inputs, target_kps, target_boxes, present = _detector_batch(
+                    batch_images.to(dev), batch_kps, boxes[index], neg.to(dev), cfg, generator
+                )
+                pred_kps, pred_boxes, logits = detector(inputs.contiguous(memory_format=channels_last))
+                positive = slice(0, batch_size)
+                kps_l1 = (pred_kps[positive] - target_kps).abs().mean()
+                box_l1 = (pred_boxes[positive] - target_boxes).abs().mean()
+                loss = kps_l1 + 0.5 * box_l1 + F.binary_cross_entropy_with_logits(logits, present)
+                det_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                det_opt.step()
+                det_sched.step()
+                history["detector"].append(float(loss.detach()))
+                with torch.no_grad():
+                    history["kps_px"].append(float((pred_kps[positive] - target_kps).norm(dim=-1).mean()))
+                postfix["kps_px"] = f"{history['kps_px'][-1]:.2f}"
+            bar.set_postfix(postfix)
     train_seconds = time.perf_counter() - train_started
     train_cpu_seconds = time.process_time() - cpu_started  # all threads: what a busy machine hides
 
@@ -478,10 +694,12 @@ def train_identity(
         "detector_final_loss": _tail(history["detector"]),
         "detector_initial_kps_px": _head(history["kps_px"]),
         "detector_final_train_kps_px": _tail(history["kps_px"]),
-        "seconds_per_step": train_seconds / max(1, max(steps, detector_steps)),
+        "seconds_per_step": train_seconds
+        / max(1, fast_measurements.get("steps_done", max(steps, detector_steps))),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - started,
+        **fast_measurements,
         **metrics,
     }

@@ -36,7 +36,7 @@ import torch
 
 from ..arrays import WorldArrays, held_out_arrays
 from ..dataset import CHARACTER_WEIGHT, FACE_WEIGHT, subject_weights
-from .steps import shuffled_batches, warmup_cosine
+from .steps import LOG_EVERY, FastLoop, shuffled_batches, use_fast_path, warmup_cosine
 from .vae import loss_curve, to_pixels
 
 #: Model and run settings; ``config=`` overrides any of them (CI trains a smaller model).
@@ -107,15 +107,16 @@ def build_text_encoder(config: dict[str, Any], tokenizer):
     )
 
 
-def build_unet(config: dict[str, Any]):
-    """A fresh ``UNet2DConditionModel`` for 4x16x16 latents with cross-attention in every block."""
+def build_unet(config: dict[str, Any], latent_channels: int = 4):
+    """A fresh ``UNet2DConditionModel`` for ``latent_channels`` x16x16 latents (the VAE's
+    ``config.latent_channels``) with cross-attention in every block."""
     from diffusers import UNet2DConditionModel
 
     blocks = len(config["block_out_channels"])
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=["CrossAttnDownBlock2D"] * blocks,
         up_block_types=["CrossAttnUpBlock2D"] * blocks,
         block_out_channels=list(config["block_out_channels"]),
@@ -238,6 +239,43 @@ def _denoising_loss(text_encoder, unet, batches: _Batches, index, kind, generato
     return (snr_weights(batches.alphas_cumprod, t, gamma) * per_sample).mean()
 
 
+def _device_rows(batches: _Batches) -> dict[str, torch.Tensor]:
+    """Each row's index into the distinct identity / scene captions, as device tensors."""
+    return {
+        name: torch.from_numpy(batches.token_sets[name][1]).long().to(batches.device)
+        for name in ("caption", "scene")
+    }
+
+
+def _pick_per_kind(
+    rows: dict[str, torch.Tensor], index, kind, tables: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """:meth:`_Batches.per_kind` with everything on the device and no host round trip: the row of
+    ``tables["caption"]`` / ``tables["scene"]`` or ``tables["empty"]`` for each of rows ``index``."""
+    caption = tables["caption"][rows["caption"][index]]
+    scene = tables["scene"][rows["scene"][index]]
+    shape = (-1, *[1] * (caption.dim() - 1))
+    out = torch.where(kind.view(shape) == 1, scene, tables["empty"].expand_as(caption))
+    return torch.where(kind.view(shape) == 0, caption, out)
+
+
+def _noisy_on_device(batches: _Batches, index: torch.Tensor, generator: torch.Generator):
+    """:meth:`_Batches.noisy` with every draw made on the device (``generator`` lives there)."""
+    dev = batches.device
+    shape = (len(index), *batches.mean.shape[1:])
+    eps_z = torch.randn(shape, generator=generator, device=dev)
+    latents = (batches.mean[index] + batches.std[index] * eps_z) * batches.scaling
+    noise = torch.randn(shape, generator=generator, device=dev)
+    steps = batches.scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (len(index),), generator=generator, device=dev)
+    return batches.scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+def _random_kinds(n: int, generator: torch.Generator, p_empty: float, p_scene: float) -> torch.Tensor:
+    u = torch.rand(n, generator=generator, device=generator.device)
+    return torch.where(u < p_empty, 2, torch.where(u < p_empty + p_scene, 1, 0))
+
+
 @torch.no_grad()
 def evaluate_denoising(text_encoder, unet, batches: _Batches, batch: int = 128) -> dict[str, float]:
     """Unweighted noise-prediction MSE on held-out latents, the same noise and evenly spread timesteps
@@ -279,6 +317,10 @@ def train_text_unet(
     config: dict[str, Any] | None = None,
     progress: bool = True,
     eval_arrays: WorldArrays | None = None,
+    fast: bool | None = None,
+    max_seconds: float | None = None,
+    log_every: int = LOG_EVERY,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train the text encoder and UNet jointly on ``arrays`` with the frozen VAE in ``vae_dir`` and save
     the whole ``StableDiffusionPipeline`` to ``output_dir``. Returns losses, held-out denoising losses
@@ -286,9 +328,13 @@ def train_text_unet(
 
     ``eval_arrays`` (default: ``config["eval_samples"]`` renders of the held-out ids) must be renders the
     models never trained on.
+
+    The UNet's latent channels are the VAE's (``vae.config.latent_channels``: 4, 8 or 16). ``fast``
+    (default: on a CUDA device) runs the step loop of :func:`_train_text_unet_fast`: latents and token
+    ids on the device, bfloat16 autocast, fused AdamW, no host synchronisation per step, ``max_seconds``
+    a time cap, ``compile`` a ``torch.compile``'d UNet. The CPU path is unchanged.
     """
     from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
 
     from ..tokenizer import clip_tokenizer
 
@@ -314,41 +360,52 @@ def train_text_unet(
     encode_seconds = time.perf_counter() - encode_started
 
     text_encoder = build_text_encoder(cfg, tokenizer).to(dev).train()
-    unet = build_unet(cfg).to(dev).train()
+    unet = build_unet(cfg, int(vae.config.latent_channels)).to(dev).train()
     params = [*text_encoder.parameters(), *unet.parameters()]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    loop = None
+    if use_fast_path(dev, fast):
+        loop = FastLoop(
+            dev,
+            steps,
+            seed=seed,
+            desc="text+unet",
+            batch_size=batch_size,
+            log_every=log_every,
+            max_seconds=max_seconds,
+            progress=progress,
+        )
+    optimizer = (loop.adamw if loop else torch.optim.AdamW)(
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
         lr=learning_rate,
     )
     warmup = min(cfg["warmup_steps"], max(1, steps // 10))
-    schedule = warmup_cosine(optimizer, steps, warmup)
+    schedule = loop.schedule(optimizer, warmup) if loop else warmup_cosine(optimizer, steps, warmup)
     ema = [p.detach().clone() for p in params] if cfg["ema_decay"] > 0 else None
     initial_eval = evaluate_denoising(text_encoder, unet, held_out)
 
     n = len(arrays)
-    p_empty, p_scene = cfg["empty_caption_fraction"], cfg["scene_caption_fraction"]
-    batches = shuffled_batches(n, batch_size, generator)
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="text+unet", disable=not progress)
     train_started = time.perf_counter()
-    for step in bar:
-        index = next(batches)
-        u = torch.rand(len(index), generator=generator)
-        kind = torch.where(u < p_empty, 2, torch.where(u < p_empty + p_scene, 1, 0))
-        loss = _denoising_loss(text_encoder, unet, train, index, kind, generator, gamma=cfg["min_snr_gamma"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if ema is not None:
-            decay_now = min(cfg["ema_decay"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay_now)
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if loop is not None:
+        losses = _train_text_unet_fast(
+            text_encoder, unet, params, optimizer, schedule, ema, train, cfg, loop, compile
+        )
+    else:
+        losses = _train_text_unet_cpu(
+            text_encoder,
+            unet,
+            params,
+            optimizer,
+            schedule,
+            ema,
+            train,
+            cfg,
+            generator,
+            steps,
+            batch_size,
+            progress,
+        )
     train_seconds = time.perf_counter() - train_started
 
     final_eval = evaluate_denoising(text_encoder, unet, held_out)
@@ -390,10 +447,91 @@ def train_text_unet(
         "ema_used": ema_used,
         **(ema_eval if ema_used else final_eval),
         "encode_seconds": encode_seconds,
-        "seconds_per_step": train_seconds / max(1, steps),
+        "seconds_per_step": train_seconds / max(1, len(losses) if loop else steps),
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - started,
+        **(loop.measurements() if loop else {}),
     }
+
+
+def _train_text_unet_cpu(
+    text_encoder,
+    unet,
+    params,
+    optimizer,
+    schedule,
+    ema,
+    train: _Batches,
+    cfg,
+    generator,
+    steps,
+    batch_size,
+    progress,
+) -> list[float]:
+    """:func:`train_text_unet`'s step loop as it has always run (the CPU path)."""
+    from tqdm.auto import tqdm
+
+    p_empty, p_scene = cfg["empty_caption_fraction"], cfg["scene_caption_fraction"]
+    batches = shuffled_batches(len(train.mean), batch_size, generator)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="text+unet", disable=not progress)
+    for step in bar:
+        index = next(batches)
+        u = torch.rand(len(index), generator=generator)
+        kind = torch.where(u < p_empty, 2, torch.where(u < p_empty + p_scene, 1, 0))
+        loss = _denoising_loss(text_encoder, unet, train, index, kind, generator, gamma=cfg["min_snr_gamma"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            decay_now = min(cfg["ema_decay"], (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay_now)
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+def _train_text_unet_fast(
+    text_encoder, unet, params, optimizer, schedule, ema, train: _Batches, cfg, loop: FastLoop, compile: bool
+) -> list[float]:
+    """:func:`train_text_unet`'s step loop on an accelerator (:class:`~.steps.FastLoop`): the same
+    objective, with latents, token ids and every draw on the device."""
+    dev, generator = loop.device, loop.generator
+    rows = _device_rows(train)
+    tables = {
+        "caption": train.token_sets["caption"][0].to(dev),
+        "scene": train.token_sets["scene"][0].to(dev),
+        "empty": train.token_sets["empty"].to(dev),
+    }
+    step_unet = torch.compile(unet) if compile else unet
+    p_empty, p_scene = cfg["empty_caption_fraction"], cfg["scene_caption_fraction"]
+    batches = loop.batches(len(train.mean))
+    loop.start()
+    for step in range(loop.steps):
+        index = next(batches)
+        kind = _random_kinds(len(index), generator, p_empty, p_scene)
+        noisy, noise, t = _noisy_on_device(train, index, generator)
+        with loop.autocast():
+            context = text_encoder(_pick_per_kind(rows, index, kind, tables)).last_hidden_state
+            pred = step_unet(noisy, t, encoder_hidden_states=context).sample
+        per_sample = (pred.float() - noise).pow(2).flatten(1).mean(1)
+        loss = (snr_weights(train.alphas_cumprod, t, cfg["min_snr_gamma"]) * per_sample).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            decay_now = min(cfg["ema_decay"], (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay_now)
+        loop.record(step, loss)
+        if loop.out_of_time():
+            break
+    return loop.finish()
 
 
 def _label_font(size: int):
@@ -471,6 +609,10 @@ def finetune_unet(
     face_weight: float = FACE_WEIGHT,
     progress: bool = True,
     eval_arrays: WorldArrays | None = None,
+    fast: bool | None = None,
+    max_seconds: float | None = None,
+    log_every: int = LOG_EVERY,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train the UNet of the pipeline in ``sd_dir`` further on the *character*, and save the pipeline to
     ``output_dir`` (text encoder, VAE and tokenizer unchanged).
@@ -480,7 +622,10 @@ def finetune_unet(
     the model paints characters as featureless blobs and even erases a face it is given at low noise.
     This stage weights the noise-prediction loss up inside the character's and its face's boxes and
     drops the min-SNR weighting (uniform timesteps, plain MSE), so the details the adapters must carry
-    become things the UNet can draw."""
+    become things the UNet can draw.
+
+    ``fast`` (default: on a CUDA device): the step loop of :func:`_finetune_unet_fast` (see
+    :func:`train_text_unet`); the CPU path is unchanged."""
     from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 
@@ -512,26 +657,44 @@ def finetune_unet(
         embedded["empty"] = text_encoder(train.token_sets["empty"].to(dev)).last_hidden_state
 
     params = list(unet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=DEFAULT_CONFIG["weight_decay"])
     warmup = min(100, max(1, steps // 10))
-    schedule = warmup_cosine(optimizer, steps, warmup)
-    n = len(arrays)
-    p_empty, p_scene = DEFAULT_CONFIG["empty_caption_fraction"], DEFAULT_CONFIG["scene_caption_fraction"]
-    batches = shuffled_batches(n, batch_size, generator)
-    losses: list[float] = []
-    for _ in tqdm(range(steps), desc="unet (characters)", disable=not progress):
-        index = next(batches)
-        u = torch.rand(len(index), generator=generator)
-        kind = torch.where(u < p_empty, 2, torch.where(u < p_empty + p_scene, 1, 0))
-        noisy, noise, t = train.noisy(index, generator)
-        pred = unet(noisy, t, encoder_hidden_states=train.per_kind(index, kind, embedded)).sample
-        loss = weighted_mse(pred, noise, weights[index.to(dev)])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
+    loop = None
+    if use_fast_path(dev, fast):
+        loop = FastLoop(
+            dev,
+            steps,
+            seed=seed,
+            desc="unet (characters)",
+            batch_size=batch_size,
+            log_every=log_every,
+            max_seconds=max_seconds,
+            progress=progress,
+        )
+        optimizer = loop.adamw(params, lr=learning_rate, weight_decay=DEFAULT_CONFIG["weight_decay"])
+        schedule = loop.schedule(optimizer, warmup)
+        losses = _finetune_unet_fast(
+            unet, params, optimizer, schedule, train, embedded, weights, loop, compile
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=DEFAULT_CONFIG["weight_decay"])
+        schedule = warmup_cosine(optimizer, steps, warmup)
+        n = len(arrays)
+        p_empty, p_scene = DEFAULT_CONFIG["empty_caption_fraction"], DEFAULT_CONFIG["scene_caption_fraction"]
+        batches = shuffled_batches(n, batch_size, generator)
+        losses = []
+        for _ in tqdm(range(steps), desc="unet (characters)", disable=not progress):
+            index = next(batches)
+            u = torch.rand(len(index), generator=generator)
+            kind = torch.where(u < p_empty, 2, torch.where(u < p_empty + p_scene, 1, 0))
+            noisy, noise, t = train.noisy(index, generator)
+            pred = unet(noisy, t, encoder_hidden_states=train.per_kind(index, kind, embedded)).sample
+            loss = weighted_mse(pred, noise, weights[index.to(dev)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
     final_eval = evaluate_denoising(text_encoder, unet, held_out)
     text_encoder.eval()
     unet.eval()
@@ -549,4 +712,35 @@ def finetune_unet(
         "initial_eval": initial_eval,
         "final_eval": final_eval,
         "seconds": time.perf_counter() - started,
+        **(loop.measurements() if loop else {}),
     }
+
+
+def _finetune_unet_fast(unet, params, optimizer, schedule, train: _Batches, embedded, weights, loop, compile):
+    """:func:`finetune_unet`'s step loop on an accelerator (:class:`~.steps.FastLoop`)."""
+    from ...training.diffusion import weighted_mse
+
+    generator = loop.generator
+    rows = _device_rows(train)
+    step_unet = torch.compile(unet) if compile else unet
+    p_empty, p_scene = DEFAULT_CONFIG["empty_caption_fraction"], DEFAULT_CONFIG["scene_caption_fraction"]
+    batches = loop.batches(len(train.mean))
+    loop.start()
+    for step in range(loop.steps):
+        index = next(batches)
+        kind = _random_kinds(len(index), generator, p_empty, p_scene)
+        noisy, noise, t = _noisy_on_device(train, index, generator)
+        with loop.autocast():
+            pred = step_unet(
+                noisy, t, encoder_hidden_states=_pick_per_kind(rows, index, kind, embedded)
+            ).sample
+        loss = weighted_mse(pred, noise, weights[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        loop.record(step, loss)
+        if loop.out_of_time():
+            break
+    return loop.finish()
