@@ -415,3 +415,21 @@ def test_demo_output_that_is_a_file_fails_before_any_model_loads(tmp_path, capsy
     assert main(["demo", "--output", str(target)]) == 2
     assert "is a file" in capsys.readouterr().err
     assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--port", "99999"], "ports run from 0 to 65535"),
+        (["eval", "--ids", "1", "--output", "{file}"], "is a file"),
+    ],
+)
+def test_more_everyday_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
+    from idcraft.cli import main
+
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    assert main([a.format(file=target) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert target.read_text() == "keep me"

@@ -130,6 +130,7 @@ def run_world(args) -> int:
         raise IdcraftError("--ids must be at least 1.")
     if args.steps < 1 or args.batch_size < 1:
         raise IdcraftError("--steps and --batch-size must be at least 1.")
+    _check_output_folder(args.output)
     report = evaluate(
         args.output,
         methods=args.methods,
@@ -149,3 +150,16 @@ def run_world(args) -> int:
     print(format_table(report["results"]))
     print(f"wrote {args.output}/eval.json, eval.md, eval.png, samples.png ({report['seconds']:.0f} s)")
     return 0
+
+
+def _check_output_folder(output) -> None:
+    """The report goes into a folder: a file in its place, or a folder that cannot be written, is refused
+    before anything is generated (not after minutes of generating)."""
+    from pathlib import Path
+
+    from ..errors import IdcraftError
+    from ..outputs import check_writable_folder
+
+    if Path(output).exists() and not Path(output).is_dir():
+        raise IdcraftError(f"--output {output}: is a file; the evaluation writes a folder (eval.json ...).")
+    check_writable_folder(Path(output), create=False)

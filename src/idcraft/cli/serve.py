@@ -29,9 +29,12 @@ def run(args) -> int:
     import json
     import logging
 
+    from ..errors import IdcraftError
     from ..serve.catalog import build_catalog
     from ..serve.config import load_config
 
+    if not 0 <= args.port <= 65535:
+        raise IdcraftError(f"--port {args.port}: ports run from 0 to 65535 (0 = any free port).")
     config = load_config(args.config)
     if args.device is not None:
         config.world.device = args.device
@@ -45,5 +48,8 @@ def run(args) -> int:
     from ..serve.server import serve
 
     print(f"idcraft serve: {', '.join(catalog.methods)} on http://{args.host}:{args.port}/", flush=True)
-    serve(config, host=args.host, port=args.port, catalog=catalog)
+    try:
+        serve(config, host=args.host, port=args.port, catalog=catalog)
+    except OSError as exc:  # address in use, no permission for a low port, unknown host
+        raise IdcraftError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}).") from exc
     return 0
