@@ -235,3 +235,19 @@ def load_controlnet(path: str | os.PathLike, *, device: torch.device, dtype: tor
     except Exception as exc:
         raise _unreachable("ControlNet", str(path), exc) from exc
     return model.to(device)
+
+
+def meta_model(cls, base: str | os.PathLike, subfolder: str):
+    """``cls`` (a diffusers model class) built on the meta device from ``base/subfolder/config.json``: its
+    structure and widths without reading its weights, so an adapter is checked against a base model in
+    milliseconds, before gigabytes load. A damaged config is a :class:`ModelLoadError` naming the file."""
+    folder = os.path.join(str(base), subfolder)
+    try:
+        config = cls.load_config(folder)
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(
+            f"base model {base}: cannot read {folder}/config.json ({exc}). The file is damaged or not a "
+            f"diffusers {cls.__name__} config: copy the base model folder again."
+        ) from exc

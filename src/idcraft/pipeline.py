@@ -30,7 +30,14 @@ from .encoders import ClipImageEncoder
 from .errors import IdcraftError
 from .images import ImageInput, load_image
 from .injection import adapter_call
-from .models import load_base_pipeline, load_controlnet, load_image_encoder, resolve_device, resolve_dtype
+from .models import (
+    load_base_pipeline,
+    load_controlnet,
+    load_image_encoder,
+    meta_model,
+    resolve_device,
+    resolve_dtype,
+)
 from .multiperson import keypoint_image, place_faces, region_masks, regions_for
 
 __all__ = ["BatchItem", "IPAdapterPipeline", "ReferenceTokens"]
@@ -488,18 +495,6 @@ def _is_local_dir(path) -> bool:
 
 
 def _meta_unet(base):
-    """The base UNet built on the meta device: its structure and widths without reading its weights."""
     from diffusers import UNet2DConditionModel
 
-    from .errors import ModelLoadError
-
-    folder = os.path.join(str(base), "unet")
-    try:
-        config = UNet2DConditionModel.load_config(folder)
-        with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ModelLoadError(
-            f"base model {base}: cannot read {folder}/config.json ({exc}). The file is damaged or not a "
-            "diffusers UNet config: copy the base model folder again."
-        ) from exc
+    return meta_model(UNet2DConditionModel, base, "unet")

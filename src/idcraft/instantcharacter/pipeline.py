@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import IdcraftError
 from ..images import ImageInput
-from ..models import _unreachable, resolve_device, resolve_dtype
+from ..models import _unreachable, meta_model, resolve_device, resolve_dtype
 from ..pipeline import request_view, text_lock
 from .adapter import InstantCharacterAdapter
 from .encoders import SubjectEncoder, SubjectFeatures
@@ -121,19 +121,9 @@ def _check_offload(offload: str | None, device: torch.device) -> str:
 
 
 def _meta_transformer(base: str | os.PathLike):
-    """The FLUX transformer built on the meta device: its structure without reading its weights."""
     from diffusers import FluxTransformer2DModel
 
-    folder = os.path.join(str(base), "transformer")
-    try:
-        config = FluxTransformer2DModel.load_config(folder)
-        with torch.device("meta"):
-            return FluxTransformer2DModel.from_config(config)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise IdcraftError(
-            f"base model {base}: cannot read {folder}/config.json ({exc}). The file is damaged or not a "
-            "diffusers FLUX transformer config: copy the base model folder again."
-        ) from exc
+    return meta_model(FluxTransformer2DModel, base, "transformer")
 
 
 class InstantCharacterPipeline:
