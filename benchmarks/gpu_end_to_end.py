@@ -232,19 +232,7 @@ def projector_config(tiny: bool):
         from idcraft.instantcharacter.tiny import tiny_projector_config
 
         return tiny_projector_config()
-    return ProjectorConfig(  # the official InstantCharacter-FLUX projector
-        width=2688,
-        cross_layer_blocks=4,
-        cross_scale_blocks=4,
-        block_ff_inner=4 * 2688,
-        mlp_hidden=2 * 2688,
-        resampler_width=1280,
-        resampler_depth=4,
-        resampler_ff_inner=4 * 1280,
-        num_tokens=1024,
-        output_width=4096,
-        timestep_channels=320,
-    )
+    return ProjectorConfig.official()  # the released InstantCharacter-FLUX projector
 
 
 # ----------------------------------------------------------------------------- building

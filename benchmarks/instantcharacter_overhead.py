@@ -32,19 +32,7 @@ from idcraft.instantcharacter.adapter import InstantCharacterAdapter
 from idcraft.instantcharacter.processors import subject_call
 from idcraft.instantcharacter.projector import ProjectorConfig
 
-OFFICIAL = ProjectorConfig(
-    width=2688,
-    cross_layer_blocks=4,
-    cross_scale_blocks=4,
-    block_ff_inner=4 * 2688,
-    mlp_hidden=2 * 2688,
-    resampler_width=1280,
-    resampler_depth=4,
-    resampler_ff_inner=4 * 1280,
-    num_tokens=1024,
-    output_width=4096,
-    timestep_channels=320,
-)
+OFFICIAL = ProjectorConfig.official()
 PATCHES = 729  # SigLIP / DINOv2 tokens per 384 view
 
 

@@ -18,6 +18,7 @@ once and reused across prompts, seeds and scales -- the server's identity cache 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
@@ -226,8 +227,7 @@ class Engine:
         shared = {batch_key(r) for _, r in prepared}  # prepared requests carry their method's name
         if (
             len(shared) > 1
-            or not hasattr(family, "run_batch")
-            or method.base != "sd"
+            or not hasattr(family, "run_batch")  # the SD families
             or requests[0].num_images != 1
         ):
             return [self.generate(r) for r in requests]
@@ -247,18 +247,7 @@ class Engine:
         ]
 
     def _lock(self, method: str):
-        return self._locks.get(method) or _NO_LOCK
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_LOCK = _NoLock()
+        return self._locks.get(method) or contextlib.nullcontext()
 
 
 def _method_of(pipe) -> Method:

@@ -302,29 +302,26 @@ class AdapterRouter(nn.Module):
         super().__init__()
         self.base = base  # the processor that was in place before any adapter
         self.routes = nn.ModuleDict()  # keyed "0", "1"... in attach order (stable state-dict names)
-        self._layouts: dict[str, TokenLayout] = {}
         self._added = 0
 
-    def add(self, layout: TokenLayout, processor: nn.Module) -> None:
+    def add(self, layout: TokenLayout, processor: IPAttnProcessor) -> None:
+        """Route calls of the adapter owning ``layout`` (the processor's own) to ``processor``."""
+        if processor.layout is not layout:
+            raise ValueError("the processor belongs to another adapter's layout")
         self.remove(layout)
-        key = str(self._added)
+        self.routes[str(self._added)] = processor
         self._added += 1
-        self.routes[key] = processor
-        self._layouts[key] = layout
 
     def remove(self, layout: TokenLayout) -> None:
-        for key, known in list(self._layouts.items()):
-            if known is layout:
-                del self.routes[key], self._layouts[key]
+        for key, processor in list(self.routes.items()):
+            if processor.layout is layout:
+                del self.routes[key]
 
     def __len__(self) -> int:
-        return len(self._layouts)
+        return len(self.routes)
 
     def _route(self, layout: TokenLayout | None) -> nn.Module | None:
-        for key, known in self._layouts.items():
-            if known is layout:
-                return self.routes[key]
-        return None
+        return next((p for p in self.routes.values() if p.layout is layout), None)
 
     def __call__(
         self,

@@ -33,6 +33,7 @@ def test_official_layout_is_reproduced_key_for_key():
         output_width=4096,
         timestep_channels=320,
     )
+    assert ProjectorConfig.official() == config  # what the benchmarks and training build
     with torch.device("meta"):
         projector = SubjectProjector(config)
         layer = SubjectAttnProcessor(3072, 4096, 128, SubjectState())

@@ -60,6 +60,24 @@ class ProjectorConfig:
     timestep_channels: int  # sinusoidal timestep features [320]
 
     @classmethod
+    def official(cls, width: int = 2688, output_width: int = 4096, num_tokens: int = 1024) -> ProjectorConfig:
+        """The released InstantCharacter-FLUX projector's shape (the bracketed values above), for encoder
+        features of ``width`` and tokens of ``output_width`` (the defaults are the released ones)."""
+        return cls(
+            width=width,
+            cross_layer_blocks=4,
+            cross_scale_blocks=4,
+            block_ff_inner=4 * width,
+            mlp_hidden=2 * width,
+            resampler_width=1280,
+            resampler_depth=4,
+            resampler_ff_inner=4 * 1280,
+            num_tokens=num_tokens,
+            output_width=output_width,
+            timestep_channels=320,
+        )
+
+    @classmethod
     def from_state_dict(cls, sd: StateDict) -> ProjectorConfig:
         """Read every width and count from an ``image_proj`` state dict; a clear error if keys are missing."""
 

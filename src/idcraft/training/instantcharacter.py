@@ -54,6 +54,7 @@ default), which ``idcraft generate --method instantcharacter`` and :class:`Insta
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -287,21 +288,8 @@ class InstantCharacterRecipe(TrainingRecipe):
             )
         text_width = self.pipe.transformer.config.joint_attention_dim
         overrides = dict(self.config.extra.get("projector", {}))  # e.g. a small projector for tests
-        values = dict(
-            width=width,
-            cross_layer_blocks=4,
-            cross_scale_blocks=4,
-            block_ff_inner=4 * width,
-            mlp_hidden=2 * width,
-            resampler_width=1280,
-            resampler_depth=4,
-            resampler_ff_inner=4 * 1280,
-            num_tokens=self.config.num_tokens or 1024,
-            output_width=text_width,
-            timestep_channels=320,
-        )
-        values.update(overrides)
-        return ProjectorConfig(**values)
+        official = ProjectorConfig.official(width, text_width, self.config.num_tokens or 1024)
+        return dataclasses.replace(official, **overrides)
 
     @property
     def pairing(self) -> str:

@@ -111,13 +111,6 @@ def available_methods(root: str | os.PathLike | None = None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _face_analyser(identity_dir: Path):
-    """The world's face analyser (detector + ArcFace-role recogniser), built once per folder."""
-    from ..faces import shared_face_analyser
-
-    return shared_face_analyser("world", models_dir=str(identity_dir))
-
-
 def world_engine(bundle_root: str | os.PathLike | None = None, device: str | None = "auto", base=None):
     """An :class:`~idcraft.engine.Engine` serving every bundled adapter method on one shared miniature SD1.5
     base, with the world's face analyser -- the offline default of ``idcraft serve`` and what
@@ -211,13 +204,6 @@ class WorldGenerator:
         if method not in ADAPTER_METHODS:
             raise IdcraftError(f"{method!r} is not an adapter method ({', '.join(ADAPTER_METHODS)}).")
         return self.engine.pipeline(method)
-
-    def face_of(self, identity_id: int):
-        """The world face analyser's largest face in ``identity_id``'s reference portrait."""
-        from ..faces import analyse_reference
-
-        analyser = _face_analyser(bundle.bundle_path(bundle.IDENTITY, self.root))
-        return analyse_reference(reference_image(identity_id), analyser)
 
     def conditioning(self, method: str, identity_id: int):
         """``identity_id``'s reference encoded for ``method`` by the engine (computed once per pair)."""
