@@ -123,6 +123,13 @@ def test_encoded_conditioning_is_reused_and_tagged_with_its_method(engine):
         engine.generate(GenerationRequest("a dog", method="ip-adapter-plus", conditioning=encoded, steps=STEPS))
 
 
+def test_batch_of_several_people_runs_them_one_at_a_time(engine):
+    request = _requests()[2]
+    results = engine.generate_batch([request, request])
+    alone = _pixels(engine.generate(request))
+    assert len(results) == 2 and all(np.array_equal(_pixels(r), alone) for r in results)
+
+
 def test_batch_gives_each_request_its_own_image(engine):
     requests = [
         GenerationRequest(p, method="ip-adapter", references=[_image(s)], seed=s, steps=STEPS)

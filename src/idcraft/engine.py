@@ -229,6 +229,7 @@ class Engine:
             len(shared) > 1
             or not hasattr(family, "run_batch")  # the SD families
             or requests[0].num_images != 1
+            or requests[0].multi_person  # several people: regions per image, one call each
         ):
             return [self.generate(r) for r in requests]
         ready = [replace(r, seed=secrets.randbits(63)) if r.seed is None else r for _, r in prepared]
