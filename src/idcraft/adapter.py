@@ -298,6 +298,14 @@ _MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LORA_TARGETS = (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out.0", "to_out_lora"))
 
 
+def merged_lora_method(unet: nn.Module) -> str | None:
+    """The method whose LoRA is merged into ``unet``'s weights (see :meth:`IPAdapter.attach`), or ``None``:
+    while one is, the weights are not the base model's, so a call with every adapter off would still
+    carry that LoRA."""
+    adapter = _MERGED.get(unet, (None,))[0]
+    return None if adapter is None else adapter.method.name
+
+
 def _alone(unet: nn.Module) -> bool:
     routers = [p for p in unet.attn_processors.values() if isinstance(p, AdapterRouter)]
     return bool(routers) and all(len(r) == 1 for r in routers)

@@ -29,6 +29,7 @@ from typing import Any
 
 from .errors import IdcraftError
 from .methods import FaceSettings, family_of
+from .methods.text_only import TEXT_ONLY, is_text_only
 from .registry import Method, get_method
 from .requests import GenerationRequest, GenerationResult, Limits
 
@@ -48,7 +49,9 @@ class Engine:
     """Loaded pipelines by method, and generation through them (see the module docstring).
 
     Build it with :meth:`from_pretrained` (one method from paths or hub ids) or from pipelines you hold:
-    ``Engine({"ip-adapter": ip_pipe, "faceid": faceid_pipe})``. ``face_backend``/``face_models`` say how
+    ``Engine({"ip-adapter": ip_pipe, "faceid": faceid_pipe})``. Method ``none`` (text-only: no reference,
+    the base model alone) runs on the base model the SD methods share, or on a plain diffusers pipeline
+    given as ``{"none": pipe}``. ``face_backend``/``face_models`` say how
     faces are found in reference photos (an ArcFace recogniser for the official face methods);
     ``defaults`` override the methods' defaults for settings a request leaves out.
     """
@@ -68,7 +71,7 @@ class Engine:
             raise IdcraftError("an engine needs at least one loaded method.")
         self._pipelines: dict[str, Any] = {}
         for name, pipe in pipelines.items():
-            method = get_method(name)
+            method = _lookup(name)
             if _method_of(pipe).name != method.name:
                 raise IdcraftError(f"the pipeline given for {method.name} runs {_method_of(pipe).name}.")
             self._pipelines[method.name] = pipe
@@ -79,12 +82,13 @@ class Engine:
         self.defaults = dict(defaults or {})
         # Offloading moves weights between devices around a call: such pipelines take one call at a time.
         self._locks = {name: threading.Lock() for name, pipe in self._pipelines.items() if _offloads(pipe)}
+        self._text_base: Any = None  # the base pipeline text-only requests draw with, found when first used
 
     @classmethod
     def from_pretrained(
         cls,
         base: str | os.PathLike,
-        adapter: str | os.PathLike,
+        adapter: str | os.PathLike | None,
         image_encoder: str | os.PathLike | None = None,
         *,
         method: str | None = None,
@@ -103,8 +107,11 @@ class Engine:
     ) -> Engine:
         """Load one method: a base model (SD1.5, SDXL or FLUX.1), its adapter file in the official layout
         and the encoders it reads; the method comes from ``method`` or the files. Everything is checked
-        against everything else before the base model's weights are read."""
+        against everything else before the base model's weights are read. ``method="none"`` with
+        ``adapter=None`` loads the base model alone (text-only generation)."""
         chosen = _choose_method(method, base, image_encoder_2)
+        if adapter is None and chosen is not TEXT_ONLY:
+            raise IdcraftError("give the adapter file (--adapter), or --method none for the base model alone.")
         family = family_of(chosen) if chosen is not None else family_of("ip-adapter")
         if family.name != "instantcharacter" and (offload not in (None, "none") or image_encoder_2):
             given = "--image-encoder-2" if image_encoder_2 else f"--offload {offload}"
@@ -129,13 +136,44 @@ class Engine:
     # ------------------------------------------------------------------ what is loaded
     @property
     def methods(self) -> tuple[str, ...]:
+        """The loaded methods (``none`` only when given as a pipeline of its own; see :attr:`text_only`)."""
         return tuple(self._pipelines)
 
+    @property
+    def text_only(self) -> bool:
+        """Whether method ``none`` (the prompt alone, every adapter off) runs here: an SD base is loaded."""
+        return TEXT_ONLY.name in self._pipelines or any(
+            _method_of(p).base == "sd" for p in self._pipelines.values()
+        )
+
     def pipeline(self, method: str | None = None):
-        """The loaded pipeline of ``method`` (default: the engine's only method)."""
-        return self._pipelines[self._method_name(method)]
+        """The loaded pipeline of ``method`` (default: the engine's only method); for ``none``, the base
+        diffusers pipeline."""
+        return self._pipeline_of(self._method_name(method))
+
+    def _pipeline_of(self, name: str):
+        if name in self._pipelines:
+            return self._pipelines[name]
+        if self._text_base is None:
+            self._text_base = _base_pipeline(self._pipelines.values())
+        from .adapter import merged_lora_method
+
+        merged = merged_lora_method(self._text_base.unet)
+        if merged is not None:
+            raise IdcraftError(
+                f"method none needs the base model's own weights, but {merged}'s LoRA is merged into them "
+                f"(it is the only adapter on this base): load the base alone for text-only generation."
+            )
+        return self._text_base
 
     def _method_name(self, requested: str | None) -> str:
+        if is_text_only(requested):
+            if not self.text_only:
+                raise IdcraftError(
+                    "method none (text-only) runs on an SD1.5/SDXL base, and none is loaded here "
+                    f"({', '.join(self.methods)}): give a reference."
+                )
+            return TEXT_ONLY.name
         if requested is None:
             if len(self._pipelines) > 1:
                 raise IdcraftError(
@@ -152,11 +190,11 @@ class Engine:
         an option the method does not read, or a size the base model cannot make is refused here."""
         request.validate(self.limits)
         name = self._method_name(request.method)
-        method = get_method(name)
+        method = _lookup(name)
         family = family_of(method)
         family.check(method, request)
         request = replace(request, method=name).with_defaults({**family.defaults, **self.defaults})
-        factor = _size_factor(self._pipelines[name])
+        factor = _size_factor(self._pipeline_of(name))
         for side in ("width", "height"):
             value = getattr(request, side)
             if value is not None and value % factor:
@@ -184,7 +222,7 @@ class Engine:
                     )
                 return given
             return Conditioning(method.name, given)
-        value = family_of(method).encode(self._pipelines[method.name], request, self.faces)
+        value = family_of(method).encode(self._pipeline_of(method.name), request, self.faces)
         return Conditioning(method.name, value)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -194,7 +232,7 @@ class Engine:
         if request.seed is None:
             request = replace(request, seed=secrets.randbits(63))
         family = family_of(method)
-        pipe = self._pipelines[method.name]
+        pipe = self._pipeline_of(method.name)
         with self._lock(method.name):
             conditioning = self._encode(method, request)
             encoded = time.perf_counter()
@@ -233,7 +271,7 @@ class Engine:
         ):
             return [self.generate(r) for r in requests]
         ready = [replace(r, seed=secrets.randbits(63)) if r.seed is None else r for _, r in prepared]
-        pipe = self._pipelines[method.name]
+        pipe = self._pipeline_of(method.name)
         with self._lock(method.name):
             conditionings = [self._encode(method, r).value for r in ready]
             encoded = time.perf_counter()
@@ -251,13 +289,36 @@ class Engine:
         return self._locks.get(method) or contextlib.nullcontext()
 
 
+def _lookup(name: str) -> Method:
+    return TEXT_ONLY if is_text_only(name) else get_method(name)
+
+
 def _method_of(pipe) -> Method:
     method = getattr(pipe, "method", None)
     if isinstance(method, Method):
         return method
     if type(pipe).__name__ == "InstantCharacterPipeline":
         return get_method("instantcharacter")
+    if hasattr(pipe, "unet") and hasattr(pipe, "encode_prompt"):  # a diffusers SD pipeline: the base alone
+        return TEXT_ONLY
     raise IdcraftError(f"{type(pipe).__name__} is not an idcraft pipeline.")
+
+
+def _base_pipeline(pipelines) -> Any:
+    """The base diffusers pipeline the SD methods draw with (IdentityNet's ControlNet left out): text-only
+    requests run on it, with no adapter acting."""
+    sd = [p for p in pipelines if _method_of(p).base == "sd"]
+    for pipe in sd:
+        if _method_of(pipe) is TEXT_ONLY:
+            return pipe
+    for pipe in sd:
+        if not getattr(pipe, "num_controlnets", 0):
+            return pipe.pipe
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    inner = sd[0].pipe  # only ControlNet pipelines (InstantID): the same models without the ControlNet
+    cls = StableDiffusionXLPipeline if hasattr(inner, "text_encoder_2") else StableDiffusionPipeline
+    return cls.from_pipe(inner, torch_dtype=inner.unet.dtype)
 
 
 def _offloads(pipe) -> bool:
@@ -276,7 +337,7 @@ def _choose_method(method: str | None, base, image_encoder_2) -> Method | None:
     """The requested method, or InstantCharacter when the base is a FLUX folder or a DINOv2 encoder is
     given; ``None`` lets the SD loader detect the method from the adapter file."""
     if method is not None:
-        return get_method(method)
+        return _lookup(method)
     from .instantcharacter.pipeline import is_flux_base
 
     if is_flux_base(base) or image_encoder_2 is not None:

@@ -420,6 +420,37 @@ def encode_text(pipe, prompt, negative_prompt, num_images: int = 1) -> dict:
     return embeds
 
 
+@torch.no_grad()
+def base_model_images(
+    pipe,
+    prompt: str | list[str],
+    *,
+    negative_prompt: str | list[str] = "",
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    steps: int = 30,
+    guidance: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    num_images: int = 1,
+    output_type: str = "pil",
+    progress: bool = False,
+):
+    """The base diffusers pipeline ``pipe`` alone, whatever adapters are attached to its UNet: a call in
+    which no adapter acts (:func:`~idcraft.injection.adapter_call` ``(None)``) on a per-call view of the
+    pipeline, so it runs beside adapter calls on the same models. Text-only generation and the world's
+    text baselines draw with it; its images are those of the same pipeline with no adapter attached."""
+    with adapter_call(None):
+        return request_view(pipe, progress=progress)(
+            **encode_text(pipe, prompt, negative_prompt, num_images),
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            generator=generator,
+            width=width,
+            height=height,
+            output_type=output_type,
+        ).images
+
+
 def _append(text: torch.Tensor, image_tokens: torch.Tensor, num_images: int) -> torch.Tensor:
     image_tokens = image_tokens.to(device=text.device, dtype=text.dtype).repeat(num_images, 1, 1)
     return torch.cat([text, image_tokens], dim=1)

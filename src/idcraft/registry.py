@@ -19,7 +19,7 @@ Uncond = Literal["zero-embeds", "zero-image", "same-tokens"]
 Inputs = Literal["image", "face", "face+image"]
 Combine = Literal["side-by-side", "average"]
 Base = Literal["sd", "flux"]
-Family = Literal["ip-adapter", "faceid", "instantid", "instantcharacter"]
+Family = Literal["ip-adapter", "faceid", "instantid", "instantcharacter", "none"]
 
 
 @dataclass(frozen=True)

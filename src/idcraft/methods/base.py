@@ -147,22 +147,25 @@ class SDFamily(Family):
         )
 
     def warnings(self, pipe, request: GenerationRequest) -> list[str]:
-        """A prompt longer than the text encoder reads is cut there: say so rather than drop it silently."""
-        tokenizer = getattr(pipe.pipe, "tokenizer", None)
-        if tokenizer is None:
-            return []
-        from ..pipeline import text_lock
+        return prompt_warnings(pipe.pipe, request)
 
-        limit = tokenizer.model_max_length
-        out = []
-        for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
-            with text_lock(pipe.pipe):
-                count = len(tokenizer(text).input_ids) if text else 0
-            if count > limit:
-                out.append(
-                    f"the {what} is {count} tokens; the text encoder reads {limit}, so the rest is ignored."
-                )
-        return out
+
+def prompt_warnings(pipe, request: GenerationRequest) -> list[str]:
+    """A prompt longer than the text encoder of ``pipe`` (a diffusers pipeline) reads is cut there: say so
+    rather than drop it silently."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return []
+    from ..pipeline import text_lock
+
+    limit = tokenizer.model_max_length
+    out = []
+    for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        with text_lock(pipe):
+            count = len(tokenizer(text).input_ids) if text else 0
+        if count > limit:
+            out.append(f"the {what} is {count} tokens; the text encoder reads {limit}, so the rest is ignored.")
+    return out
 
 
 class IdentityFamily(SDFamily):

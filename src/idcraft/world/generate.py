@@ -330,20 +330,20 @@ class WorldGenerator:
         """The base model alone (the text baselines), through a call in which no adapter acts."""
         import torch
 
-        from ..injection import adapter_call
-        from ..pipeline import encode_text, request_view
+        from ..pipeline import base_model_images
 
         generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
-        with adapter_call(None):
-            images = request_view(self.base)(
-                **encode_text(self.base, prompts, [""] * len(prompts)),
-                guidance_scale=guidance,
-                num_inference_steps=steps,
-                generator=generators,
-                width=self.size,
-                height=self.size,
-                output_type="np",
-            ).images
+        images = base_model_images(
+            self.base,
+            prompts,
+            negative_prompt=[""] * len(prompts),
+            generator=generators,
+            steps=steps,
+            guidance=guidance,
+            width=self.size,
+            height=self.size,
+            output_type="np",
+        )
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
     def _scene_keypoints(self, request: Request) -> np.ndarray:

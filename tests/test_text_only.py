@@ -1,0 +1,101 @@
+"""Method ``none``: the prompt alone on the base model the adapters share, every adapter off -- the same
+images as that pipeline with no adapter attached, next to adapter requests on the same engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from idcraft.engine import Engine, GenerationRequest
+from idcraft.errors import IdcraftError
+from idcraft.pipeline import IPAdapterPipeline
+from idcraft.tiny import random_adapter, tiny_controlnet, tiny_image_encoder, tiny_sd15_pipeline
+
+STEPS = 1
+
+
+def _plain(prompt: str, seed: int, **kwargs) -> np.ndarray:
+    """What a fresh base pipeline (the same random weights, nothing attached) draws."""
+    base = tiny_sd15_pipeline()
+    base.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = base(prompt, generator=generator, num_inference_steps=STEPS, guidance_scale=7.5, **kwargs)
+    return np.asarray(out.images[0])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from idcraft.encoders import ClipImageEncoder
+
+    base = tiny_sd15_pipeline()
+    encoder = ClipImageEncoder(tiny_image_encoder())
+    pipelines = {
+        method: IPAdapterPipeline(
+            base, random_adapter(base.unet, method, encoder, seed=k), encoder if method != "faceid" else None
+        )
+        for k, method in enumerate(("ip-adapter", "faceid"))
+    }
+    return Engine(pipelines, face_backend="default")
+
+
+def test_text_only_is_the_base_model_alone(engine):
+    request = GenerationRequest("a cat", method="none", seed=3, steps=STEPS, negative_prompt="blurry")
+    result = engine.generate(request)
+    assert result.method == "none" and result.settings["scale"] is None
+    image = np.asarray(result.images[0])
+    assert np.array_equal(image, _plain("a cat", 3, negative_prompt="blurry"))
+    assert np.array_equal(np.asarray(engine.generate(request).images[0]), image)  # same seed, same image
+    other = np.asarray(engine.generate(GenerationRequest("a cat", method="none", seed=4, steps=STEPS)).images[0])
+    assert not np.array_equal(other, image)
+    # an adapter call on the same base draws something else: the adapters are attached, just not acting
+    adapter = engine.generate(
+        GenerationRequest("a cat", method="ip-adapter", references=[np.full((64, 64, 3), 200, np.uint8)],
+                          seed=3, steps=STEPS, negative_prompt="blurry")
+    )
+    assert not np.array_equal(np.asarray(adapter.images[0]), image)
+    assert engine.text_only and engine.pipeline("base") is engine.pipeline("ip-adapter").pipe
+
+
+def test_text_only_refuses_what_it_cannot_use(engine):
+    with pytest.raises(IdcraftError, match="prompt alone"):
+        engine.prepare(GenerationRequest("x", method="none", references=[np.zeros((8, 8, 3), np.uint8)]))
+    with pytest.raises(IdcraftError, match="--scale: not used by none"):
+        engine.prepare(GenerationRequest("x", method="none", scale=0.5))
+    with pytest.raises(IdcraftError, match="--multi-person: not used by none"):
+        engine.prepare(GenerationRequest("x", method="none", multi_person=True))
+
+
+def test_merged_lora_is_not_the_base_model():
+    """FaceID alone on a base merges its LoRA into the weights: text-only there would not be the base."""
+    base = tiny_sd15_pipeline()
+    engine = Engine({"faceid": IPAdapterPipeline(base, random_adapter(base.unet, "faceid", None))})
+    with pytest.raises(IdcraftError, match="LoRA is merged"):
+        engine.generate(GenerationRequest("x", method="none", steps=STEPS))
+
+
+def test_instantid_only_engine_and_a_plain_base():
+    """Only a ControlNet pipeline loaded (InstantID): text-only runs on its models without the ControlNet;
+    a plain diffusers pipeline given as ``none`` works too."""
+    from idcraft.encoders import ClipImageEncoder
+
+    base = tiny_sd15_pipeline()
+    encoder = ClipImageEncoder(tiny_image_encoder())
+    adapter = random_adapter(base.unet, "instantid", encoder)
+    pipe = IPAdapterPipeline(base, adapter, None, controlnet=tiny_controlnet(base.unet))
+    expected = _plain("a dog", 5)
+    got = Engine({"instantid": pipe}).generate(GenerationRequest("a dog", method="none", seed=5, steps=STEPS))
+    assert np.array_equal(np.asarray(got.images[0]), expected)
+    alone = Engine({"none": tiny_sd15_pipeline()})
+    assert alone.methods == ("none",)
+    got = alone.generate(GenerationRequest("a dog", method="text-only", seed=5, steps=STEPS))
+    assert np.array_equal(np.asarray(got.images[0]), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_text_only_in_half_precision(dtype):
+    base = tiny_sd15_pipeline().to(dtype=dtype)
+    result = Engine({"none": base}).generate(GenerationRequest("a cat", method="none", seed=1, steps=1))
+    image = np.asarray(result.images[0]).astype(float)
+    assert base.unet.dtype == base.vae.dtype == dtype
+    assert image.shape == (32, 32, 3) and image.std() > 1  # not NaN decoded as black
