@@ -46,12 +46,20 @@ def test_text_only_is_the_base_model_alone(engine):
     image = np.asarray(result.images[0])
     assert np.array_equal(image, _plain("a cat", 3, negative_prompt="blurry"))
     assert np.array_equal(np.asarray(engine.generate(request).images[0]), image)  # same seed, same image
-    other = np.asarray(engine.generate(GenerationRequest("a cat", method="none", seed=4, steps=STEPS)).images[0])
+    other = np.asarray(
+        engine.generate(GenerationRequest("a cat", method="none", seed=4, steps=STEPS)).images[0]
+    )
     assert not np.array_equal(other, image)
     # an adapter call on the same base draws something else: the adapters are attached, just not acting
     adapter = engine.generate(
-        GenerationRequest("a cat", method="ip-adapter", references=[np.full((64, 64, 3), 200, np.uint8)],
-                          seed=3, steps=STEPS, negative_prompt="blurry")
+        GenerationRequest(
+            "a cat",
+            method="ip-adapter",
+            references=[np.full((64, 64, 3), 200, np.uint8)],
+            seed=3,
+            steps=STEPS,
+            negative_prompt="blurry",
+        )
     )
     assert not np.array_equal(np.asarray(adapter.images[0]), image)
     assert engine.text_only and engine.pipeline("base") is engine.pipeline("ip-adapter").pipe

@@ -111,7 +111,9 @@ class Engine:
         ``adapter=None`` loads the base model alone (text-only generation)."""
         chosen = _choose_method(method, base, image_encoder_2)
         if adapter is None and chosen is not TEXT_ONLY:
-            raise IdcraftError("give the adapter file (--adapter), or --method none for the base model alone.")
+            raise IdcraftError(
+                "give the adapter file (--adapter), or --method none for the base model alone."
+            )
         family = family_of(chosen) if chosen is not None else family_of("ip-adapter")
         if family.name != "instantcharacter" and (offload not in (None, "none") or image_encoder_2):
             given = "--image-encoder-2" if image_encoder_2 else f"--offload {offload}"

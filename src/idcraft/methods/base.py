@@ -164,7 +164,9 @@ def prompt_warnings(pipe, request: GenerationRequest) -> list[str]:
         with text_lock(pipe):
             count = len(tokenizer(text).input_ids) if text else 0
         if count > limit:
-            out.append(f"the {what} is {count} tokens; the text encoder reads {limit}, so the rest is ignored.")
+            out.append(
+                f"the {what} is {count} tokens; the text encoder reads {limit}, so the rest is ignored."
+            )
     return out
 
 
