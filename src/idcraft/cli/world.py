@@ -36,12 +36,15 @@ def check_resolution(value: int) -> int:
 
 def register(subparsers) -> None:
     from ..world.scene import BACKGROUNDS, NUM_VARIANTS, POSES, POSITIONS, SIZES
+    from ..world.vocabulary import vocabulary_text
 
     p = subparsers.add_parser(
         "world",
         help="render the offline character world (images, captions, ground truth, datasets)",
         description="Procedural characters with known identities in captioned scenes: the offline world "
         "idcraft's tiny models are trained and judged on.",
+        epilog=vocabulary_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="world_command", metavar="ACTION", required=True)
 
