@@ -153,6 +153,10 @@ class Engine:
         diffusers pipeline."""
         return self._pipeline_of(self._method_name(method))
 
+    def size_multiple(self, method: str | None = None) -> int:
+        """Output sides of ``method`` must be multiples of this (its base model's VAE and latent packing)."""
+        return _size_factor(self.pipeline(method))
+
     def _pipeline_of(self, name: str):
         if name in self._pipelines:
             return self._pipelines[name]

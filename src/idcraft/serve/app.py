@@ -3,10 +3,13 @@
 | route | what |
 |---|---|
 | ``GET /`` | the web page (static HTML + JS, no build step, nothing from a CDN) |
-| ``POST /v1/images/generations`` | OpenAI-shaped generation plus idcraft's fields |
+| ``POST /v1/images/generations`` | OpenAI-shaped generation plus idcraft's fields (no reference: text-only) |
+| ``POST /v1/images/edits`` | OpenAI's multipart ``image`` + ``prompt``: the images are the references |
 | ``POST /v1/references`` | upload a reference once (JSON base64 or multipart ``file``) -> its id |
-| ``GET /v1/models`` | served methods and their defaults |
-| ``GET /v1/examples`` | reference images to try (the world's held-out characters) |
+| ``GET /v1/models`` | served methods, their defaults and sizes (the world: its vocabulary) |
+| ``GET /v1/models/{id}`` | one of them (OpenAI's model object plus idcraft's details) |
+| ``GET /v1/examples`` | reference images and prompts to try (the world's held-out characters) |
+| ``GET /favicon.ico`` | the page's icon (SVG) |
 | ``GET /healthz`` | liveness and queue state |
 | ``GET /metrics`` | Prometheus text |
 
@@ -30,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import IdcraftError
 from .catalog import Catalog, build_catalog
 from .config import ServeConfig
+from .edits import edit_request
 from .errors import ApiError, bad_request, error_response
 from .middleware import BodyLimit, Guard
 from .schemas import ImageRequest, ReferenceUpload
@@ -138,6 +142,10 @@ def _routes(app: FastAPI, service: Service) -> None:
     async def page() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response((STATIC / "favicon.svg").read_bytes(), media_type="image/svg+xml")
+
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         health = service.health()
@@ -151,6 +159,10 @@ def _routes(app: FastAPI, service: Service) -> None:
     async def models() -> dict:
         return service.models()
 
+    @app.get("/v1/models/{model_id}", dependencies=guarded)
+    async def model(model_id: str) -> dict:
+        return service.model(model_id)
+
     @app.get("/v1/examples", dependencies=guarded)
     async def examples() -> dict:
         return service.example_list()
@@ -158,6 +170,10 @@ def _routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/images/generations", dependencies=guarded)
     async def generations(body: ImageRequest) -> JSONResponse:
         return JSONResponse(await service.generate(body))
+
+    @app.post("/v1/images/edits", dependencies=guarded)
+    async def edits(request: Request) -> JSONResponse:
+        return JSONResponse(await service.generate(await edit_request(request)))
 
     @app.post("/v1/references", dependencies=guarded)
     async def references(request: Request) -> dict:

@@ -5,22 +5,42 @@ every bundled method on one shared miniature SD1.5, no download). Otherwise each
 files by :func:`idcraft.model_config.load_engines`: SD-family entries naming the same base, device and
 dtype share one loaded base model (and one image encoder per encoder folder), each with its own adapter
 attached, as the world does; methods are grouped into engines by their face settings.
+
+Where an SD base is loaded, method ``none`` (text-only: no reference, the base model alone) is served too,
+after the adapter methods. Sizes a request may ask for are bounded by the base model's native size
+(:data:`SIZE_RANGE`), so a 64 px model is not asked for 1024x1024. The world adds its vocabulary and a
+prompt check (:mod:`idcraft.world.vocabulary`), which the service calls through the catalog.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
 from ..errors import IdcraftError
 from ..methods import family_of
+from ..methods.text_only import TEXT_ONLY, is_text_only
 from ..model_config import device_name, load_engines
 from ..registry import get_method
 from .config import ServeConfig
 
 log = logging.getLogger("idcraft.serve")
+
+#: A request's width and height may each be from this fraction to this multiple of the base model's
+#: native side: diffusion models draw well near the size they were trained at; far above it they repeat
+#: subjects and the time grows with the square of the side (1024x1024 on the 64 px world model: minutes
+#: for noise). SD1.5 (512): 256 to 1024; SDXL (1024): 512 to 2048; the world (64): 32 to 128.
+SIZE_RANGE = (0.5, 2.0)
+#: When the server started: the ``created`` time of its models (OpenAI's model object has one).
+STARTED = int(time.time())
+
+
+def _lookup(name: str):
+    return TEXT_ONLY if is_text_only(name) else get_method(name)
 
 
 @dataclass
@@ -34,23 +54,71 @@ class Served:
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        """What ``GET /v1/models`` says about it."""
-        method = get_method(self.method)
+        """What ``GET /v1/models`` says about it: OpenAI's model object plus idcraft's details."""
+        method = _lookup(self.method)
         family = family_of(method)
         defaults = {**family.defaults, **self.defaults}
-        width, height = native_size(self.engine.pipeline(self.method))
+        if method is TEXT_ONLY:
+            defaults.pop("scale", None)
+        width, height = self.native_size()
         defaults.setdefault("width", width)
         defaults.setdefault("height", height)
         return {
             "id": self.method,
             "object": "model",
+            "created": STARTED,
             "owned_by": "idcraft",
+            "description": method.description,
             "family": method.family,
             "device": self.device,
+            "needs_reference": method is not TEXT_ONLY,
             "needs_face": bool(getattr(method, "needs_face", False)),
             "defaults": defaults,
             "options": sorted(_api_option(o) for o in family.allowed(method) if _api_option(o)),
+            "sizes": self.sizes(),
         }
+
+    def native_size(self) -> tuple[int | None, int | None]:
+        return native_size(self.engine.pipeline(self.method))
+
+    def size_bounds(self) -> tuple[int, int, int] | None:
+        """``(smallest side, largest side, multiple)`` a request may ask for (``None``: not known)."""
+        width, height = self.native_size()
+        if width is None or height is None:
+            return None
+        factor = self.engine.size_multiple(self.method)
+        low = max(factor, int(min(width, height) * SIZE_RANGE[0]) // factor * factor)
+        return low, int(max(width, height) * SIZE_RANGE[1]), factor
+
+    def sizes(self) -> dict[str, Any]:
+        """The native size and the range of sizes accepted (``GET /v1/models``)."""
+        width, height = self.native_size()
+        bounds = self.size_bounds()
+        if bounds is None:
+            return {"native": None}
+        low, high, factor = bounds
+        return {
+            "native": f"{width}x{height}",
+            "min": f"{low}x{low}",
+            "max": f"{high}x{high}",
+            "multiple_of": factor,
+        }
+
+    def check_size(self, width: int | None, height: int | None) -> None:
+        """Refuse a size this model cannot draw well, saying what it can (400)."""
+        bounds = self.size_bounds()
+        if bounds is None or (width is None and height is None):
+            return
+        low, high, factor = bounds
+        asked = [v for v in (width, height) if v is not None]
+        if all(low <= v <= high for v in asked):
+            return
+        native_w, native_h = self.native_size()
+        raise IdcraftError(
+            f"size {width}x{height} is outside what this model ({self.method}) can draw: its base model's native "
+            f"size is {native_w}x{native_h}, and each side may be {low} to {high} pixels (a multiple of "
+            f"{factor}). Send size={native_w}x{native_h} or leave size out."
+        )
 
 
 #: Request options exposed by the HTTP API (control images and saved embeddings are not).
@@ -70,12 +138,30 @@ def _api_option(name: str) -> str | None:
 class Catalog:
     """Served methods by name, in the config's order (the first is the default)."""
 
-    def __init__(self, served: list[Served], *, world: bool = False, world_root: Any = None):
+    def __init__(
+        self,
+        served: list[Served],
+        *,
+        world: bool = False,
+        world_root: Any = None,
+        vocabulary: dict[str, Any] | None = None,
+        prompt_check: Callable[[str], list[str]] | None = None,
+    ):
         if not served:
             raise IdcraftError("nothing to serve: the config loads no method.")
         self._served = {s.method: s for s in served}
+        text_only = next((s for s in served if s.engine.text_only), None)
+        if text_only is not None and TEXT_ONLY.name not in self._served:
+            defaults = {k: v for k, v in text_only.defaults.items() if k != "scale"}
+            self._served[TEXT_ONLY.name] = Served(
+                TEXT_ONLY.name, text_only.engine, text_only.device, defaults
+            )
         self.world = world
         self.world_root = world_root
+        #: what the served model can draw, in words (the world's); shown by /v1/models and /v1/examples
+        self.vocabulary = vocabulary
+        #: warnings for a prompt the served model cannot draw as asked (the world's check)
+        self.prompt_check = prompt_check
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -83,7 +169,12 @@ class Catalog:
 
     @property
     def default(self) -> str:
-        return next(iter(self._served))
+        """The first adapter method (``none`` only when nothing else is served)."""
+        return next((m for m in self._served if m != TEXT_ONLY.name), TEXT_ONLY.name)
+
+    @property
+    def text_only(self) -> bool:
+        return TEXT_ONLY.name in self._served
 
     @property
     def devices(self) -> list[str]:
@@ -94,7 +185,7 @@ class Catalog:
         if name is None:
             return self._served[self.default]
         try:
-            method = get_method(name).name
+            method = _lookup(name).name
         except IdcraftError:
             raise IdcraftError(
                 f"unknown method {name!r}; this server serves {', '.join(self.methods)}."
@@ -125,7 +216,15 @@ def world_catalog(config: ServeConfig, engine: Engine | None = None) -> Catalog:
     engine.limits = config.limits
     defaults = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, **config.world.defaults}
     served = [Served(m, engine, _device_of(engine.pipeline(m)), dict(defaults)) for m in engine.methods]
-    return Catalog(served, world=True, world_root=config.world.bundle)
+    from ..world.vocabulary import check_prompt, vocabulary
+
+    return Catalog(
+        served,
+        world=True,
+        world_root=config.world.bundle,
+        vocabulary=vocabulary(),
+        prompt_check=check_prompt,
+    )
 
 
 def models_catalog(config: ServeConfig) -> Catalog:

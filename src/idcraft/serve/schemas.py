@@ -41,6 +41,9 @@ class ImageRequest(BaseModel):
     true_cfg: float = 1.0
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None
+    #: OpenAI's ``quality`` and ``style`` (sent by many wrappers): accepted, ignored, with a warning
+    quality: str | None = None
+    style: str | None = None
 
 
 class ReferenceUpload(BaseModel):

@@ -7,6 +7,11 @@ references, the metrics and the load bounds (:class:`~.scheduler.Scheduler`), an
 by :meth:`Engine.prepare` before the request takes a place in the queue. In the worker thread, the
 conditioning comes from the identity cache when the same references were encoded before with the same
 encoding options (a hit: no encoder call), otherwise from :meth:`Engine.encode`, and is cached.
+
+A request with no reference and no adapter method named is text-only (method ``none``: the base model
+alone) where the catalog serves it. The answer's ``warnings`` carry what the server ignored (OpenAI's
+``quality`` and ``style``; ``scale`` without a reference) and what the model cannot draw as asked (the
+catalog's prompt check: the world's vocabulary).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import IdcraftError
+from ..methods.text_only import TEXT_ONLY, is_text_only
 from ..requests import GenerationRequest
 from .cache import LRUStore, identity_key
 from .catalog import Catalog, Served
@@ -143,12 +150,20 @@ class Service:
                 f"response_format {body.response_format!r} is not supported: this server returns images inline, "
                 "use b64_json."
             )
-        served = self.catalog.get(body.method or body.model)
+        name = body.method or body.model
+        text_only = not body.references and self.catalog.text_only and (name is None or is_text_only(name))
+        served = self.catalog.get(TEXT_ONLY.name if text_only else name)
+        notes = self._notes(body, served)
+        if text_only and body.scale is not None:
+            body = body.model_copy(update={"scale": None})
         width, height = parse_size(body.size)
+        served.check_size(width, height)
         uploaded = [REFERENCE_ID.fullmatch(r) is not None for r in body.references]
         refs = [self._reference_bytes(item, i) for i, item in enumerate(body.references)]
         request = self._request(body, served, width, height, refs)
         served.engine.prepare(request)  # bad input is refused here, before it takes a place in the queue
+        if text_only:
+            return await self._answer(served, request, None, arrived, deadline, notes)
         if not refs:
             raise bad_request(
                 f"{served.method} needs at least one reference: base64 images, or ids from POST /v1/references."
@@ -168,6 +183,19 @@ class Service:
             face_index=request.face_index,
             multi_person=request.multi_person,
         )
+        return await self._answer(served, request, key, arrived, deadline, notes)
+
+    async def _answer(
+        self,
+        served: Served,
+        request: GenerationRequest,
+        key: str | None,
+        arrived: float,
+        deadline: Deadline,
+        notes: list[str],
+    ) -> dict[str, Any]:
+        """Run ``request`` in its device's queue and build the answer's JSON (``key``: the identity cache's
+        key of its references; ``None`` for text-only, which has none)."""
         assert self.scheduler is not None, "Service.start() was not called"
         outcome = await self.scheduler.run(
             served.device, lambda: self._run(served, request, key, arrived, deadline), deadline
@@ -184,8 +212,8 @@ class Service:
             "method": result.method,
             "size": f"{first.width}x{first.height}" if first is not None else None,
             "timings": timings,
-            "warnings": list(result.warnings),
-            "cache": "hit" if hit else "miss",
+            "warnings": [*notes, *result.warnings],
+            "cache": None if hit is None else "hit" if hit else "miss",
             "settings": result.settings,
         }
 
@@ -214,11 +242,39 @@ class Service:
             true_cfg=body.true_cfg,
         )
 
-    def _run(self, served: Served, request: GenerationRequest, key: str, arrived: float, deadline: Deadline):
+    def _notes(self, body: ImageRequest, served: Served) -> list[str]:
+        """Warnings about the request itself: fields accepted and ignored, words the model does not know."""
+        notes = []
+        if body.quality is not None:
+            notes.append(
+                f"quality {body.quality!r} is ignored: idcraft has no quality setting (steps and guidance set "
+                "the sampling)."
+            )
+        if body.style is not None:
+            notes.append(
+                f"style {body.style!r} is ignored: idcraft has no style setting (say it in the prompt)."
+            )
+        if served.method == TEXT_ONLY.name and body.scale is not None:
+            notes.append("scale is ignored: no reference was given, so no adapter acts (method none).")
+        if self.catalog.prompt_check is not None:
+            notes.extend(self.catalog.prompt_check(body.prompt))
+        return notes
+
+    def _run(
+        self, served: Served, request: GenerationRequest, key: str | None, arrived: float, deadline: Deadline
+    ):
         """In a worker thread, holding a slot on the method's device."""
         started = time.monotonic()
         deadline.check("waiting in the queue")
         engine = served.engine
+        if key is None:  # text-only: nothing to encode or cache
+            result = engine.generate(request)
+            timings = {
+                "queue_s": started - arrived,
+                "encode_s": 0.0,
+                "generate_s": result.timings.get("generate_s", 0.0),
+            }
+            return result, [to_png_base64(image) for image in result.images], None, timings
         conditioning = self.cache.get(key)
         hit = conditioning is not None
         encode_s = 0.0
@@ -245,7 +301,23 @@ class Service:
 
     # ------------------------------------------------------------------ descriptions
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [served.describe() for served in self.catalog]}
+        return {"object": "list", "data": [self._describe(served) for served in self.catalog]}
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}``: one model object (an alias finds its method); 404 for one not served."""
+        try:
+            served = self.catalog.get(model_id)
+        except IdcraftError:
+            raise not_found(
+                f"no model {model_id!r} here; this server serves {', '.join(self.catalog.methods)}."
+            ) from None
+        return self._describe(served)
+
+    def _describe(self, served: Served) -> dict[str, Any]:
+        out = served.describe()
+        if self.catalog.vocabulary is not None:
+            out["vocabulary"] = self.catalog.vocabulary
+        return out
 
     def health(self) -> dict[str, Any]:
         scheduler = self.scheduler
@@ -266,13 +338,17 @@ class Service:
     def example_list(self) -> dict[str, Any]:
         import base64
 
-        return {
+        out: dict[str, Any] = {
             "object": "list",
             "data": [
                 {"id": e.id, "name": e.name, "b64_json": base64.b64encode(e.png).decode("ascii")}
                 for e in self.examples
             ],
         }
+        if self.catalog.vocabulary is not None:
+            out["vocabulary"] = self.catalog.vocabulary
+            out["prompts"] = list(self.catalog.vocabulary.get("examples", []))
+        return out
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
