@@ -31,7 +31,7 @@ def error_of(response, status: int, kind: str | None = None) -> str:
 def test_health_models_examples_page(client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["world"] is True
-    assert health["methods"] == ["ip-adapter", "ip-adapter-plus", "faceid", "instantid"]
+    assert health["methods"] == ["ip-adapter", "ip-adapter-plus", "faceid", "instantid", "none"]
 
     models = client.get("/v1/models").json()["data"]
     assert [m["id"] for m in models] == health["methods"]
@@ -122,7 +122,7 @@ def test_bad_input_is_a_4xx_with_a_message(client, references):
     assert "over the limit" in error_of(generate(client, references=ref, n=1000), 400)
     nan = client.post(
         "/v1/images/generations",
-        content=b'{"prompt": "x", "scale": NaN, "references": []}',
+        content=b'{"prompt": "x", "scale": NaN, "method": "ip-adapter", "references": []}',
         headers={"content-type": "application/json"},
     )
     assert "finite" in error_of(nan, 400)
@@ -130,7 +130,7 @@ def test_bad_input_is_a_4xx_with_a_message(client, references):
         "/v1/images/generations", content=b'{"prompt": ', headers={"content-type": "application/json"}
     )
     assert "JSON" in error_of(broken, 400)
-    assert "needs at least one reference" in error_of(generate(client), 400)
+    assert "needs at least one reference" in error_of(generate(client, method="ip-adapter"), 400)
     assert "needs at least one reference" in error_of(generate(client, method="faceid", references=[]), 400)
     assert "not valid base64" in error_of(generate(client, references=["%%%"]), 400)
     assert "no reference with id" in error_of(generate(client, references=["0" * 64]), 404, "not_found")

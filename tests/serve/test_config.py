@@ -104,7 +104,7 @@ def test_models_from_files_share_one_base_and_match_the_world(tmp_path, world, r
     }
     config = config_from_dict(data)
     catalog = build_catalog(config)
-    assert catalog.methods == ("ip-adapter", "faceid") and not catalog.world
+    assert catalog.methods == ("ip-adapter", "faceid", "none") and not catalog.world
     ip, face = catalog.get("ip-adapter"), catalog.get("faceid")
     assert ip.engine.pipeline("ip-adapter").pipe.unet is face.engine.pipeline("faceid").pipe.unet  # one base
     with TestClient(create_app(config, catalog)) as http:

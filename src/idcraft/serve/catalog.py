@@ -150,7 +150,7 @@ class Catalog:
         if not served:
             raise IdcraftError("nothing to serve: the config loads no method.")
         self._served = {s.method: s for s in served}
-        text_only = next((s for s in served if s.engine.text_only), None)
+        text_only = next((s for s in served if _draws_text_only(s.engine)), None)
         if text_only is not None and TEXT_ONLY.name not in self._served:
             defaults = {k: v for k, v in text_only.defaults.items() if k != "scale"}
             self._served[TEXT_ONLY.name] = Served(
@@ -235,6 +235,17 @@ def models_catalog(config: ServeConfig) -> Catalog:
         for label, entry in config.models.items()
     ]
     return Catalog(served)
+
+
+def _draws_text_only(engine: Engine) -> bool:
+    """Whether ``engine`` can run method ``none`` (an SD base whose weights are the base model's own)."""
+    if not engine.text_only:
+        return False
+    try:
+        engine.pipeline(TEXT_ONLY.name)
+    except IdcraftError:  # e.g. FaceID alone on its base, its LoRA merged into the weights
+        return False
+    return True
 
 
 def _device_of(pipe) -> str:
