@@ -234,9 +234,7 @@ class IPAdapter(nn.Module):
         self, scale: float = 1.0, num_tokens: int = 0, regions=None, lora_scale: float = 1.0
     ) -> CallState:
         """The per-request values of one generation with this adapter (see :func:`idcraft.injection.adapter_call`)."""
-        return CallState(
-            float(scale), int(num_tokens), tuple(regions) if regions else None, float(lora_scale)
-        )
+        return CallState(float(scale), int(num_tokens), tuple(regions) if regions else None, float(lora_scale))
 
     def attach(
         self, unet: nn.Module, controlnets: Iterable[nn.Module] = (), *, merge_lora: bool = False
@@ -297,12 +295,7 @@ class IPAdapter(nn.Module):
 
 #: UNet -> (the adapter whose LoRA is merged into its weights, {parameter: original weight}).
 _MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LORA_TARGETS = (
-    ("to_q", "to_q_lora"),
-    ("to_k", "to_k_lora"),
-    ("to_v", "to_v_lora"),
-    ("to_out.0", "to_out_lora"),
-)
+_LORA_TARGETS = (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out.0", "to_out_lora"))
 
 
 def merged_lora_method(unet: nn.Module) -> str | None:

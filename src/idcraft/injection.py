@@ -214,7 +214,9 @@ class IPAttnProcessor(nn.Module):
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
 
-        text, image = split_image_tokens(encoder_hidden_states, state.num_tokens if self.has_image else 0)
+        text, image = split_image_tokens(
+            encoder_hidden_states, state.num_tokens if self.has_image else 0
+        )
         batch_size = hidden_states.shape[0] if text is None else text.shape[0]
         sequence_length = hidden_states.shape[1] if text is None else text.shape[1]
         if attention_mask is not None:
@@ -251,9 +253,7 @@ class IPAttnProcessor(nn.Module):
                 ip_states = F.scaled_dot_product_attention(query_h, ip_key, ip_value)
             hidden_states = hidden_states + state.scale * merge(ip_states)
 
-        hidden_states = attn.to_out[1](
-            self._project(attn.to_out[0], "to_out_lora", hidden_states, lora_scale)
-        )
+        hidden_states = attn.to_out[1](self._project(attn.to_out[0], "to_out_lora", hidden_states, lora_scale))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:

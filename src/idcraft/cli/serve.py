@@ -12,9 +12,7 @@ def register(subparsers) -> None:
         "web page at /. With no --config it serves the offline world bundled with idcraft (no download).",
     )
     p.add_argument(
-        "--config",
-        metavar="YAML",
-        help="models to keep loaded and server limits (see the README's Serve section)",
+        "--config", metavar="YAML", help="models to keep loaded and server limits (see the README's Serve section)"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

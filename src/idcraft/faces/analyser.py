@@ -53,7 +53,6 @@ def backend_names() -> tuple[str, ...]:
     names = [*BUILTIN_BACKENDS, *_registered, *(e.name for e in entry_points(group=ENTRY_POINT_GROUP))]
     return tuple(dict.fromkeys(names))
 
-
 _shared: dict[tuple[Any, ...], FaceAnalyser] = {}
 _shared_lock = threading.Lock()
 

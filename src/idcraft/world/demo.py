@@ -64,9 +64,7 @@ def run_demo(
 
     start = time.perf_counter()
     if Path(output).exists() and not Path(output).is_dir():
-        raise IdcraftError(
-            f"--output {output}: is a file; the demo writes a folder (grid.png, demo.json ...)."
-        )
+        raise IdcraftError(f"--output {output}: is a file; the demo writes a folder (grid.png, demo.json ...).")
     check_writable_folder(Path(output), create=False)  # before any model loads, not after generating
     held = held_out_ids()
     ident = identity_from_id(held[seed % len(held)] if identity is None else identity)

@@ -131,25 +131,17 @@ def world_engine(bundle_root: str | os.PathLike | None = None, device: str | Non
     encoder = None
     pipelines = {}
     for method in methods:
-        adapter = IPAdapter.from_checkpoint(
-            str(bundle.bundle_path(bundle.ADAPTERS[method], root)), method=method
-        )
+        adapter = IPAdapter.from_checkpoint(str(bundle.bundle_path(bundle.ADAPTERS[method], root)), method=method)
         if adapter.method.needs_image_encoder and encoder is None:
-            encoder = ClipImageEncoder.from_pretrained(
-                bundle.bundle_path(bundle.IMAGE_ENCODER, root), device=dev
-            )
+            encoder = ClipImageEncoder.from_pretrained(bundle.bundle_path(bundle.IMAGE_ENCODER, root), device=dev)
         controlnet = None
         if adapter.method.identitynet:
-            controlnet = load_controlnet(
-                bundle.bundle_path(bundle.IDENTITYNET, root), device=dev, dtype=torch.float32
-            )
+            controlnet = load_controlnet(bundle.bundle_path(bundle.IDENTITYNET, root), device=dev, dtype=torch.float32)
         pipelines[method] = IPAdapterPipeline(
             base, adapter, encoder if adapter.method.needs_image_encoder else None, controlnet=controlnet
         )
     if not pipelines:
-        raise IdcraftError(
-            f"no adapters in the world bundle at {root}: rebuild it with `idcraft world build`."
-        )
+        raise IdcraftError(f"no adapters in the world bundle at {root}: rebuild it with `idcraft world build`.")
     return Engine(
         pipelines,
         face_backend="world",
@@ -313,9 +305,7 @@ class WorldGenerator:
         from ..requests import GenerationRequest
 
         if method not in ADAPTER_METHODS:
-            return self._text_only(
-                [prompt_for(method, r, prompt) for r in requests], requests, steps, guidance
-            )
+            return self._text_only([prompt_for(method, r, prompt) for r in requests], requests, steps, guidance)
         identitynet = method == "instantid"
         batch = [
             GenerationRequest(
@@ -328,9 +318,7 @@ class WorldGenerator:
                 guidance=guidance,
                 width=self.size,
                 height=self.size,
-                keypoints=self._scene_keypoints(r)
-                if identitynet and instantid_keypoints == "scene"
-                else None,
+                keypoints=self._scene_keypoints(r) if identitynet and instantid_keypoints == "scene" else None,
                 controlnet_scales=[identitynet_scale] if identitynet else None,
             )
             for r in requests
@@ -338,9 +326,7 @@ class WorldGenerator:
         results = self.engine.generate_batch(batch)
         return np.stack([np.asarray(result.images[0], dtype=np.uint8) for result in results])
 
-    def _text_only(
-        self, prompts: list[str], requests: list[Request], steps: int, guidance: float
-    ) -> np.ndarray:
+    def _text_only(self, prompts: list[str], requests: list[Request], steps: int, guidance: float) -> np.ndarray:
         """The base model alone (the text baselines), through a call in which no adapter acts."""
         import torch
 
