@@ -107,3 +107,20 @@ def test_text_only_in_half_precision(dtype):
     image = np.asarray(result.images[0]).astype(float)
     assert base.unet.dtype == base.vae.dtype == dtype
     assert image.shape == (32, 32, 3) and image.std() > 1  # not NaN decoded as black
+
+
+def test_cli_generate_with_method_none(tmp_path, capsys):
+    """``idcraft generate --method none``: the base folder alone, no adapter, no reference."""
+    from PIL import Image
+
+    from idcraft.cli import main
+
+    tiny_sd15_pipeline().save_pretrained(tmp_path / "base")
+    args = ["generate", "--base", str(tmp_path / "base"), "--method", "none", "--prompt", "a cat"]
+    args += ["--seed", "3", "--steps", str(STEPS), "--device", "cpu", "--output", str(tmp_path / "cat.png")]
+    assert main(args) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cat.png").convert("RGB")), _plain("a cat", 3))
+    assert main([*args[:-1], str(tmp_path / "other.png"), "--adapter", "x.bin"]) == 2
+    assert "leave out --adapter" in capsys.readouterr().err
+    assert main(["generate", "--base", str(tmp_path / "base"), "--prompt", "x", "--output", "y.png"]) == 2
+    assert "--method none for the base model alone" in capsys.readouterr().err

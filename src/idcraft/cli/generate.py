@@ -13,7 +13,7 @@ import sys
 #: Flags naming the models to load and where to write (not part of a request): flag -> argparse options.
 MODEL_FLAGS: dict[str, dict] = {
     "--base": {"required": True, "help": "base model: diffusers folder or hub id (SD1.5, SDXL, FLUX.1)"},
-    "--adapter": {"required": True, "help": "adapter file (.bin or .safetensors, official layout)"},
+    "--adapter": {"help": "adapter file (.bin or .safetensors, official layout); not with --method none"},
     "--image-encoder": {"help": "CLIP image encoder folder (SigLIP for instantcharacter)"},
     "--image-encoder-2": {"metavar": "DIR", "help": "instantcharacter: the DINOv2 encoder folder"},
     "--controlnet": {"action": "append", "default": [], "metavar": "DIR", "help": "ControlNet folder, "
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate images of a reference subject from a prompt",
-        description="Generate images that keep the subject of --reference, following --prompt.",
+        description="Generate images that keep the subject of --reference, following --prompt. With "
+        "--method none (no --adapter, no --reference) the base model alone draws the prompt.",
         formatter_class=DefaultsHelpFormatter,
     )
     for flag, kwargs in (*MODEL_FLAGS.items(), *request_flags()):
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import IdcraftError
     from ..methods import family_of
+    from ..methods.text_only import TEXT_ONLY, is_text_only
     from ..outputs import atomic_save_image, check_output_paths
     from ..registry import get_method
     from ..requests import check_device
@@ -83,12 +85,26 @@ def run(args: argparse.Namespace) -> int:
     replace(flags, keypoints=None).validate()  # keypoints are still a file name here
     check_device(args.device)
     method = args.method or ("instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None)
+    text_only = is_text_only(method)
     if method is not None:
-        family_of(method).check(get_method(method), flags)
+        chosen = TEXT_ONLY if text_only else get_method(method)
+        family_of(chosen).check(chosen, flags)
+    if text_only and (args.adapter or args.image_encoder or args.controlnet):
+        raise IdcraftError(
+            "--method none draws with the base model alone: leave out --adapter, --image-encoder "
+            "and --controlnet."
+        )
+    if not text_only and not args.adapter:
+        raise IdcraftError(
+            "give the adapter file with --adapter (or --method none for the base model alone)."
+        )
     paths = check_output_paths(args.output, args.num_images, overwrite=args.overwrite)
     request = request_from_args(args)
-    if not request.references and not request.face_embeddings:
-        raise IdcraftError("give at least one --reference image (or, for face methods, --face-embedding).")
+    if not text_only and not request.references and not request.face_embeddings:
+        raise IdcraftError(
+            "give at least one --reference image (or, for face methods, --face-embedding); --method none "
+            "draws from the prompt alone."
+        )
     from ..engine import Engine
     from . import quiet_libraries
 
