@@ -1,5 +1,8 @@
 """The web page in headless Chromium (selenium + chromedriver): it loads the world's example references,
-generates, shows the image with its seed, time and cache state; a second prompt hits the cache.
+generates, shows the image with its seed, time and cache state; a second prompt hits the cache. Its
+controls (negative prompt, guidance, size, number of images, the method's strengths), text-only
+generation, the gallery's download links, progress and Cancel through the jobs API (and the plain call
+where there is none), the favicon, and a phone-width layout.
 
 Skips when Chromium, chromedriver or selenium is missing (``apt-get install -y chromium chromium-driver``;
 ``pip install selenium``). A screenshot is written to tests/serve/.screenshots/ (ignored by git)."""
@@ -81,7 +84,7 @@ def test_page_generates_on_the_offline_world(browser, make_app, tmp_path):
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#examples img")) == 4)
         wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "Ready"))
         options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#method option")]
-        assert options == ["ip-adapter", "ip-adapter-plus", "faceid", "instantid"]
+        assert options == ["ip-adapter", "ip-adapter-plus", "faceid", "instantid", "none"]
         browser.find_elements(By.CSS_SELECTOR, "#examples img")[1].click()
         browser.find_element(By.ID, "steps").send_keys("2")
         browser.find_element(By.ID, "seed").send_keys("11")
@@ -114,3 +117,198 @@ def test_page_generates_on_the_offline_world(browser, make_app, tmp_path):
         SCREENSHOTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(SCREENSHOTS / "serve-page.png"))
     assert service.metrics.cache_hits == 1 and service.metrics.cache_misses == 2
+
+
+def _ready(browser, url: str):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#examples img")) == 4)
+    wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "Ready"))
+    return wait
+
+
+def _pick(browser, select_id: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, select_id)).select_by_value(value)
+
+
+def test_controls_text_only_gallery_download_and_favicon(browser, make_app):
+    """Without a jobs API (404) the page falls back to the plain call with an indeterminate bar."""
+    from selenium.webdriver.common.by import By
+
+    from idcraft.serve.server import BackgroundServer
+
+    app, service = make_app()
+    with BackgroundServer(app, service.config) as server:
+        wait = _ready(browser, server.url)
+        # example prompts use the world's words, and a click puts one in the prompt
+        chips = browser.find_elements(By.CSS_SELECTOR, "#prompt-examples .chip")
+        assert len(chips) == 5 and "beach" in chips[0].text
+        chips[1].click()
+        assert browser.find_element(By.ID, "prompt").get_attribute("value") == chips[1].text
+        assert "beach" in browser.find_element(By.ID, "vocabulary-list").get_attribute("textContent")
+        sizes = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#size option")]
+        assert sizes == ["", "32x32", "96x96", "128x128"]
+        # the method's own strength: IdentityNet's only for InstantID, none for text-only
+        assert not browser.find_element(By.ID, "identitynet-row").is_displayed()
+        _pick(browser, "method", "instantid")
+        assert browser.find_element(By.ID, "identitynet-row").is_displayed()
+        assert browser.find_element(By.ID, "scale-label").text == "Identity scale"
+        _pick(browser, "method", "none")
+        assert not browser.find_element(By.ID, "scale-row").is_displayed()
+        browser.find_element(By.ID, "negative").send_keys("dark")
+        browser.find_element(By.ID, "guidance").send_keys("4")
+        browser.find_element(By.ID, "steps").send_keys("2")
+        browser.find_element(By.ID, "seed").send_keys("5")
+        _pick(browser, "size", "96x96")
+        _pick(browser, "n", "2")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.result")) == 2)
+        assert browser.execute_script("return state.jobsApi") is False  # fell back to the plain call
+        links = browser.find_elements(By.CSS_SELECTOR, "figure a.download")
+        assert [a.get_attribute("download") for a in links] == [
+            "idcraft-none-5-1.png",
+            "idcraft-none-5-0.png",
+        ]
+        assert all(a.get_attribute("href").startswith("data:image/png;base64,") for a in links)
+        image = browser.find_element(By.CSS_SELECTOR, "img.result")
+        wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 96)
+        assert browser.find_element(By.CSS_SELECTOR, "figure .method").text == "none"
+        assert "error" not in (browser.find_element(By.ID, "status").get_attribute("class") or "")
+        assert not browser.find_element(By.ID, "progress-box").is_displayed()
+        # the favicon: linked from the page and served
+        icon = browser.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href")
+        assert icon == server.url + "/favicon.ico"
+        kind = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch('/favicon.ico').then(r => done(r.ok && r.headers.get('content-type')));"
+        )
+        assert kind == "image/svg+xml"
+        assert browser.execute_script("return document.querySelector('header img').naturalWidth") > 0
+        SCREENSHOTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "serve-page-desktop.png"))
+
+
+def _jobs_api(app, service, total_steps: int):
+    """The jobs API's contract (POST /v1/jobs, GET /v1/jobs/{id}, DELETE /v1/jobs/{id}) over the service:
+    each poll advances a step, the last one generates; a job whose prompt says "hold" stays at step 1
+    until it is cancelled. Polls are counted."""
+    import itertools
+
+    from fastapi.responses import JSONResponse
+
+    from idcraft.serve.schemas import ImageRequest
+
+    jobs: dict[str, dict] = {}
+    counter = itertools.count()
+    polls: list[tuple[str, int]] = []
+
+    def public(job):
+        return {k: v for k, v in job.items() if k != "body"}
+
+    @app.post("/v1/jobs")
+    async def create(body: ImageRequest):
+        job = {
+            "id": f"job_{next(counter)}",
+            "object": "job",
+            "state": "queued",
+            "step": 0,
+            "total_steps": total_steps,
+            "queue_position": 0,
+            "result": None,
+            "error": None,
+            "body": body,
+        }
+        jobs[job["id"]] = job
+        return JSONResponse(public(job), status_code=202)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get(job_id: str):
+        job = jobs[job_id]
+        polls.append((job["state"], job["step"]))
+        if job["state"] == "queued":
+            job.update(state="running", step=1, queue_position=None)
+        elif job["state"] == "running" and "hold" not in job["body"].prompt:
+            if job["step"] < total_steps:
+                job["step"] += 1
+            else:
+                job.update(state="succeeded", result=await service.generate(job["body"]))
+        return public(job)
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel(job_id: str):
+        jobs[job_id].update(state="cancelled")
+        return public(jobs[job_id])
+
+    return polls
+
+
+def test_progress_bar_and_cancel_through_the_jobs_api(browser, make_app):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+
+    from idcraft.serve.server import BackgroundServer
+
+    app, service = make_app()
+    polls = _jobs_api(app, service, total_steps=3)
+    with BackgroundServer(app, service.config) as server:
+        wait = _ready(browser, server.url)
+        browser.find_element(By.ID, "steps").send_keys("2")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.result")) == 1)
+        assert [step for s, step in polls if s == "running"] == [1, 2, 3]  # polled through every step
+        assert browser.execute_script("return state.jobsApi") is True
+        # a job that stays running: the bar shows its step, Cancel sends DELETE and the page says so
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("hold a large creature on a beach")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "progress-text"), "Step 1 of 3"))
+        bar = browser.find_element(By.ID, "progress")
+        assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("1", "3")
+        browser.find_element(By.ID, "cancel").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "Cancelled"))
+        assert browser.find_element(By.ID, "status").get_attribute("class") == "error"
+        assert not browser.find_element(By.ID, "cancel").is_displayed()
+        assert len(browser.find_elements(By.CSS_SELECTOR, "img.result")) == 1
+
+
+def test_phone_width_layout(browser, make_app):
+    """At 390 px nothing overflows sideways and every control can be reached and used."""
+    from selenium.webdriver.common.by import By
+
+    from idcraft.serve.server import BackgroundServer
+
+    app, service = make_app()
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True},
+    )
+    with BackgroundServer(app, service.config) as server:
+        wait = _ready(browser, server.url)
+        assert browser.execute_script("return window.innerWidth") == 390
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        too_wide = browser.execute_script(
+            "return [...document.querySelectorAll('input, select, textarea, button, img, .chip')]"
+            ".filter(e => e.offsetParent !== null && e.getBoundingClientRect().right > window.innerWidth + 0.5)"
+            ".map(e => e.id || e.className || e.tagName)"
+        )
+        assert too_wide == []
+        for control in ("prompt", "negative", "scale", "guidance", "steps", "size", "n", "seed", "generate"):
+            element = browser.find_element(By.ID, control)
+            browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+            assert element.is_displayed() and element.is_enabled(), control
+        browser.find_element(By.ID, "steps").send_keys("2")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.result")) == 1)
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        figure = browser.find_element(By.CSS_SELECTOR, "#results figure")
+        assert figure.rect["x"] >= 0 and figure.rect["x"] + figure.rect["width"] <= 390
+        SCREENSHOTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "serve-page-phone.png"))

@@ -39,7 +39,7 @@ SIZE_RANGE = (0.5, 2.0)
 STARTED = int(time.time())
 
 
-def _lookup(name: str):
+def lookup_method(name: str):
     return TEXT_ONLY if is_text_only(name) else get_method(name)
 
 
@@ -55,7 +55,7 @@ class Served:
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says about it: OpenAI's model object plus idcraft's details."""
-        method = _lookup(self.method)
+        method = lookup_method(self.method)
         family = family_of(method)
         defaults = {**family.defaults, **self.defaults}
         if method is TEXT_ONLY:
@@ -74,7 +74,10 @@ class Served:
             "needs_reference": method is not TEXT_ONLY,
             "needs_face": bool(getattr(method, "needs_face", False)),
             "defaults": defaults,
-            "options": sorted(_api_option(o) for o in family.allowed(method) if _api_option(o)),
+            "options": sorted(
+                [_api_option(o) for o in family.allowed(method) if _api_option(o)]
+                + (["identitynet_scale"] if method.identitynet else [])
+            ),
             "sizes": self.sizes(),
         }
 
@@ -185,7 +188,7 @@ class Catalog:
         if name is None:
             return self._served[self.default]
         try:
-            method = _lookup(name).name
+            method = lookup_method(name).name
         except IdcraftError:
             raise IdcraftError(
                 f"unknown method {name!r}; this server serves {', '.join(self.methods)}."

@@ -38,6 +38,8 @@ class ImageRequest(BaseModel):
     multi_person: bool = False
     face_index: int = 0
     s_scale: float | None = None
+    #: InstantID: weight of IdentityNet (its ControlNet: where the face goes and how it is drawn); 1.0 default
+    identitynet_scale: float | None = None
     true_cfg: float = 1.0
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None

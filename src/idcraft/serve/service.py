@@ -28,7 +28,7 @@ from ..errors import IdcraftError
 from ..methods.text_only import TEXT_ONLY, is_text_only
 from ..requests import GenerationRequest
 from .cache import LRUStore, identity_key
-from .catalog import Catalog, Served
+from .catalog import Catalog, Served, lookup_method
 from .config import ServeConfig
 from .errors import bad_request, not_found, too_large
 from .images import check_header, content_hash, decode, from_base64, to_png_base64, to_png_bytes
@@ -153,6 +153,10 @@ class Service:
         name = body.method or body.model
         text_only = not body.references and self.catalog.text_only and (name is None or is_text_only(name))
         served = self.catalog.get(TEXT_ONLY.name if text_only else name)
+        if body.identitynet_scale is not None and not lookup_method(served.method).identitynet:
+            raise bad_request(
+                f"identitynet_scale: not used by {served.method} (InstantID's IdentityNet only)."
+            )
         notes = self._notes(body, served)
         if text_only and body.scale is not None:
             body = body.model_copy(update={"scale": None})
@@ -240,6 +244,7 @@ class Service:
             multi_person=body.multi_person,
             face_index=body.face_index,
             true_cfg=body.true_cfg,
+            controlnet_scales=None if body.identitynet_scale is None else [body.identitynet_scale],
         )
 
     def _notes(self, body: ImageRequest, served: Served) -> list[str]:
