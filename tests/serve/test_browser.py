@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from idcraft.serve.schemas import ImageRequest  # module level: FastAPI resolves the stub's annotations here
+
 SCREENSHOTS = Path(__file__).resolve().parent / ".screenshots"
 
 
@@ -173,8 +175,8 @@ def test_controls_text_only_gallery_download_and_favicon(browser, make_app):
         assert browser.execute_script("return state.jobsApi") is False  # fell back to the plain call
         links = browser.find_elements(By.CSS_SELECTOR, "figure a.download")
         assert [a.get_attribute("download") for a in links] == [
-            "idcraft-none-5-1.png",
             "idcraft-none-5-0.png",
+            "idcraft-none-5-1.png",
         ]
         assert all(a.get_attribute("href").startswith("data:image/png;base64,") for a in links)
         image = browser.find_element(By.CSS_SELECTOR, "img.result")
@@ -202,8 +204,6 @@ def _jobs_api(app, service, total_steps: int):
     import itertools
 
     from fastapi.responses import JSONResponse
-
-    from idcraft.serve.schemas import ImageRequest
 
     jobs: dict[str, dict] = {}
     counter = itertools.count()
