@@ -311,4 +311,6 @@ def test_phone_width_layout(browser, make_app):
         figure = browser.find_element(By.CSS_SELECTOR, "#results figure")
         assert figure.rect["x"] >= 0 and figure.rect["x"] + figure.rect["width"] <= 390
         SCREENSHOTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "serve-page-phone-gallery.png"))
+        browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(str(SCREENSHOTS / "serve-page-phone.png"))

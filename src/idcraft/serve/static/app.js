@@ -92,6 +92,7 @@ function showSettings() {
   const [label, hint] = strengthLabel(m);
   $("scale-label").textContent = label;
   $("scale-hint").textContent = `${hint}; default ${m.defaults.scale}`;
+  $("scale").placeholder = m.defaults.scale ?? "";
   if ($("scale").value === "") $("scale-range").value = m.defaults.scale ?? 1;
   $("identitynet-row").hidden = !(m.options || []).includes("identitynet_scale");
   $("guidance").placeholder = `default ${m.defaults.guidance}`;
