@@ -145,3 +145,18 @@ def test_unknown_words_are_a_warning(server):
     assert "does not know the words garden, portrait" in warnings and "beach" in warnings
     image = Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json)))
     assert image.size == (64, 64)
+
+
+def test_identitynet_scale_reaches_instantid_only(server):
+    client, _ = server
+    reference = ("ref.png", _reference(1), "image/png")
+    settings = {"seed": 2, "steps": 1, "method": "instantid"}
+    full = client.images.edit(image=reference, prompt=PROMPT, extra_body=settings)
+    off = client.images.edit(
+        image=reference, prompt=PROMPT, extra_body={**settings, "identitynet_scale": 0.0}
+    )
+    assert off.model_dump()["settings"]["method"] == "instantid"
+    assert not np.array_equal(_images(full)[0], _images(off)[0])
+    assert "identitynet_scale" in client.models.retrieve("instantid").model_dump()["options"]
+    with pytest.raises(openai.BadRequestError, match="identitynet_scale: not used by ip-adapter"):
+        client.images.edit(image=reference, prompt=PROMPT, extra_body={"identitynet_scale": 0.5})
