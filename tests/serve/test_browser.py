@@ -272,6 +272,8 @@ def test_progress_bar_and_cancel_through_the_jobs_api(browser, make_app):
         wait.until(ready.text_to_be_present_in_element((By.ID, "progress-text"), "Step 1 of 3"))
         bar = browser.find_element(By.ID, "progress")
         assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("1", "3")
+        SCREENSHOTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "serve-page-progress.png"))
         browser.find_element(By.ID, "cancel").click()
         wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "Cancelled"))
         assert browser.find_element(By.ID, "status").get_attribute("class") == "error"
@@ -305,8 +307,12 @@ def test_phone_width_layout(browser, make_app):
             browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
             assert element.is_displayed() and element.is_enabled(), control
         browser.find_element(By.ID, "steps").send_keys("2")
+        big = str(2**64 - 1)  # past a JS number's exact range: sent and shown as typed
+        browser.find_element(By.ID, "seed").send_keys(big)
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.result")) == 1)
+        assert browser.find_element(By.CSS_SELECTOR, "figure .seed").text == big
+        assert big in browser.find_element(By.CSS_SELECTOR, "figure a.download").get_attribute("download")
         assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
         figure = browser.find_element(By.CSS_SELECTOR, "#results figure")
         assert figure.rect["x"] >= 0 and figure.rect["x"] + figure.rect["width"] <= 390

@@ -26,9 +26,20 @@ class ApiError extends Error {
   }
 }
 
+// Seeds are up to 2**64-1, past what a JS number holds exactly: read them from the text as written.
+const SEED = /"seed":\s*(\d+)/;
+
 async function api(path, options = {}) {
   const response = await fetch(path, options);
-  const body = await response.json().catch(() => ({}));
+  const text = await response.text();
+  let body = {};
+  try {
+    body = JSON.parse(text);
+  } catch (error) {
+    body = {};
+  }
+  const seed = text.match(SEED);
+  if (seed && body && typeof body === "object") body.seed_text = seed[1];
   if (response.status === 401) $("token-row").classList.add("shown");
   if (!response.ok) {
     const message = (body.error && body.error.message) || response.statusText;
@@ -227,10 +238,20 @@ function requestBody() {
     guidance: number("guidance"),
     steps: number("steps"),
     size: $("size").value || undefined,
-    seed: number("seed"),
+    seed: $("seed").value.trim() === "" ? undefined : SEED_SLOT,
     n: Number($("n").value),
     response_format: "b64_json",
   };
+}
+
+// The request as JSON, the seed written as typed (a JS number would round a seed past 2**53).
+const SEED_SLOT = "__seed__";
+function toJson(body) {
+  const seed = $("seed").value.trim();
+  const json = JSON.stringify(body);
+  if (body.seed !== SEED_SLOT) return json;
+  if (!/^\d+$/.test(seed)) throw new Error("The seed must be a whole number, 0 or more.");
+  return json.replace(`"${SEED_SLOT}"`, seed);
 }
 
 function showProgress(text, step, total) {
@@ -258,7 +279,7 @@ async function runJob(body) {
   if (!state.jobsApi) return null;
   let job;
   try {
-    job = await api("/v1/jobs", { method: "POST", headers: headers(true), body: JSON.stringify(body) });
+    job = await api("/v1/jobs", { method: "POST", headers: headers(true), body: toJson(body) });
   } catch (error) {
     if (error.status === 404 || error.status === 405) {
       state.jobsApi = false;
@@ -271,7 +292,7 @@ async function runJob(body) {
   for (;;) {
     if (job.state === "queued") showProgress(`Queued (position ${job.queue_position ?? 0})...`, 0, 0);
     else if (job.state === "running") showProgress(`Step ${job.step} of ${job.total_steps}`, job.step, job.total_steps);
-    if (job.state === "succeeded") return job.result;
+    if (job.state === "succeeded") return { ...job.result, seed_text: job.seed_text };
     if (job.state === "failed") throw new Error((job.error && job.error.message) || "the job failed.");
     if (job.state === "cancelled") throw new Error("Cancelled.");
     await sleep(POLL_MS);
@@ -281,7 +302,7 @@ async function runJob(body) {
 
 async function runPlain(body) {
   showProgress("Generating...", 0, 0);
-  return api("/v1/images/generations", { method: "POST", headers: headers(true), body: JSON.stringify(body) });
+  return api("/v1/images/generations", { method: "POST", headers: headers(true), body: toJson(body) });
 }
 
 async function cancel() {
@@ -295,6 +316,7 @@ async function cancel() {
 }
 
 function addToGallery(out, body, seconds) {
+  const seed = out.seed_text || String(out.seed);
   // newest answer first, its images in their order
   [...out.data].reverse().forEach((item, reversed) => {
     const index = out.data.length - 1 - reversed;
@@ -306,14 +328,14 @@ function addToGallery(out, body, seconds) {
     const caption = document.createElement("figcaption");
     const cache = out.cache ? `identity cache: <span class="cache ${out.cache}">${out.cache}</span>` : "no reference";
     caption.innerHTML =
-      `<b class="method"></b> · seed <code class="seed">${out.seed}</code> · ${out.size || ""}<br>` +
+      `<b class="method"></b> · seed <code class="seed">${seed}</code> · ${out.size || ""}<br>` +
       `${seconds.toFixed(2)} s (generate ${out.timings.generate_s.toFixed(2)} s) · ${cache}<br>`;
     caption.querySelector(".method").textContent = out.method;
     caption.appendChild(document.createTextNode(body.prompt));
     const link = document.createElement("a");
     link.className = "download";
     link.href = img.src;
-    link.download = `idcraft-${out.method}-${out.seed}-${index}.png`;
+    link.download = `idcraft-${out.method}-${seed}-${index}.png`;
     link.textContent = "Download";
     caption.appendChild(document.createElement("br"));
     caption.appendChild(link);
