@@ -40,6 +40,7 @@ STARTED = int(time.time())
 
 
 def lookup_method(name: str):
+    """The :class:`~idcraft.registry.Method` named ``name``: an adapter method, or ``none`` (text-only)."""
     return TEXT_ONLY if is_text_only(name) else get_method(name)
 
 
