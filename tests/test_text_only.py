@@ -3,6 +3,8 @@ images as that pipeline with no adapter attached, next to adapter requests on th
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -51,17 +53,25 @@ def test_text_only_is_the_base_model_alone(engine):
     )
     assert not np.array_equal(other, image)
     # an adapter call on the same base draws something else: the adapters are attached, just not acting
-    adapter = engine.generate(
-        GenerationRequest(
-            "a cat",
-            method="ip-adapter",
-            references=[np.full((64, 64, 3), 200, np.uint8)],
-            seed=3,
-            steps=STEPS,
-            negative_prompt="blurry",
-        )
+    reference = np.full((64, 64, 3), 200, np.uint8)
+    adapter_request = GenerationRequest(
+        "a cat", method="ip-adapter", references=[reference], seed=3, steps=STEPS, negative_prompt="blurry"
     )
-    assert not np.array_equal(np.asarray(adapter.images[0]), image)
+    adapter = np.asarray(engine.generate(adapter_request).images[0])
+    assert not np.array_equal(adapter, image)
+    # both at the same time on one engine: each gets what it gets alone
+    requests = [request, adapter_request]
+    out: dict[int, np.ndarray] = {}
+
+    def run(i: int) -> None:
+        out[i] = np.asarray(engine.generate(requests[i]).images[0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert np.array_equal(out[0], image) and np.array_equal(out[1], adapter)
     assert engine.text_only and engine.pipeline("base") is engine.pipeline("ip-adapter").pipe
 
 
