@@ -12,11 +12,19 @@ def register(subparsers) -> None:
         "web page at /. With no --config it serves the offline world bundled with idcraft (no download).",
     )
     p.add_argument(
-        "--config", metavar="YAML", help="models to keep loaded and server limits (see the README's Serve section)"
+        "--config",
+        metavar="YAML",
+        help="models to keep loaded and server limits (see the README's Serve section)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--device", default=None, help="offline world only: cpu, cuda, mps or auto")
+    p.add_argument(
+        "--store",
+        metavar="STORE",
+        help="where uploaded references and encoded identities are kept: memory (default), a folder path "
+        "(kept across restarts) or redis://host:port/db (shared by replicas); overrides server.store",
+    )
     p.add_argument(
         "--check",
         action="store_true",
@@ -32,12 +40,16 @@ def run(args) -> int:
     from ..errors import IdcraftError
     from ..serve.catalog import build_catalog
     from ..serve.config import load_config
+    from ..serve.stores import open_stores
 
     if not 0 <= args.port <= 65535:
         raise IdcraftError(f"--port {args.port}: ports run from 0 to 65535 (0 = any free port).")
     config = load_config(args.config)
     if args.device is not None:
         config.world.device = args.device
+    if args.store is not None:
+        config.server.store = args.store
+    open_stores(config.server)  # a store that is not there is refused now, before the models load
     logging.getLogger("idcraft.serve").setLevel(logging.INFO)
     catalog = build_catalog(config)
     if args.check:
