@@ -26,6 +26,15 @@ def register(subparsers) -> None:
         "(kept across restarts) or redis://host:port/db (shared by replicas); overrides server.store",
     )
     p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run as a Ray Serve application: replicas (one GPU each by default) behind one HTTP address; "
+        "settings in the config's ray section (pip install 'idcraft[ray]')",
+    )
+    p.add_argument(
+        "--replicas", type=int, metavar="N", help="with --ray: this many replicas (overrides ray.replicas)"
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="load the config and models, print what would be served, and exit",
@@ -47,9 +56,25 @@ def run(args) -> int:
     config = load_config(args.config)
     if args.device is not None:
         config.world.device = args.device
+        if args.device == "cpu":
+            config.ray.num_gpus = 0  # with --ray: replicas that ask for no GPU
     if args.store is not None:
         config.server.store = args.store
+    if args.replicas is not None:
+        if not args.ray:
+            raise IdcraftError(
+                "--replicas needs --ray (one process serves alone; see docs/serve-scaling.md)."
+            )
+        if args.replicas < 1:
+            raise IdcraftError(f"--replicas {args.replicas}: a deployment needs at least 1 replica.")
+        config.ray.replicas = args.replicas
+        config.ray.autoscaling = None
     open_stores(config.server)  # a store that is not there is refused now, before the models load
+    if args.ray and not args.check:
+        from ..serve.ray_app import run as run_ray
+
+        run_ray(config, host=args.host, port=args.port)
+        return 0
     logging.getLogger("idcraft.serve").setLevel(logging.INFO)
     catalog = build_catalog(config)
     if args.check:
