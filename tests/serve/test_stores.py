@@ -147,3 +147,17 @@ def test_a_redis_store_not_there_at_start_is_a_one_line_error():
     message = str(caught.value)
     assert message.startswith(f"cannot reach the Redis store {url}") and "\n" not in message
     assert "another --store" in message
+
+
+def test_the_models_fingerprint_reads_file_contents_not_paths(tmp_path):
+    from idcraft.serve.cache import identity_key
+    from idcraft.serve.stores.fingerprint import path_sample
+
+    for folder in ("a", "b"):
+        (tmp_path / folder / "sub").mkdir(parents=True)
+        (tmp_path / folder / "sub" / "weights.bin").write_bytes(b"\0" * 4096)
+    assert path_sample(tmp_path / "a") == path_sample(tmp_path / "b")  # the same files on another mount
+    (tmp_path / "b" / "sub" / "weights.bin").write_bytes(b"\0" * 4095 + b"\1")  # one weight changed
+    assert path_sample(tmp_path / "a") != path_sample(tmp_path / "b")
+    assert path_sample("org/model-on-the-hub") == "org/model-on-the-hub"
+    assert identity_key("ip-adapter", ["r"], models="one") != identity_key("ip-adapter", ["r"], models="two")
