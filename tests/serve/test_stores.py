@@ -161,3 +161,17 @@ def test_the_models_fingerprint_reads_file_contents_not_paths(tmp_path):
     assert path_sample(tmp_path / "a") != path_sample(tmp_path / "b")
     assert path_sample("org/model-on-the-hub") == "org/model-on-the-hub"
     assert identity_key("ip-adapter", ["r"], models="one") != identity_key("ip-adapter", ["r"], models="two")
+
+
+def test_serve_flags_refuse_what_cannot_work_in_one_line(capsys):
+    from idcraft.cli import main
+
+    pytest.importorskip("redis")
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    assert main(["serve", "--store", url, "--check"]) == 2  # refused before any model loads
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert main(["serve", "--store", "s3://bucket/x"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3, errors
+    assert f"cannot reach the Redis store {url}" in errors[0]
+    assert "--replicas needs --ray" in errors[1] and "unknown kind of store" in errors[2]

@@ -102,9 +102,12 @@ def _replica_name() -> str:
         return f"pid-{os.getpid()}"
 
 
-async def forward(handle, request, retries: int = RETRIES, retry_after_s: int = 5):
+async def forward(handle, request, retries: int = RETRIES, retry_after_s: int = 5, timeout_s: float = 300.0):
     """``request`` (a Starlette request) answered by a replica behind ``handle``; another replica when
-    the first dies before answering; 503 with Retry-After when none can."""
+    the first dies before answering; 503 with Retry-After when none can; 504 past ``timeout_s`` (every
+    replica gone and none back yet)."""
+    import asyncio
+
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     from starlette.responses import JSONResponse, Response
 
@@ -115,9 +118,18 @@ async def forward(handle, request, retries: int = RETRIES, retry_after_s: int = 
         "headers": list(request.headers.items()),
         "body": await request.body(),
     }
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     for attempt in range(retries + 1):
         try:
-            status, headers, body = await handle.answer.remote(payload)
+            status, headers, body = await asyncio.wait_for(
+                _answer(handle, payload), max(0.0, deadline - loop.time())
+            )
+        except TimeoutError:
+            return JSONResponse(
+                {"error": {"type": "timeout", "message": f"no replica answered within {timeout_s:g} s."}},
+                status_code=504,
+            )
         except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
             log.warning(
                 "replica lost while answering %s %s (%s); try %d",
@@ -141,6 +153,10 @@ async def forward(handle, request, retries: int = RETRIES, retry_after_s: int = 
         status_code=503,
         headers={"Retry-After": str(retry_after_s)},
     )
+
+
+async def _answer(handle, payload):
+    return await handle.answer.remote(payload)
 
 
 def build(config: ServeConfig):
@@ -179,6 +195,7 @@ def build(config: ServeConfig):
             await self.replica.stop()
 
     retry_after = max(1, round(config.server.store_retry_s))
+    timeout = config.server.request_timeout_s + 30  # the replica's own 504 comes first when it is alive
 
     @serve.deployment(
         name="Gateway",
@@ -190,7 +207,7 @@ def build(config: ServeConfig):
             self.replica = replica
 
         async def __call__(self, request):
-            return await forward(self.replica, request, RETRIES, retry_after)
+            return await forward(self.replica, request, RETRIES, retry_after, timeout)
 
     return Gateway.bind(Replica.bind(config))
 
