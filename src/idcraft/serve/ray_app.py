@@ -142,6 +142,8 @@ async def forward(handle, request, retries: int = RETRIES, retry_after_s: int = 
         response = Response(body, status_code=status)
         for key, value in headers:
             response.headers.append(key, value)
+        if attempt:
+            response.headers["x-idcraft-retried"] = str(attempt)  # replicas lost on the way
         return response
     return JSONResponse(
         {
