@@ -92,12 +92,19 @@ def test_a_replica_killed_under_load_loses_no_request_and_comes_back(deployment,
         os.kill(pid, signal.SIGKILL)
         answers = [p.result() for p in pending]
     statuses = [a.status_code for a in answers]
+    story = [
+        (a.status_code, a.headers.get("x-idcraft-replica"), a.headers.get("x-idcraft-retried"))
+        for a in answers
+    ]
     assert set(statuses) <= {200, 503}, [a.text for a in answers if a.status_code not in (200, 503)]
     assert all(a.headers.get("retry-after") for a in answers if a.status_code == 503)
-    assert statuses.count(200) >= 4
+    assert statuses.count(200) >= 4, story
     # the victim was answering some of them: those were handed to the other replica (or refused, 503)
-    assert sum(1 for a in answers if a.headers.get("x-idcraft-retried") or a.status_code == 503) >= 1
-    deadline = time.monotonic() + 90  # Ray Serve starts a replica in the dead one's place
+    assert sum(1 for a in answers if a.headers.get("x-idcraft-retried") or a.status_code == 503) >= 1, (
+        victim,
+        story,
+    )
+    deadline = time.monotonic() + 150  # Ray Serve starts a replica in the dead one's place
     seen: set[str] = set()
     while time.monotonic() < deadline:
         seen |= {a.headers["x-idcraft-replica"] for a in spread(url, reference, 4) if a.status_code == 200}
