@@ -234,25 +234,35 @@ def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000) -> No
     import threading
 
     ray, serve = _ray()
-    ray.init(address=config.ray.address, ignore_reinit_error=True, log_to_driver=False)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if config.ray.num_gpus > gpus:
-        ray.shutdown()
-        raise IdcraftError(
-            f"each replica asks for {config.ray.num_gpus:g} GPU and the Ray cluster has {gpus:g}: set "
-            "ray.num_gpus: 0 in the config (or --device cpu) to run the replicas on CPUs."
-        )
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(config), name="idcraft", route_prefix="/")
-    print(f"idcraft serve --ray: http://{host}:{port}/ ({_replicas_text(config)})", flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
-    serve.delete("idcraft")
-    serve.shutdown()
-    ray.shutdown()
+
+    def on_signal(*_) -> None:
+        stop.set()
+
+    def catch_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    catch_signals()  # a signal while starting stops it too, once deployed
+    ray.init(address=config.ray.address, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if config.ray.num_gpus > gpus:
+            raise IdcraftError(
+                f"each replica asks for {config.ray.num_gpus:g} GPU and the Ray cluster has {gpus:g}: set "
+                "ray.num_gpus: 0 in the config (or --device cpu) to run the replicas on CPUs."
+            )
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(config), name="idcraft", route_prefix="/")
+        catch_signals()  # again: starting Ray may have put its own handlers in place
+        print(f"idcraft serve --ray: http://{host}:{port}/ ({_replicas_text(config)})", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("idcraft serve --ray: stopping (replicas finish the requests in flight)", flush=True)
+        serve.delete("idcraft")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def _replicas_text(config: ServeConfig) -> str:
