@@ -80,6 +80,10 @@ class IdentityCache:
             self.shared_hits += 1
         return value, "shared"
 
+    def get(self, key: str, device: Any = None) -> Conditioning | None:
+        """The conditioning alone, from either tier (as :class:`~idcraft.serve.cache.LRUStore.get`)."""
+        return self.lookup(key, device)[0]
+
     def put(self, key: str, conditioning: Conditioning) -> None:
         self.hot.put(key, conditioning)
         if self.shared is None or not self.health.usable():
