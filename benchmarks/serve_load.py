@@ -4,6 +4,7 @@ world, then a burst against a short queue.
     python benchmarks/serve_load.py                          # 8 clients x 6 requests, 4 steps, 4 references
     python benchmarks/serve_load.py --clients 16 --requests 10 --concurrency 2
     python benchmarks/serve_load.py --url http://host:8000   # a server already running (phase 1 only)
+    python benchmarks/serve_load.py --replicas 1,2           # Ray Serve: 1 then 2 replicas on one Redis
 
 Phase 1 ("steady"): every client sends its requests one after another, references drawn in turn from a
 few world characters (uploaded once with POST /v1/references), a new seed each time; the server has a
@@ -17,6 +18,13 @@ beyond one running + two waiting are refused with 429 and Retry-After; the serve
 
 The server runs in this process (a uvicorn thread), so client threads share its CPUs: on a small machine
 the numbers include the clients' own cost.
+
+``--replicas 1,2`` (needs ``pip install 'idcraft[ray]'`` and a ``redis-server`` on PATH, or ``--store``):
+phase 1 against ``idcraft serve --ray`` with each replica count in turn, in this run, on a local Ray
+cluster with the replicas on CPU (``--gpus-per-replica`` on a GPU machine) sharing one Redis (a fresh
+database per count, so each starts cold). Reported per count: throughput, p50/p95, the cache hit rate
+across replicas (an upload is encoded once on the first replica that sees it, then a hit on every other),
+and how many requests each replica answered.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ def steady(url: str, args, headers: dict) -> dict:
     latencies: list[float] = []
     statuses: list[int] = []
     caches: list[str] = []
+    replicas: dict[str, int] = {}
     lock = threading.Lock()
 
     def client(index: int) -> int:
@@ -93,6 +102,8 @@ def steady(url: str, args, headers: dict) -> dict:
                     latencies.append(took)
                     if answer.status_code == 200:
                         caches.append(answer.json()["cache"])
+                        name = answer.headers.get("x-idcraft-replica", "local")
+                        replicas[name] = replicas.get(name, 0) + 1
                 answered += 1
         return answered
 
@@ -123,6 +134,7 @@ def steady(url: str, args, headers: dict) -> dict:
         "hit_rate": caches.count("hit") / max(1, len(caches)),
         "hit_rate_metrics": hits / max(1, hits + misses),
         "encode_s": encode,
+        "replicas": replicas,
     }
 
 
@@ -190,6 +202,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--url", help="a running server (phase 1 only); default: start one here")
     parser.add_argument("--token", default=os.environ.get("IDCRAFT_API_TOKEN"))
+    parser.add_argument("--replicas", help="Ray Serve replica counts to compare, such as 1,2")
+    parser.add_argument("--store", help="with --replicas: a Redis URL (default: a redis-server started here)")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
 
@@ -198,6 +213,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.url:
         print(table(steady(args.url, args, headers), None, args))
+        return
+    if args.replicas:
+        print(replicas_table(ray_runs(args), args))
         return
 
     from idcraft.serve.app import create_app
@@ -244,6 +262,90 @@ def table(first: dict, second: dict | None, args) -> str:
             f"queue full: Retry-After {second['retry_after']} s; /healthz during and after: {second['healthz']}; "
             f"a request after the burst: {second['after']}",
         ]
+    return "\n".join(lines)
+
+
+def ray_runs(args) -> list[tuple[int, dict]]:
+    """Phase 1 against a Ray Serve deployment of each replica count in ``args.replicas``."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    from urllib.parse import urlsplit
+
+    import ray
+    from ray import serve
+
+    from idcraft.serve.config import RayConfig, ServeConfig, ServerConfig
+    from idcraft.serve.ray_app import build
+
+    counts = [int(n) for n in args.replicas.split(",")]
+    redis_process = None
+    store = args.store
+    if store is None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit(
+                "--replicas needs a Redis: install redis-server or pass --store redis://host:port"
+            )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            redis_port = probe.getsockname()[1]
+        redis_process = subprocess.Popen(
+            [binary, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+            cwd=tempfile.mkdtemp(),
+            stdout=subprocess.DEVNULL,
+        )
+        store = f"redis://127.0.0.1:{redis_port}"
+        time.sleep(0.5)
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), RAY_USAGE_STATS_ENABLED="0")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        for db, count in enumerate(counts, start=1):
+            config = ServeConfig(
+                server=ServerConfig(
+                    store=urlsplit(store)._replace(path=f"/{db}").geturl(),  # a fresh database: cold
+                    concurrency_per_device=args.concurrency,
+                    queue_length=max(16, args.clients),
+                ),
+                ray=RayConfig(replicas=count, num_gpus=args.gpus_per_replica, num_cpus=0.1),
+            )
+            config.world.device = "cpu" if args.gpus_per_replica == 0 else "auto"
+            config.world.examples = 0
+            started = time.perf_counter()
+            serve.run(build(config), name="idcraft", route_prefix="/")
+            print(f"{count} replica(s) ready in {time.perf_counter() - started:.1f} s", flush=True)
+            results.append((count, steady(url, args, {})))
+            serve.delete("idcraft")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait()
+    return results
+
+
+def replicas_table(results: list[tuple[int, dict]], args) -> str:
+    lines = [
+        f"Ray Serve on one Redis: {args.clients} clients x {args.requests} requests, {args.method}, "
+        f"{args.steps} steps, {args.references} references, {os.cpu_count()} CPUs",
+        "",
+        "| replicas | 200 / sent | p50 s | p95 s | throughput img/s | cache hit rate | answered per replica |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for count, run in results:
+        per_replica = ", ".join(str(n) for n in sorted(run["replicas"].values(), reverse=True))
+        lines.append(
+            f"| {count} | {run['ok']} / {run['sent']} | {run['p50']:.2f} | {run['p95']:.2f} | "
+            f"{run['throughput']:.2f} | {run['hit_rate']:.0%} | {per_replica} |"
+        )
     return "\n".join(lines)
 
 

@@ -2,10 +2,12 @@
 
 Modules, one job each: :mod:`.config` (the YAML file), :mod:`.catalog` (what stays loaded),
 :mod:`.service` (requests -> engine calls, identity cache), :mod:`.scheduler` (queue, slots per device,
-timeouts), :mod:`.cache` (bounded LRU stores), :mod:`.images` (untrusted image bytes), :mod:`.errors`
+timeouts), :mod:`.cache` (bounded LRU stores), :mod:`.stores` (references and the identity cache in
+memory, a folder or Redis: ``--store``), :mod:`.images` (untrusted image bytes), :mod:`.errors`
 (failures -> HTTP statuses, in one place), :mod:`.metrics` (Prometheus text), :mod:`.middleware` (body
 bound, 500 guard), :mod:`.edits` (OpenAI's multipart ``/v1/images/edits`` -> a request), :mod:`.app`
-(routes), :mod:`.server` (uvicorn). See the README's Serve section and docs/serve-openai.md.
+(routes), :mod:`.server` (uvicorn), :mod:`.ray_app` (replicas on Ray Serve: ``--ray``). See
+docs/serve-openai.md and docs/serve-scaling.md.
 """
 
 from __future__ import annotations

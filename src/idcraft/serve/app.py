@@ -11,10 +11,11 @@
 | ``GET /v1/examples`` | reference images and prompts to try (the world's held-out characters) |
 | ``GET /favicon.ico`` | the page's icon (SVG) |
 | ``GET /healthz`` | liveness and queue state |
+| ``GET /readyz`` | readiness: models loaded and the store reachable (503 otherwise) |
 | ``GET /metrics`` | Prometheus text |
 
 With a token configured (the environment variable named by ``server.auth_token_env``), ``/v1/*`` and
-``/metrics`` need ``Authorization: Bearer <token>``; the page and ``/healthz`` stay open.
+``/metrics`` need ``Authorization: Bearer <token>``; the page, ``/healthz`` and ``/readyz`` stay open.
 """
 
 from __future__ import annotations
@@ -150,6 +151,13 @@ def _routes(app: FastAPI, service: Service) -> None:
     async def healthz() -> JSONResponse:
         health = service.health()
         return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        import asyncio
+
+        ready = await asyncio.to_thread(service.readiness)  # a store round trip: off the event loop
+        return JSONResponse(ready, status_code=200 if ready["status"] == "ready" else 503)
 
     @app.get("/metrics", dependencies=guarded)
     async def metrics() -> Response:

@@ -1,8 +1,9 @@
-"""Bounded least-recently-used stores: the identity cache and the uploaded references.
+"""Bounded least-recently-used stores in process memory (the ``memory`` store's references, the identity
+cache's hot tier; :mod:`.stores` puts them behind one interface with the folder and Redis backends).
 
 The identity cache maps a content hash of (method, reference bytes, options that change encoding) to the
 :class:`~idcraft.engine.Conditioning` that :meth:`Engine.encode` made from them, so a second prompt on a
-known reference skips the image encoder and face analysis. Both stores are bounded by entries and by
+known reference skips the image encoder and face analysis. These stores are bounded by entries and by
 bytes (tensors counted by their storage), and safe to use from several threads.
 """
 
@@ -81,11 +82,15 @@ def identity_key(
     s_scale: float = 1.0,
     face_index: int = 0,
     multi_person: bool = False,
+    models: str = "",
 ) -> str:
     """The cache key of one request's conditioning: everything :meth:`Engine.encode` reads (the method,
-    each reference's content hash in order, and the options that change encoding), hashed."""
+    the fingerprint of the models it encodes with, each reference's content hash in order, and the
+    options that change encoding), hashed. Replicas with the same models make the same keys, so a shared
+    store turns one replica's encoding into another's hit."""
     payload = {
         "method": method,
+        "models": models,
         "references": list(reference_hashes),
         "s_scale": float(s_scale),
         "face_index": int(face_index),

@@ -82,6 +82,35 @@ class ServerConfig:
     shutdown_grace_s: float = 330.0
     #: Reference images offered by ``GET /v1/examples`` (paths), besides the world's.
     examples: list[str] = field(default_factory=list)
+    #: Where uploaded references and encoded identities are kept (``--store``): ``memory`` (this process),
+    #: a folder path (files; kept across restarts; shareable over a mount) or ``redis://host:port/db``
+    #: (shared by every replica). See docs/serve-scaling.md.
+    store: str = "memory"
+    #: Bounds of the shared identity tier (folder or Redis); ``cache_*`` bound the hot tier in memory.
+    store_cache_entries: int = 16384
+    store_cache_bytes: int = 8 * 1024 * 1024 * 1024
+    #: Seconds a store that failed is left alone (the identity cache answers without it meanwhile).
+    store_retry_s: float = 5.0
+
+
+@dataclass
+class RayConfig:
+    """``idcraft serve --ray``: the server as a Ray Serve deployment (see docs/serve-scaling.md)."""
+
+    #: Ray cluster to join (``auto``: the one this machine belongs to; null: start a local one).
+    address: str | None = None
+    #: Fixed number of replicas; ignored when ``autoscaling`` is set.
+    replicas: int = 1
+    #: Ray Serve autoscaling on queue length, e.g. ``{min_replicas: 1, max_replicas: 4,
+    #: target_ongoing_requests: 2}`` (Ray Serve's ``autoscaling_config``).
+    autoscaling: dict[str, Any] | None = None
+    #: Resources of one replica (``ray_actor_options``): one GPU each by default; 0 on CPU-only clusters.
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    #: Requests one replica accepts at once (queued in it); the rest wait in Ray's proxy.
+    max_ongoing_requests: int = 8
+    #: Seconds Ray gives a replica to drain at shutdown or a scale-down.
+    graceful_shutdown_timeout_s: float = 60.0
 
 
 @dataclass
@@ -90,6 +119,7 @@ class ServeConfig(ModelsSection):
 
     world: WorldConfig = field(default_factory=WorldConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     @property
     def uses_world(self) -> bool:
@@ -107,12 +137,14 @@ def load_config(path: str | os.PathLike | None = None) -> ServeConfig:
 def config_from_dict(data: Any, *, where: str = "config", relative_to: Path | None = None) -> ServeConfig:
     """A :class:`ServeConfig` from parsed YAML/JSON, every key checked. Relative model paths are taken
     from ``relative_to`` (the config file's folder) when such a file or folder exists there."""
-    config = ServeConfig(**read_models(data, ("world", "server"), where, relative_to))
+    config = ServeConfig(**read_models(data, ("world", "server", "ray"), where, relative_to))
     config.world = read_section(WorldConfig, data.get("world"), f"{where}: world")
     config.world.bundle = config_path(config.world.bundle, relative_to)
     check_keys(config.world.defaults, set(DEFAULTABLE), f"{where}: world.defaults")
     config.server = read_section(ServerConfig, data.get("server"), f"{where}: server")
     _check_server(config.server, f"{where}: server")
+    config.ray = read_section(RayConfig, data.get("ray"), f"{where}: ray")
+    _check_ray(config.ray, f"{where}: ray")
     return config
 
 
@@ -123,13 +155,29 @@ def _check_server(server: ServerConfig, where: str) -> None:
         "max_image_pixels",
         "cache_entries",
         "reference_entries",
+        "store_cache_entries",
     ):
         if getattr(server, name) < 1:
             raise IdcraftError(f"{where}.{name} must be at least 1.")
-    for name in ("queue_length", "cache_bytes", "reference_bytes"):
+    for name in ("queue_length", "cache_bytes", "reference_bytes", "store_cache_bytes", "store_retry_s"):
         if getattr(server, name) < 0:
             raise IdcraftError(f"{where}.{name} must be 0 or more.")
     if not server.request_timeout_s > 0:
         raise IdcraftError(f"{where}.request_timeout_s must be more than 0.")
     if isinstance(server.cors_origins, str):
         server.cors_origins = [server.cors_origins]
+    if not isinstance(server.store, str) or not server.store.strip():
+        raise IdcraftError(f"{where}.store must be memory, a folder path or redis://host:port/db.")
+
+
+def _check_ray(ray: RayConfig, where: str) -> None:
+    for name in ("replicas", "max_ongoing_requests"):
+        if getattr(ray, name) < 1:
+            raise IdcraftError(f"{where}.{name} must be at least 1.")
+    for name in ("num_gpus", "num_cpus", "graceful_shutdown_timeout_s"):
+        if getattr(ray, name) < 0:
+            raise IdcraftError(f"{where}.{name} must be 0 or more.")
+    if ray.autoscaling is not None and not isinstance(ray.autoscaling, dict):
+        raise IdcraftError(
+            f"{where}.autoscaling must be a mapping such as {{min_replicas: 1, max_replicas: 4}}."
+        )

@@ -60,6 +60,7 @@ class Metrics:
         self.generate_seconds = 0.0
         self.images = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, Callable[[], float | dict[str, float]]]] = {}
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -91,12 +92,24 @@ class Metrics:
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
 
+    def counter(self, name: str, help_text: str, read: Callable[[], float | dict[str, float]]) -> None:
+        """A counter kept elsewhere, read at scrape time: a number, or values by label text
+        (``{'store="identity"': 3}``)."""
+        self.counters[name] = (help_text, read)
+
     def render(self) -> str:
         """Everything, in the Prometheus text exposition format (version 0.0.4)."""
         with self._lock:
             out: list[str] = []
             for name, (help_text, read) in self.gauges.items():
                 out += _head(name, help_text, "gauge") + [f"idcraft_{name} {_num(read())}"]
+            for name, (help_text, read) in self.counters.items():
+                value = read()
+                out += _head(name, help_text, "counter")
+                if isinstance(value, dict):
+                    out += [f"idcraft_{name}{{{labels}}} {_num(v)}" for labels, v in value.items()]
+                else:
+                    out.append(f"idcraft_{name} {_num(value)}")
             out += _head("requests_total", "HTTP requests answered, by endpoint and status.", "counter")
             out += [
                 f'idcraft_requests_total{{endpoint="{e}",status="{s}"}} {n}'

@@ -27,7 +27,7 @@ from typing import Any
 from ..errors import IdcraftError
 from ..methods.text_only import TEXT_ONLY, is_text_only
 from ..requests import GenerationRequest
-from .cache import LRUStore, identity_key
+from .cache import identity_key
 from .catalog import Catalog, Served, lookup_method
 from .config import ServeConfig
 from .errors import bad_request, not_found, too_large
@@ -35,6 +35,8 @@ from .images import check_header, content_hash, decode, from_base64, to_png_base
 from .metrics import Metrics
 from .scheduler import Deadline, Scheduler
 from .schemas import ImageRequest
+from .stores import Stores, open_stores
+from .stores.fingerprint import catalog_fingerprints
 
 log = logging.getLogger("idcraft.serve")
 
@@ -53,12 +55,15 @@ class Service:
     """Everything one server holds (see the module docstring). ``start()`` inside the event loop that
     will serve requests, ``close()`` at shutdown."""
 
-    def __init__(self, config: ServeConfig, catalog: Catalog):
+    def __init__(self, config: ServeConfig, catalog: Catalog, stores: Stores | None = None):
         self.config = config
         self.catalog = catalog
         server = config.server
-        self.cache = LRUStore(server.cache_entries, server.cache_bytes)
-        self.references = LRUStore(server.reference_entries, server.reference_bytes)
+        # references and identity cache on the configured store (memory, a folder, Redis): see .stores
+        self.stores = stores if stores is not None else open_stores(server)
+        self.cache = self.stores.identities
+        self.references = self.stores.references
+        self.fingerprints = catalog_fingerprints(config, catalog)
         self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
         self.token = os.environ.get(server.auth_token_env) or None
@@ -78,6 +83,19 @@ class Service:
             "identity_cache_bytes", "Bytes of conditioning in the identity cache.", lambda: self.cache.bytes
         )
         self.metrics.gauge("references_stored", "Uploaded references kept.", lambda: len(self.references))
+        self.metrics.counter(
+            "identity_cache_shared_hits_total",
+            "Identity cache hits answered by the shared store (another replica's or an earlier run's encoding).",
+            lambda: self.cache.shared_hits,
+        )
+        self.metrics.counter(
+            "store_errors_total",
+            "Failed reads or writes of the store, by store (the identity cache goes on without it).",
+            lambda: {
+                'store="references"': self.references.health.errors,
+                'store="identity"': self.cache.health.errors,
+            },
+        )
 
     def _scheduler_value(self, name: str) -> int:
         return getattr(self.scheduler, name) if self.scheduler is not None else 0
@@ -125,7 +143,7 @@ class Service:
             return content_hash(data), image.size
 
         digest, (width, height) = await asyncio.to_thread(check)
-        if not self.references.put(digest, data):
+        if not await asyncio.to_thread(self.references.put, digest, data):  # a folder or Redis: I/O
             raise too_large(f"the reference is {len(data):,} bytes, more than this server keeps.")
         return {"id": digest, "object": "reference", "bytes": len(data), "width": width, "height": height}
 
@@ -133,8 +151,9 @@ class Service:
         if REFERENCE_ID.fullmatch(item):
             data = self.references.get(item)
             if data is None:
+                kept = "in memory" if self.stores.kind == "memory" else f"in {self.stores.location}"
                 raise not_found(
-                    f"references[{index}]: no reference with id {item} here (uploads are kept in memory and the "
+                    f"references[{index}]: no reference with id {item} here (uploads are kept {kept} and the "
                     "oldest are dropped: upload it again with POST /v1/references)."
                 )
             return data
@@ -163,7 +182,14 @@ class Service:
         width, height = parse_size(body.size)
         served.check_size(width, height)
         uploaded = [REFERENCE_ID.fullmatch(r) is not None for r in body.references]
-        refs = [self._reference_bytes(item, i) for i, item in enumerate(body.references)]
+
+        def resolve() -> list[bytes]:
+            return [self._reference_bytes(item, i) for i, item in enumerate(body.references)]
+
+        # a folder or Redis store reads off the event loop
+        refs = (
+            await asyncio.to_thread(resolve) if self.stores.kind != "memory" and any(uploaded) else resolve()
+        )
         request = self._request(body, served, width, height, refs)
         served.engine.prepare(request)  # bad input is refused here, before it takes a place in the queue
         if text_only:
@@ -186,6 +212,7 @@ class Service:
             s_scale=request.s_scale,
             face_index=request.face_index,
             multi_person=request.multi_person,
+            models=self.fingerprints.get(served.method, ""),
         )
         return await self._answer(served, request, key, arrived, deadline, notes)
 
@@ -280,8 +307,8 @@ class Service:
                 "generate_s": result.timings.get("generate_s", 0.0),
             }
             return result, [to_png_base64(image) for image in result.images], None, timings
-        conditioning = self.cache.get(key)
-        hit = conditioning is not None
+        conditioning, tier = self.cache.lookup(key, served.device)
+        hit = tier is not None
         encode_s = 0.0
         if conditioning is None:
             max_pixels = self.config.server.max_image_pixels
@@ -338,7 +365,16 @@ class Service:
                 "devices": self.catalog.devices,
             },
             "cache": {"entries": len(self.cache), "bytes": self.cache.bytes},
+            "store": self.stores.kind,
         }
+
+    def readiness(self) -> dict[str, Any]:
+        """``/readyz``: models loaded and serving, and the store reachable (one round trip to it)."""
+        scheduler = self.scheduler
+        serving = scheduler is not None and not scheduler.closed
+        store = self.stores.check()
+        ready = serving and bool(store["reachable"])
+        return {"status": "ready" if ready else "not ready", "models": serving, "store": store}
 
     def example_list(self) -> dict[str, Any]:
         import base64
