@@ -32,9 +32,11 @@ def run(args) -> int:
     from ..errors import IdcraftError
     from ..serve.catalog import build_catalog
     from ..serve.config import load_config
+    from ..serve.requirements import require_server_packages
 
     if not 0 <= args.port <= 65535:
         raise IdcraftError(f"--port {args.port}: ports run from 0 to 65535 (0 = any free port).")
+    require_server_packages()  # before any model loads: without the extra nothing could be served
     config = load_config(args.config)
     if args.device is not None:
         config.world.device = args.device

@@ -15,12 +15,18 @@ __all__ = ["ServeConfig", "config_from_dict", "create_app", "load_config", "serv
 
 
 def create_app(*args, **kwargs):
+    from .requirements import require_server_packages
+
+    require_server_packages("idcraft.serve.create_app")
     from .app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
 
 
 def serve(*args, **kwargs):
+    from .requirements import require_server_packages
+
+    require_server_packages("idcraft.serve.serve")
     from .server import serve as _serve
 
     return _serve(*args, **kwargs)
