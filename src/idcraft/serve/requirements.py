@@ -17,7 +17,10 @@ INSTALL_HINT = "pip install 'idcraft[serve]'"
 SERVER_PACKAGES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("fastapi",), "fastapi"),
     (("uvicorn",), "uvicorn"),
-    (("python_multipart", "multipart"), "python-multipart"),  # FastAPI's form uploads; old releases: multipart
+    (
+        ("python_multipart", "multipart"),
+        "python-multipart",
+    ),  # FastAPI's form uploads; old releases: multipart
 )
 
 
