@@ -116,7 +116,8 @@ print(json.dumps({"file": idcraft.__file__, "bundle": str(bundle.bundle_dir()),
 
 def test_every_world_method_loads_from_the_installed_wheel(wheel, tmp_path):
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    # no pip of its own (no ensurepip needed): this environment's pip, run by the venv's python, installs there
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     env = {
         k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "IDCRAFT_WORLD_BUNDLE", "VIRTUAL_ENV")
