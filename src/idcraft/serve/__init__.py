@@ -4,7 +4,7 @@ Modules, one job each: :mod:`.config` (the YAML file), :mod:`.catalog` (what sta
 :mod:`.service` (requests -> engine calls, identity cache), :mod:`.scheduler` (queue, slots per device,
 timeouts), :mod:`.cache` (bounded LRU stores), :mod:`.images` (untrusted image bytes), :mod:`.errors`
 (failures -> HTTP statuses, in one place), :mod:`.metrics` (Prometheus text), :mod:`.middleware` (body
-bound, 500 guard), :mod:`.app` (routes), :mod:`.server` (uvicorn). See the README's Serve section.
+bound, 500 guard), :mod:`.app` (routes), :mod:`.server` (uvicorn). See docs/serve.md.
 """
 
 from __future__ import annotations
