@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .outputs import follow_umask, temporary_file
 
 GROUPS = ("image_proj", "ip_adapter")
 
@@ -97,11 +97,11 @@ def save_checkpoint(checkpoint: AdapterCheckpoint, path: str | os.PathLike) -> P
 @contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_file(path.parent, path.name)  # the mode open() would give, not mkstemp's 0600
     os.close(fd)
-    tmp = Path(name)
     try:
         yield tmp
+        follow_umask(tmp)  # safetensors writes 0600 whatever the umask
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -102,8 +102,12 @@ class ModelsSection:
     face_models: str | None = None
     limits: Limits = field(default_factory=Limits)
     source: str = "config"
+    #: The label used when a request names none (None: the only model; several is an error).
+    default: str | None = None
 
     def model(self, label: str | None) -> ModelEntry:
+        if label is None and self.default is not None:
+            label = self.default
         if label is None:
             if len(self.models) != 1:
                 raise IdcraftError(

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import IdcraftError, ModelLoadError
+from .notices import drop_library_notices
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +159,26 @@ def base_kind(base: str | os.PathLike) -> tuple[str, str]:
     return BASE_KINDS[name], name
 
 
+def diffusers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The load dtype as the keyword diffusers takes it: ``dtype`` in releases that renamed it (they warn
+    on every ``torch_dtype``), ``torch_dtype`` in older ones."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def load_base_pipeline(base: str | os.PathLike, *, device: torch.device, dtype: torch.dtype):
     """Load an SD1.5/SDXL diffusers pipeline (without the SD1.5 safety checker, as the official demos do)."""
+    drop_library_notices()  # before diffusers' pipeline modules are imported: they print on import
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     kind, _ = base_kind(base)
     try:
         if kind == "sdxl":
-            pipe = StableDiffusionXLPipeline.from_pretrained(str(base), torch_dtype=dtype)
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(base), **diffusers_dtype(dtype))
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(base), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+                str(base), **diffusers_dtype(dtype), safety_checker=None, requires_safety_checker=False
             )
     except Exception as exc:
         raise _unreachable("base model", str(base), exc) from exc
@@ -228,10 +238,11 @@ def _check_image_encoder_folder(folder: Path) -> None:
 
 
 def load_controlnet(path: str | os.PathLike, *, device: torch.device, dtype: torch.dtype):
+    drop_library_notices()
     from diffusers import ControlNetModel
 
     try:
-        model = ControlNetModel.from_pretrained(str(path), torch_dtype=dtype)
+        model = ControlNetModel.from_pretrained(str(path), **diffusers_dtype(dtype))
     except Exception as exc:
         raise _unreachable("ControlNet", str(path), exc) from exc
     return model.to(device)

@@ -9,7 +9,9 @@ Every user-facing output (generated images, embeddings, notes) goes through here
   extension (:data:`IMAGE_FORMATS`);
 * the ``atomic_*`` writers encode into a temporary file in the destination folder, ``fsync`` it and
   ``os.replace`` it over the destination, so a crash, a full disk or an encoder error leaves either the
-  old file or the new one, and no temporary file behind;
+  old file or the new one, and no temporary file behind; the file gets the mode ``open()`` would give it
+  (``0o666`` less the umask: 0644 under umask 022), not ``mkstemp``'s private 0600
+  (:func:`temporary_file`, also used for adapter checkpoints);
 * :func:`numbered_paths` names several images ``NAME-0.ext``, ``NAME-1.ext`` ... keeping the extension.
 
 The image format follows the extension: ``--output o.jpg`` writes a JPEG named ``o.jpg``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -142,6 +145,47 @@ def check_writable_folder(
 
 
 # ---------------------------------------------------------------------------- atomic writes
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux's
+    ``/proc/self/status``); elsewhere set and put back at once, under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it; other threads' files meanwhile: 0o077
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits ``open(path, "w")`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def temporary_file(folder: Path, name: str) -> tuple[int, Path]:
+    """A new temporary file beside the final ``folder/name`` (an open descriptor and its path), with the
+    mode a plain ``open()`` would give the final file: ``mkstemp`` makes it 0600 for its own privacy, and
+    the rename would carry that over to the user's output."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, new_file_mode())
+        else:  # Windows before Python 3.13: only the read-only bit means anything there
+            os.chmod(tmp, new_file_mode())
+    except OSError:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, Path(tmp)
+
+
 @contextlib.contextmanager
 def _atomic(path: Path, *, overwrite: bool, binary: bool = True) -> Iterator[IO]:
     """An open temporary file beside ``path``; on success it is flushed, fsynced and renamed over ``path``,
@@ -153,10 +197,9 @@ def _atomic(path: Path, *, overwrite: bool, binary: bool = True) -> Iterator[IO]
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = temporary_file(folder, path.name)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}.") from exc
-    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
             yield handle
@@ -234,3 +277,24 @@ def atomic_save_npy(array, path: str | os.PathLike, *, overwrite: bool = False) 
     return atomic_write(
         path, lambda f: np.save(f, np.asarray(array), allow_pickle=False), overwrite=overwrite
     )
+
+
+# ---------------------------------------------------------------------------- libraries' writers
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode ``open()`` would have given it.
+
+    For files written by libraries that create them privately: safetensors writes 0600 whatever the
+    umask, and so do diffusers' and transformers' ``save_pretrained``, which use it."""
+    path = Path(path)
+    mode = new_file_mode()
+    for file in [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, mode)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` with the mode ``open()`` would give (see :func:`follow_umask`)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    follow_umask(path)
+    return Path(path)

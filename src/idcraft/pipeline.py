@@ -31,6 +31,7 @@ from .errors import IdcraftError
 from .images import ImageInput, load_image
 from .injection import adapter_call
 from .models import (
+    diffusers_dtype,
     load_base_pipeline,
     load_controlnet,
     load_image_encoder,
@@ -39,6 +40,7 @@ from .models import (
     resolve_dtype,
 )
 from .multiperson import keypoint_image, place_faces, region_masks, regions_for
+from .notices import drop_library_notices
 
 __all__ = ["BatchItem", "IPAdapterPipeline", "ReferenceTokens"]
 
@@ -514,10 +516,11 @@ def _controlnet_pipeline(pipe, controlnets: list):
     )
     # torch_dtype: without it from_pipe moves every component to float32, upcasting a float16/bfloat16
     # UNet, VAE and ControlNet while the adapter stays in half precision (dtype mismatch at to_k_ip)
+    drop_library_notices()  # from_pipe casts each component to its own dtype; diffusers warns anyway
     return cls.from_pipe(
         pipe,
         controlnet=controlnets[0] if len(controlnets) == 1 else controlnets,
-        torch_dtype=pipe.unet.dtype,
+        **diffusers_dtype(pipe.unet.dtype),
     )
 
 

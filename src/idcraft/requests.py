@@ -95,7 +95,7 @@ class GenerationRequest:
     references: Sequence[Any] = field(
         default=(),
         metadata={
-            "help": "reference image; repeat for several (see the README for how each method combines them)",
+            "help": "reference image; repeat for several (docs/ip-adapter.md and docs/faces.md: how each method combines them)",
             "flag": "reference",
             "metavar": "IMAGE",
             "repeat": str,

@@ -10,7 +10,8 @@ def register(subparsers) -> None:
         "batch",
         help="generate a JSONL file of jobs: resumable, several processes under torchrun / accelerate",
         description="Generate every job of --requests (one JSON object per line: id, model, prompt, "
-        "references, seed, scale, steps, ... as in GenerationRequest) with the models of --config, writing "
+        "references, seed, scale, steps, ... as in GenerationRequest) with the models of --config (without "
+        "it: the offline world bundled with idcraft, a job's model naming the method), writing "
         "OUTPUT/images/<id>.png and OUTPUT/manifest.jsonl. A re-run skips finished jobs and retries failed "
         "ones; one job's failure is recorded and the others go on. Under `torchrun --nproc_per_node N -m "
         "idcraft batch ...` or `accelerate launch --num_processes N -m idcraft batch ...` each process takes "
@@ -18,7 +19,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--requests", required=True, metavar="JOBS.jsonl", help="the jobs, one JSON object a line")
     p.add_argument(
-        "--config", required=True, metavar="MODELS.yaml", help="model files per method (and recipes)"
+        "--config",
+        metavar="MODELS.yaml",
+        help="model files per method (and recipes); left out: the offline world (ip-adapter, "
+        "ip-adapter-plus, faceid, instantid; a job without a model runs ip-adapter)",
     )
     p.add_argument("--output", required=True, metavar="DIR", help="folder for images/ and manifest.jsonl")
     p.add_argument(
@@ -36,8 +40,13 @@ def run(args) -> int:
     from ..batch import read_jobs, run_batch
     from ..model_config import load_models_config
 
-    config = load_models_config(args.config)
-    jobs = read_jobs(args.requests)
+    jobs = read_jobs(args.requests)  # a bad jobs file fails before the world is even looked at
+    if args.config is not None:
+        config = load_models_config(args.config)
+    else:
+        from ..world.models_config import world_models_config
+
+        config = world_models_config()
     summary = run_batch(
         jobs,
         config,

@@ -9,7 +9,7 @@ def register(subparsers) -> None:
         help="run the main job on the bundled offline world: a held-out character in new scenes",
         description="Give a held-out character's reference portrait to every bundled method, generate it in "
         "three new scenes beside the text-only baseline, write a labelled grid and print the judge's "
-        "identity and prompt scores. Offline, under a minute on a laptop CPU.",
+        "identity and prompt scores. Offline; on 2 CPU cores 11-136 s, up to 15 min when they are heavily shared.",
     )
     p.add_argument(
         "--output",

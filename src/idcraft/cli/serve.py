@@ -1,4 +1,4 @@
-"""``idcraft serve``: the HTTP API and web page (see :mod:`idcraft.serve` and the README's Serve section)."""
+"""``idcraft serve``: the HTTP API and web page (see :mod:`idcraft.serve` and docs/serve.md)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ def register(subparsers) -> None:
         "web page at /. With no --config it serves the offline world bundled with idcraft (no download).",
     )
     p.add_argument(
-        "--config",
-        metavar="YAML",
-        help="models to keep loaded and server limits (see the README's Serve section)",
+        "--config", metavar="YAML", help="models to keep loaded and server limits (see docs/serve.md)"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -49,10 +47,13 @@ def run(args) -> int:
     from ..errors import IdcraftError
     from ..serve.catalog import build_catalog
     from ..serve.config import load_config
-    from ..serve.stores import open_stores
+    from ..serve.requirements import require_server_packages
 
     if not 0 <= args.port <= 65535:
         raise IdcraftError(f"--port {args.port}: ports run from 0 to 65535 (0 = any free port).")
+    require_server_packages()  # before any model loads: without the extra nothing could be served
+    from ..serve.stores import open_stores
+
     config = load_config(args.config)
     if args.device is not None:
         config.world.device = args.device

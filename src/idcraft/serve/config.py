@@ -55,7 +55,7 @@ class WorldConfig:
 
 @dataclass
 class ServerConfig:
-    """Load bounds and access (see the README's Serve section)."""
+    """Load bounds and access (see docs/serve.md)."""
 
     #: Requests waiting for a device beyond the ones running; a full queue answers 429.
     queue_length: int = 16

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import ImageError
 from ..images import load_image
+from ..outputs import save_safetensors
 from .data import Record, SkipReport
 
 SHARD_GLOB = "features-*.safetensors"
@@ -133,7 +133,7 @@ class FeatureCache:
             for (key, _), feature in zip(part, features, strict=True):
                 tensors[key] = feature.clone().contiguous()
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"bad": json.dumps(bad)})
+        save_safetensors(tensors, str(tmp), metadata={"bad": json.dumps(bad)})
         tmp.replace(path)
 
     def load(self, records: Sequence[Record], report: SkipReport) -> tuple[list[Record], FeatureLookup]:

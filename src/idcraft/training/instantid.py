@@ -222,11 +222,11 @@ def save_controlnet(
 ) -> None:
     """Write ``state`` (the ControlNet's tensors) as a diffusers model folder in ``dtype``: what
     ``save_pretrained`` writes, from given tensors (under FSDP/DeepSpeed the live module holds shards)."""
-    from safetensors.torch import save_file
+    from ..outputs import save_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
     controlnet.save_config(folder)
     weights = folder / "diffusion_pytorch_model.safetensors"
     tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file(export_tensors(state, dtype), str(tmp), metadata={"format": "pt"})
+    save_safetensors(export_tensors(state, dtype), str(tmp), metadata={"format": "pt"})
     tmp.replace(weights)

@@ -479,7 +479,7 @@ class Trainer:
         return state
 
     def _save(self, run: _Run) -> None:
-        from safetensors.torch import save_file
+        from ..outputs import save_safetensors
 
         config, accelerator, recipe = self.config, run.accelerator, run.recipe
         trainable = self._trainable_state(run)
@@ -498,7 +498,7 @@ class Trainer:
                 )
 
         def write_main(folder: Path) -> None:
-            save_file(trainable, str(folder / "trainable.safetensors"))
+            save_safetensors(trainable, str(folder / "trainable.safetensors"))
             if run.backend == PLAIN:  # the live modules; recipes from before sharded training take no state
                 recipe.export(folder, ("safetensors",), {"step": str(run.step)})
                 torch.save(run.optimizer.state_dict(), folder / "optimizer.pt")

@@ -287,14 +287,14 @@ def save_identity_models(
 ) -> Path:
     """Write ``config.json``, ``detector.safetensors`` and ``recogniser.safetensors`` into ``folder``, and
     ``familiarity.safetensors`` when ``familiarity`` (:func:`familiarity_statistics`) is given."""
-    from safetensors.torch import save_file
+    from ..outputs import save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     keys = list(DEFAULT_CONFIG)
     cfg = {k: config.get(k, DEFAULT_CONFIG[k]) for k in keys}
     if familiarity is not None:
-        save_file(
+        save_safetensors(
             {k: v.detach().cpu().float().contiguous() for k, v in familiarity.items()},
             str(folder / FAMILIARITY_WEIGHTS),
             metadata={"format": "pt"},
@@ -303,7 +303,7 @@ def save_identity_models(
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     for model, name in ((detector, DETECTOR_WEIGHTS), (recogniser, RECOGNISER_WEIGHTS)):
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(folder / name), metadata={"format": "pt"})
+        save_safetensors(state, str(folder / name), metadata={"format": "pt"})
     return folder
 
 

@@ -356,7 +356,7 @@ class Judge:
         return next(self.model.parameters()).device
 
     def save(self, directory: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
+        from ..outputs import save_safetensors
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -366,7 +366,7 @@ class Judge:
             "metrics": self.metrics,
         }
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
+        save_safetensors(state, str(directory / WEIGHTS_FILE))
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...outputs import follow_umask
 from ..arrays import (
     ATTRIBUTE_NAMES,
     SCENE_NAMES,
@@ -408,6 +409,7 @@ def train_clip_vision(
     tower = vision_tower(model.cpu())
     tower.save_pretrained(str(output))
     default_image_processor().save_pretrained(str(output))
+    follow_umask(output)  # safetensors writes 0600
     tail = losses[-max(1, min(50, len(losses) // 10)) :]
     return {
         "model": "CLIPVisionModelWithProjection",

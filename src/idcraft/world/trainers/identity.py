@@ -479,8 +479,7 @@ def add_familiarity(
     Returns the threshold and the largest held-out distance."""
     import json
 
-    from safetensors.torch import save_file
-
+    from ...outputs import save_safetensors
     from ..arrays import render_arrays
     from ..face_backend import CONFIG_NAME, FAMILIARITY_WEIGHTS, load_identity_models
     from ..identity import train_ids
@@ -495,7 +494,7 @@ def add_familiarity(
     held_out = held_out_arrays(eval_samples, seed)
     held_out_images = np.concatenate([held_out.images, reference_arrays(np.unique(held_out.identity_ids))[0]])
     threshold = familiarity_threshold(detector, statistics, held_out_images)
-    save_file(statistics, str(folder / FAMILIARITY_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(statistics, str(folder / FAMILIARITY_WEIGHTS), metadata={"format": "pt"})
     config = json.loads((folder / CONFIG_NAME).read_text())
     config["familiarity_threshold"] = threshold
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

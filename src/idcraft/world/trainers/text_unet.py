@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...outputs import follow_umask
 from ..arrays import WorldArrays, held_out_arrays
 from ..dataset import CHARACTER_WEIGHT, FACE_WEIGHT, subject_weights
 from .steps import LOG_EVERY, FastLoop, shuffled_batches, use_fast_path, warmup_cosine
@@ -424,6 +425,7 @@ def train_text_unet(
     output.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(vae.cpu(), text_encoder.cpu().eval(), tokenizer, unet.cpu().eval())
     pipe.save_pretrained(str(output), safe_serialization=True)
+    follow_umask(output)  # safetensors writes 0600
     tail = losses[-max(1, min(50, len(losses) // 10)) :]
     return {
         "model": "StableDiffusionPipeline",
@@ -701,6 +703,7 @@ def finetune_unet(
     pipe.unet = unet.cpu()
     pipe.vae, pipe.text_encoder = vae.cpu(), text_encoder.cpu()
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
+    follow_umask(output_dir)  # safetensors writes 0600
     return {
         "steps": steps,
         "batch_size": batch_size,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...outputs import follow_umask
 from ..arrays import WorldArrays, held_out_arrays
 from .steps import LOG_EVERY, FastLoop, shuffled_batches, use_fast_path, warmup_cosine
 
@@ -216,6 +217,7 @@ def train_vae(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     vae.cpu().save_pretrained(str(output), safe_serialization=True)
+    follow_umask(output)  # safetensors writes 0600
     tail = losses[-max(1, min(50, len(losses) // 10)) :]
     return {
         "model": "AutoencoderKL",
@@ -430,6 +432,7 @@ def _save_decoder(vae, eval_arrays, dev, output_dir, before, losses, started, **
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     vae.cpu().save_pretrained(str(output), safe_serialization=True)
+    follow_umask(output)  # safetensors writes 0600
     return {
         **{
             k: settings.pop(k) for k in ("steps", "batch_size", "learning_rate", "seed", "face_crop_fraction")
