@@ -88,7 +88,7 @@ def steady(url: str, args, headers: dict) -> dict:
         with httpx.Client(base_url=url, timeout=600, headers=headers) as http:
             for j in range(args.requests):
                 body = {
-                    "prompt": "a portrait in a garden",
+                    "prompt": "a large creature standing in the centre on a beach",
                     "method": args.method,
                     "references": [refs[(index + j) % len(refs)]],
                     "steps": args.steps,
