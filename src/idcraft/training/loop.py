@@ -535,6 +535,8 @@ class Trainer:
             write_all=write_all,
             rank_state=rank_state,
             keep=config.keep_checkpoints,
+            # the weights twice (resume copy, official export) and Adam's two moments: a checkpoint's size
+            size_hint=4 * sum(t.numel() * t.element_size() for t in trainable.values()),
         )
 
     def _restore(self, run: _Run, folder: Path) -> None:
