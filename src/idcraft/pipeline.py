@@ -39,6 +39,7 @@ from .models import (
     resolve_dtype,
 )
 from .multiperson import keypoint_image, place_faces, region_masks, regions_for
+from .prechecks import check_adapter_fits_base
 
 __all__ = ["BatchItem", "IPAdapterPipeline", "ReferenceTokens"]
 
@@ -107,6 +108,7 @@ class IPAdapterPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         shared = {} if shared is None else shared
+        check_adapter_fits_base(base, adapter)  # from the headers, before the adapter or encoder loads
         ip_adapter = IPAdapter.from_checkpoint(str(adapter), method=method)
         needs_encoder = ip_adapter.method.needs_image_encoder
         if needs_encoder and image_encoder is None:

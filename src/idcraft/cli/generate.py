@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import IdcraftError
     from ..methods import family_of
     from ..outputs import atomic_save_image, check_output_paths
+    from ..prechecks import check_adapter_fits_base, check_device_available
     from ..registry import get_method
     from ..requests import check_device
 
@@ -87,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         family_of(method).check(get_method(method), flags)
     paths = check_output_paths(args.output, args.num_images, overwrite=args.overwrite)
     request = request_from_args(args)
+    # what a header or torch.cuda tells, before 30-100 s of loading
+    check_adapter_fits_base(args.base, args.adapter)
+    check_device_available(args.device)
     if not request.references and not request.face_embeddings:
         raise IdcraftError("give at least one --reference image (or, for face methods, --face-embedding).")
     from ..engine import Engine
