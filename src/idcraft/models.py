@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import IdcraftError, ModelLoadError
+from .prechecks import check_local_path, missing_local_path
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _unreachable(what: str, name: str, exc: Exception) -> ModelLoadError:
     local = Path(name).expanduser()
     if local.exists():
         return ModelLoadError(f"cannot load {what} from {local}: {exc}")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+    if missing_local_path(name):
         return ModelLoadError(f"{what} {name!r}: no such directory.")
     return ModelLoadError(
         f"cannot load {what} {name!r}: it is not a local directory and the Hugging Face Hub could not provide "
@@ -181,6 +182,7 @@ def load_image_encoder(
     """Load a ``CLIPVisionModelWithProjection`` (the encoder folder shipped next to the adapters)."""
     from transformers import CLIPVisionModelWithProjection
 
+    check_local_path("image encoder", path)
     _check_image_encoder_folder(Path(path).expanduser())
     try:
         model = CLIPVisionModelWithProjection.from_pretrained(str(path))

@@ -15,7 +15,7 @@ import os
 import struct
 from pathlib import Path
 
-from .errors import IdcraftError, IncompatibleAdapterError
+from .errors import IdcraftError, IncompatibleAdapterError, ModelLoadError
 
 #: Cross-attention widths of the published base families, for messages.
 CROSS_ATTENTION_NAMES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
@@ -112,6 +112,27 @@ def check_adapter_fits_base(base: str | os.PathLike, adapter: str | os.PathLike)
     mine = adapter_width(adapter) if unet is not None else None
     if unet is not None and mine is not None and mine != unet:
         raise cross_attention_mismatch(mine, unet, f"base model {base}")
+
+
+# ---------------------------------------------------------------------------- paths
+def missing_local_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local folder that is not there, rather than a hub id (``org/name``):
+    it starts with ``.``, ``/`` or ``~``, has more than one ``/``, ends with one, holds a backslash, or its
+    first part is a folder here (``models/image_encoder`` beside a ``models/`` folder)."""
+    if Path(name).expanduser().exists():
+        return False
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/"):
+        return True
+    if os.sep != "/" and os.sep in name or "\\" in name:
+        return True
+    head = name.split("/", 1)[0]
+    return "/" in name and bool(head) and Path(head).is_dir()
+
+
+def check_local_path(what: str, name: str | os.PathLike) -> None:
+    """Refuse a path-like name that does not exist before any loader takes it for a hub id."""
+    if missing_local_path(str(name)):
+        raise ModelLoadError(f"{what} {str(name)!r}: no such directory (it is a path here, not a hub id).")
 
 
 # ---------------------------------------------------------------------------- devices

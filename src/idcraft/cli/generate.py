@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import IdcraftError
     from ..methods import family_of
     from ..outputs import atomic_save_image, check_output_paths
-    from ..prechecks import check_adapter_fits_base, check_device_available
+    from ..prechecks import check_adapter_fits_base, check_device_available, check_local_path
     from ..registry import get_method
     from ..requests import check_device
 
@@ -89,6 +89,14 @@ def run(args: argparse.Namespace) -> int:
     paths = check_output_paths(args.output, args.num_images, overwrite=args.overwrite)
     request = request_from_args(args)
     # what a header or torch.cuda tells, before 30-100 s of loading
+    for what, name in (
+        ("base model", args.base),
+        ("image encoder", args.image_encoder),
+        ("image encoder 2", args.image_encoder_2),
+        *(("ControlNet", c) for c in args.controlnet or ()),
+    ):
+        if name is not None:
+            check_local_path(what, name)
     check_adapter_fits_base(args.base, args.adapter)
     check_device_available(args.device)
     if not request.references and not request.face_embeddings:
