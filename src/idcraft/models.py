@@ -180,9 +180,9 @@ def load_image_encoder(
     path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ):
     """Load a ``CLIPVisionModelWithProjection`` (the encoder folder shipped next to the adapters)."""
+    check_local_path("image encoder", path)  # before transformers loads (seconds) or asks the hub
     from transformers import CLIPVisionModelWithProjection
 
-    check_local_path("image encoder", path)
     _check_image_encoder_folder(Path(path).expanduser())
     try:
         model = CLIPVisionModelWithProjection.from_pretrained(str(path))
