@@ -40,6 +40,7 @@ from .models import (
 )
 from .multiperson import keypoint_image, place_faces, region_masks, regions_for
 from .prechecks import check_adapter_fits_base
+from .requests import check_keypoints_inside
 
 __all__ = ["BatchItem", "IPAdapterPipeline", "ReferenceTokens"]
 
@@ -384,6 +385,7 @@ class IPAdapterPipeline:
             kps = np.asarray(keypoints).reshape(-1, 5, 2)  # as given: draw_kps computes in their dtype
             if width is None or height is None:
                 raise IdcraftError("--keypoints are in output pixels: give --width and --height with them.")
+            check_keypoints_inside(kps, (width, height), "the output")
             return list(kps), (width, height)
         identities = tokens.identities or []
         if not identities or any(i.kps is None for i in identities):
