@@ -8,6 +8,7 @@ rest of the run -- models, optimizer, accelerate, the checkpoint folder logic --
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,29 @@ def test_write_errors_are_named_and_others_kept(tmp_path, error, words):
         write_problem(OSError(errno.EIO, "I/O error"), tmp_path) is None
     )  # a real fault keeps its traceback
     assert write_problem(ValueError("bug"), tmp_path) is None
+
+
+def test_a_full_disk_at_the_final_export_keeps_the_weights_and_resume_writes_them(
+    models, data, tmp_path, monkeypatch
+):
+    import idcraft.checkpoints as checkpoints
+
+    run = tmp_path / "run"
+    real = checkpoints.save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if Path(filename).parent == run:  # the run folder's own adapter, not a checkpoint's
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", save_file)
+    with pytest.raises(IdcraftError) as caught:
+        train(config(models, data, run, max_steps=2, checkpoint_every=2))
+    message = str(caught.value)
+    assert "\n" not in message and "has no space left" in message and "--resume" in message
+    assert str(run / "checkpoints" / "step-00000002" / "adapter.safetensors") in message
+    assert not (run / "adapter.safetensors").exists()
+
+    monkeypatch.undo()
+    result = train(config(models, data, run, max_steps=2, checkpoint_every=2, resume=True))
+    assert (run / "adapter.safetensors").is_file() and result.step == 2

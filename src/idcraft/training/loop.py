@@ -614,10 +614,16 @@ class Trainer:
         metadata = {"step": str(run.step)}
         state = self._trainable_state(run) if run.backend != PLAIN else None  # collective
         if accelerator.is_main_process:
-            if state is None:
-                files = run.recipe.export(output, self.config.formats, metadata)
-            else:
-                files = run.recipe.export(output, self.config.formats, metadata, state=state)
+            try:
+                if state is None:
+                    files = run.recipe.export(output, self.config.formats, metadata)
+                else:
+                    files = run.recipe.export(output, self.config.formats, metadata, state=state)
+            except (OSError, RuntimeError) as exc:
+                problem = ckpt.write_problem(exc, output)
+                if problem is None:
+                    raise
+                raise ckpt.export_write_error(problem, output, ckpt.latest_checkpoint(output)) from exc
             report.write(output / "skipped.txt")
             if report.skipped or report.empty_captions:
                 reporter.message(

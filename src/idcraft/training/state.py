@@ -296,6 +296,27 @@ def checkpoint_write_error(problem: str, root: Path, name: str, needed: int, pre
     )
 
 
+def export_write_error(problem: str, output: Path, latest: Path | None):
+    """The one-line error for the final adapter that could not be written into ``output``; the newest
+    checkpoint holds the same weights (its ``adapter.safetensors``)."""
+    from ..errors import IdcraftError
+
+    cause = (
+        "is not writable (permission denied or a read-only disk)"
+        if problem == "denied"
+        else f"has no space left ({_mb(_free_bytes(output) or 0)} free)"
+    )
+    kept = (
+        f"the trained weights are safe in {latest / 'adapter.safetensors'}"
+        if latest is not None
+        else "no checkpoint holds the weights"
+    )
+    return IdcraftError(
+        f"cannot write the trained adapter: {output} {cause}; {kept}. Free space or fix the folder, then "
+        "rerun the same command with --resume to write it."
+    )
+
+
 def _free_bytes(folder: Path) -> int | None:
     for candidate in (Path(folder), *Path(folder).parents):
         if candidate.exists():
