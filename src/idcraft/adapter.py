@@ -180,16 +180,9 @@ class IPAdapter(nn.Module):
             unet_cross = unet_cross[0]
         mine = self.cross_attention_dim
         if mine != unet_cross:
-            hint = {768: "an SD1.5 base model", 2048: "an SDXL base model"}.get(mine, "a matching base model")
-            other = {
-                768: "an SD1.5 adapter (e.g. ip-adapter_sd15.bin)",
-                2048: "an SDXL adapter (e.g. ip-adapter_sdxl.bin)",
-            }
-            raise IncompatibleAdapterError(
-                f"the adapter was made for a UNet with cross-attention width {_named(mine, CROSS_ATTENTION_NAMES)}, "
-                f"but {base_name} has {_named(unet_cross, CROSS_ATTENTION_NAMES)}. Use {hint} with this adapter, "
-                f"or {other.get(unet_cross, 'an adapter made for this base model')}."
-            )
+            from .prechecks import cross_attention_mismatch
+
+            raise cross_attention_mismatch(mine, unet_cross, base_name)
         expected = cross_attention_layers(unet)
         if set(self.image_layers) != set(expected):
             raise IncompatibleAdapterError(

@@ -218,8 +218,10 @@ def build_request(job: Job, method: str, defaults: dict[str, Any]) -> Generation
     if embeddings is not None:
         import numpy as np
 
+        from .inputs import load_embedding
+
         values["face_embeddings"] = [
-            np.load(e, allow_pickle=False) if isinstance(e, str) else np.asarray(e, dtype=np.float32)
+            load_embedding(e) if isinstance(e, str) else np.asarray(e, dtype=np.float32)
             for e in embeddings
         ]
     values["seed"] = job.seed

@@ -161,25 +161,56 @@ def _read_bin(path: Path) -> dict[str, dict[str, torch.Tensor]]:
             f"{path}: truncated or corrupt: it starts as a torch.save zip archive but its end is missing "
             f"({path.stat().st_size:,} bytes on disk), e.g. an interrupted download or copy. Download it again."
         )
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "global" not in str(exc).lower():  # not a refused class but bytes that are no pickle at all
-            raise CheckpointError(
-                f"{path}: cannot read this checkpoint: its data is not a valid torch.save pickle, so it is "
-                f"corrupt or truncated ({path.stat().st_size:,} bytes on disk). Download it again."
-            ) from exc
-        raise CheckpointError(
-            f"{path}: refused to load: the file contains Python objects other than tensors, which "
-            "weights_only loading does not execute. Official adapter files contain only tensors; "
-            "if you trust this file, convert it to .safetensors yourself."
-        ) from exc
-    except Exception as exc:  # RuntimeError, EOFError, BadZipFile, OSError, KeyError ...: damaged inside
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: cannot read this checkpoint ({first}); it is probably truncated or corrupt "
-            f"({path.stat().st_size:,} bytes on disk). Download it again."
-        ) from exc
+    data = load_torch_file(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of tensor groups, found {type(data).__name__}.")
     return {g: dict(data[g]) for g in GROUPS if isinstance(data.get(g), dict)}
+
+
+def load_torch_file(path: str | os.PathLike, *, mmap: bool = False):
+    """The one way idcraft reads a ``torch.save`` file (adapters, training state, memory estimates):
+    ``weights_only=True``, so a pickle carrying code is refused without running it, and every failure is
+    a :class:`CheckpointError` in idcraft's words -- never torch's advice to load unsafely."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if not _refused_object(exc):  # not a refused class but bytes that are no pickle at all
+            raise CheckpointError(
+                f"{path}: cannot read this checkpoint: its data is not a valid torch.save pickle, so it is "
+                f"corrupt or truncated ({_size(path)} on disk). Download it again."
+            ) from exc
+        raise CheckpointError(
+            f"{path}: refused: the file contains Python code/objects that are not plain tensors "
+            f"({_refused_name(exc)}), and loading it could run that code. idcraft only loads weights; get the "
+            "file from a trusted source as .safetensors."
+        ) from exc
+    except Exception as exc:  # RuntimeError, EOFError, BadZipFile, OSError, KeyError ...: damaged inside
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in first or "unsafe" in first.lower():  # torch's wording: not shown to users
+            first = type(exc).__name__
+        raise CheckpointError(
+            f"{path}: cannot read this checkpoint ({first}); it is probably truncated or corrupt "
+            f"({_size(path)} on disk). Download it again."
+        ) from exc
+
+
+def _refused_object(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "global" in text or "weights only load failed" in text or "unsupported class" in text
+
+
+def _refused_name(exc: Exception) -> str:
+    """The object torch refused (``os.system``, a class), from its message; the message itself advises
+    ``weights_only=False``, which idcraft never repeats."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"it asks for {found.group(1)}" if found else "objects that are not tensors"
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size:,} bytes"
+    except OSError:
+        return "unknown size"

@@ -232,7 +232,9 @@ def _faces_of(
     options = {"models_dir": models} if backend != "default" else {}
     if not every_face:
         return [analyse_reference(photo, backend, face_index, embed=embed, **options)]
-    faces = shared_face_analyser(backend, **options).detect(photo, embed=embed)
+    from .multiperson import faces_of_group_photo
+
+    faces = faces_of_group_photo(shared_face_analyser(backend, **options), photo, embed=embed)
     if not faces:
         analyse_reference(photo, backend, 0, embed=False, **options)  # raises the no-face error
     return faces

@@ -31,7 +31,7 @@ from .errors import IdcraftError
 from .methods import FaceSettings, family_of
 from .methods.text_only import TEXT_ONLY, is_text_only
 from .registry import Method, get_method
-from .requests import GenerationRequest, GenerationResult, Limits
+from .requests import GenerationRequest, GenerationResult, Limits, not_a_request
 
 __all__ = ["Conditioning", "Engine", "GenerationRequest", "GenerationResult", "Limits"]
 
@@ -194,6 +194,8 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> tuple[Method, GenerationRequest]:
         """The request's method and the request with that method's defaults, checked: an unknown method,
         an option the method does not read, or a size the base model cannot make is refused here."""
+        if not isinstance(request, GenerationRequest):
+            raise not_a_request(request)
         request.validate(self.limits)
         name = self._method_name(request.method)
         method = _lookup(name)
@@ -208,6 +210,11 @@ class Engine:
                     f"--{side} {value} is not a multiple of {factor}, which {name}'s base model needs "
                     f"(try {max(factor, value // factor * factor)})."
                 )
+        if request.steps is not None:  # the sides a request leaves out: the base's native size
+            native = _native_side(self._pipelines[name])
+            self.limits.check_cost(
+                request.width or native, request.height or native, request.steps, request.num_images
+            )
         return method, request
 
     # ------------------------------------------------------------------ generation
@@ -262,6 +269,11 @@ class Engine:
         allows it (SD families: same method, size and settings, one image and one person each; each
         request's noise comes from its own seed, so its image does not depend on the batch). Anything
         else runs one request at a time."""
+        if isinstance(requests, (GenerationRequest, Mapping, str)) or not isinstance(requests, Sequence):
+            raise IdcraftError(
+                f"generate_batch takes a list of GenerationRequest, got {type(requests).__name__}; "
+                "for one request call generate()."
+            )
         if not requests:
             return []
         start = time.perf_counter()
@@ -337,6 +349,16 @@ def _size_factor(pipe) -> int:
     inner = getattr(pipe, "pipe", pipe)
     factor = int(getattr(inner, "vae_scale_factor", 8))
     return factor * 2 if _method_of(pipe).base == "flux" else max(8, factor)
+
+
+def _native_side(pipe) -> int:
+    """The side a base model generates when a request gives none (512 for SD1.5, 1024 for SDXL and FLUX)."""
+    inner = getattr(pipe, "pipe", pipe)
+    unet = getattr(inner, "unet", None)
+    sample = getattr(getattr(unet, "config", None), "sample_size", None) or getattr(
+        inner, "default_sample_size", 64
+    )
+    return int(sample) * int(getattr(inner, "vae_scale_factor", 8))
 
 
 def _choose_method(method: str | None, base, image_encoder_2) -> Method | None:

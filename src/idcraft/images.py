@@ -32,14 +32,23 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> Image.Im
     16-bit and float images are scaled to 8 bits; EXIF orientation is applied.
     """
     limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(source, (bytes, bytearray)):  # an image file's contents (an upload, say)
+        return _from_bytes(bytes(source), limit)
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, limit)
     if isinstance(source, Image.Image):
-        _check_size(source.size, limit, "image")
-        return _to_rgb(ImageOps.exif_transpose(source), "image")
+        name = getattr(source, "filename", "") or "image"
+        _check_size(source.size, limit, name)
+        return _named(_to_rgb(ImageOps.exif_transpose(source), name), name)
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(
+            f"expected an image path, PIL image, image array or image bytes, got {type(source).__name__}."
+        )
+    name = str(source)
+    if "://" in name and name.split("://", 1)[0].lower() in ("http", "https", "ftp", "s3", "gs", "hf"):
+        raise ImageError(f"{name}: URLs are not fetched: download the image first and pass its path.")
     path = Path(source)
-    name = str(path)
     if not path.exists():
         raise ImageError(f"{name}: no such file.")
     if path.is_dir():
@@ -60,7 +69,35 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> Image.Im
         raise ImageError(
             f"{name}: the image file is truncated or corrupt ({exc}). Re-export or re-download it."
         ) from exc
-    return _to_rgb(ImageOps.exif_transpose(image), name)
+    return _named(_to_rgb(ImageOps.exif_transpose(image), name), name)
+
+
+def _named(image: Image.Image, name: str) -> Image.Image:
+    """Keep the file's name on the converted image (``filename``, as PIL's own opened images have it), so
+    that a later error about it -- no face found, say -- names the file rather than "image"."""
+    if name != "image" and not getattr(image, "filename", ""):
+        image.filename = name
+    return image
+
+
+def _from_bytes(data: bytes, limit: int) -> Image.Image:
+    import io
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_size(image.size, limit, "image bytes")
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image bytes: too large to open safely ({exc}).") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(
+            f"image bytes ({len(data):,}): not an image file PIL can read (PNG, JPEG, WebP ...), or truncated."
+        ) from exc
+    return _to_rgb(ImageOps.exif_transpose(image), "image bytes")
 
 
 def _check_size(size: tuple[int, int], limit: int, name: str) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from .errors import IdcraftError, ModelLoadError
 from .notices import drop_library_notices
+from .prechecks import check_local_path, missing_local_path
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _unreachable(what: str, name: str, exc: Exception) -> ModelLoadError:
     local = Path(name).expanduser()
     if local.exists():
         return ModelLoadError(f"cannot load {what} from {local}: {exc}")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+    if missing_local_path(name):
         return ModelLoadError(f"{what} {name!r}: no such directory.")
     return ModelLoadError(
         f"cannot load {what} {name!r}: it is not a local directory and the Hugging Face Hub could not provide "
@@ -189,6 +190,7 @@ def load_image_encoder(
     path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ):
     """Load a ``CLIPVisionModelWithProjection`` (the encoder folder shipped next to the adapters)."""
+    check_local_path("image encoder", path)  # before transformers loads (seconds) or asks the hub
     from transformers import CLIPVisionModelWithProjection
 
     _check_image_encoder_folder(Path(path).expanduser())

@@ -17,6 +17,27 @@ from PIL import Image
 from .injection import Region
 
 
+def faces_of_group_photo(analyser, photo: Image.Image, *, embed: bool) -> list:
+    """Every face of one group photo (``--multi-person`` with a single reference), largest first.
+
+    A backend that finds one subject per image (the offline world's) cannot split a group photo into
+    people: say so, and how to give them, rather than "no face found" or a silent single person."""
+    from .faces import NoFaceError
+    from .faces.analyser import image_name
+
+    faces = analyser.detect(photo, embed=embed)
+    if analyser.max_faces is not None and analyser.max_faces < 2:
+        width, height = photo.size
+        seen = "no character it recognises" if not faces else "one character"
+        raise NoFaceError(
+            f"{image_name(photo)}: --multi-person with one group photo needs a face backend that finds several "
+            f"faces in one image; the {analyser.name} backend finds at most {analyser.max_faces} per image (in "
+            f"this {width}x{height} image: {seen}). Give each person as their own --reference (one image "
+            "each) with --multi-person."
+        )
+    return faces
+
+
 def place_faces(
     keypoints: Sequence[np.ndarray], frames: Sequence[tuple[int, int]], canvas: tuple[int, int]
 ) -> list[np.ndarray]:

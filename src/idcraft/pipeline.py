@@ -41,6 +41,8 @@ from .models import (
 )
 from .multiperson import keypoint_image, place_faces, region_masks, regions_for
 from .notices import drop_library_notices
+from .prechecks import check_adapter_fits_base
+from .requests import check_keypoints_inside
 
 __all__ = ["BatchItem", "IPAdapterPipeline", "ReferenceTokens"]
 
@@ -109,6 +111,7 @@ class IPAdapterPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         shared = {} if shared is None else shared
+        check_adapter_fits_base(base, adapter)  # from the headers, before the adapter or encoder loads
         ip_adapter = IPAdapter.from_checkpoint(str(adapter), method=method)
         needs_encoder = ip_adapter.method.needs_image_encoder
         if needs_encoder and image_encoder is None:
@@ -384,6 +387,7 @@ class IPAdapterPipeline:
             kps = np.asarray(keypoints).reshape(-1, 5, 2)  # as given: draw_kps computes in their dtype
             if width is None or height is None:
                 raise IdcraftError("--keypoints are in output pixels: give --width and --height with them.")
+            check_keypoints_inside(kps, (width, height), "the output")
             return list(kps), (width, height)
         identities = tokens.identities or []
         if not identities or any(i.kps is None for i in identities):

@@ -10,7 +10,9 @@ run in the engine. Importing this module imports neither torch nor diffusers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -66,7 +68,13 @@ class Limits:
 
     ``max_pixels`` bounds width x height of one image (the default allows 2048 x 2048, four times SDXL's
     native size; memory grows with it), ``max_side`` either side, ``max_steps`` the denoising steps and
-    ``max_images`` the images of one request."""
+    ``max_images`` the images of one request.
+
+    Each bound alone still lets a request combine them into hours of work (16 images x 2048^2 x 500
+    steps), so ``max_pixel_steps`` bounds their product, width x height x steps x images: the work of the
+    denoising loop, which is what a request's time grows with. The default, 1024^2 x 50 steps x 4 images,
+    lets every normal request through (SDXL or FLUX at 1024^2 with 50 steps and 4 images; anything at 512^2
+    up to 16 images x 50 steps) and refuses 16 images at 1024^2 x 50 steps."""
 
     max_pixels: int = 2048 * 2048
     max_side: int = 4096
@@ -74,6 +82,25 @@ class Limits:
     max_images: int = 16
     max_references: int = 16
     max_prompt_chars: int = 4000
+    max_pixel_steps: int = 1024 * 1024 * 50 * 4
+
+    def check_cost(self, width: int, height: int, steps: int, images: int) -> None:
+        """Refuse a request whose denoising work (width x height x steps x images) is over
+        ``max_pixel_steps``, saying what it costs and what would fit."""
+        cost = width * height * steps * images
+        if cost <= self.max_pixel_steps:
+            return
+        fit_images = self.max_pixel_steps // (width * height * steps)
+        fit_steps = self.max_pixel_steps // (width * height * images)
+        hint = [f"at most {fit_images} image(s) at this size and step count"] if fit_images else []
+        if fit_steps:
+            hint.append(f"at most {fit_steps} steps for {images} image(s)")
+        hint.append("a smaller size")
+        raise IdcraftError(
+            f"this request is {images} image(s) x {width}x{height} x {steps} steps = {cost / 1e6:,.0f} million "
+            f"pixel-steps, over the limit of {self.max_pixel_steps / 1e6:,.0f} million (limits.max_pixel_steps): "
+            f"it would run for a very long time. Lower it: {', or '.join(hint)}."
+        )
 
 
 @dataclass
@@ -183,6 +210,18 @@ class GenerationRequest:
     )
     progress: bool = False  # show the sampler's progress bar
 
+    def __post_init__(self) -> None:
+        # The library's door: a wrong type is refused here, naming the field, rather than failing deep
+        # inside a model as a TypeError. One path or one image is one reference (a string is not a
+        # sequence of references, letter by letter).
+        self.references = _images("references", self.references)
+        self.control_images = _images("control_images", self.control_images)
+        if self.face_embeddings is not None:
+            self.face_embeddings = _embeddings(self.face_embeddings)
+        if self.controlnet_scales is not None:
+            self.controlnet_scales = _numbers("controlnet_scales", self.controlnet_scales)
+        check_types(self)
+
     def with_defaults(self, defaults: dict[str, Any]) -> GenerationRequest:
         """A copy with every ``None`` setting named in ``defaults`` filled in."""
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
@@ -190,8 +229,7 @@ class GenerationRequest:
     def validate(self, limits: Limits | None = None) -> None:
         """Raise :class:`IdcraftError` for values no model could run: checked before anything loads."""
         limits = limits or Limits()
-        if not isinstance(self.prompt, str):
-            raise IdcraftError("prompt must be text.")
+        check_types(self)  # again: fields may have been set after construction
         if len(self.prompt) > limits.max_prompt_chars:
             raise IdcraftError(
                 f"the prompt is {len(self.prompt)} characters; at most {limits.max_prompt_chars} are accepted."
@@ -245,6 +283,10 @@ class GenerationRequest:
             )
         if self.keypoints is not None:
             _check_keypoints(self.keypoints)
+            if self.width is not None and self.height is not None:
+                check_keypoints_inside(self.keypoints, (self.width, self.height), "the output")
+        if self.width is not None and self.height is not None and self.steps is not None:
+            limits.check_cost(self.width, self.height, self.steps, self.num_images)
 
 
 @dataclass
@@ -296,6 +338,11 @@ def _count(flag: str, value: Any, limit: int) -> None:
 
 def _check_keypoints(keypoints: Any) -> None:
     """Five finite ``[x, y]`` per face, as nested lists or an array."""
+    if isinstance(keypoints, (str, os.PathLike)):
+        raise IdcraftError(
+            f"keypoints {str(keypoints)!r} is a file name: read it first (idcraft.inputs.load_keypoints) and "
+            "pass the five [x, y] pairs per face."
+        )
     flat = _flatten(keypoints)
     if not flat or len(flat) % 10:
         raise IdcraftError(
@@ -319,3 +366,169 @@ def _flatten(value: Any) -> list:
     if isinstance(value, (list, tuple)):
         return [v for item in value for v in _flatten(item)]
     return [value]
+
+
+# ---------------------------------------------------------------------------- types at the door
+#: Each field's accepted types, as a check and the words of the message (``None`` allowed where listed).
+_NUMBER = "a number"
+_WHOLE = "a whole number"
+_TEXT = "text (str)"
+_FIELD_TYPES: dict[str, tuple[str, bool]] = {
+    "prompt": (_TEXT, False),
+    "method": (_TEXT, True),
+    "negative_prompt": (_TEXT, False),
+    "scale": (_NUMBER, True),
+    "s_scale": (_NUMBER, False),
+    "guidance": (_NUMBER, True),
+    "true_cfg": (_NUMBER, False),
+    "seed": (_WHOLE, True),
+    "steps": (_WHOLE, True),
+    "width": (_WHOLE, True),
+    "height": (_WHOLE, True),
+    "num_images": (_WHOLE, False),
+    "face_index": (_WHOLE, False),
+    "multi_person": ("True or False", False),
+    "progress": ("True or False", False),
+}
+
+
+def check_types(request: Any) -> None:
+    """Refuse a field of the wrong type with an :class:`IdcraftError` naming the field, the type expected
+    and the value given (whether the value is in range is :meth:`GenerationRequest.validate`'s job)."""
+    if not isinstance(request, GenerationRequest):
+        raise not_a_request(request)
+    for name, (expected, optional) in _FIELD_TYPES.items():
+        value = getattr(request, name)
+        if value is None and optional:
+            continue
+        if not _is_type(value, expected):
+            raise _wrong_type(name, value, expected + (" or None" if optional else ""))
+    keypoints = request.keypoints
+    if (
+        keypoints is not None
+        and not isinstance(keypoints, (str, os.PathLike))
+        and not _numeric_nest(keypoints)
+    ):
+        raise _wrong_type(
+            "keypoints", request.keypoints, "five [x, y] numbers per face (nested lists or an array)"
+        )
+
+
+def not_a_request(value: Any) -> IdcraftError:
+    """The error for something given where a :class:`GenerationRequest` belongs (a dict, say)."""
+    if isinstance(value, Mapping):
+        return IdcraftError(
+            "expected a GenerationRequest, got a dict: build one with GenerationRequest(**fields) "
+            "(idcraft.requests), so that every field is checked."
+        )
+    return IdcraftError(f"expected a GenerationRequest, got {_describe(value)}.")
+
+
+def _is_type(value: Any, expected: str) -> bool:
+    if expected == _TEXT:
+        return isinstance(value, str)
+    if expected == "True or False":
+        return isinstance(value, bool) or _is_numpy_scalar(value, "b")
+    if isinstance(value, bool):
+        return False
+    if expected == _WHOLE:
+        return isinstance(value, int) or _is_numpy_scalar(value, "iu")
+    return isinstance(value, (int, float)) or _is_numpy_scalar(value, "iuf")
+
+
+def _is_numpy_scalar(value: Any, kinds: str) -> bool:
+    np = sys.modules.get("numpy")  # not imported: the value cannot be a NumPy scalar
+    return np is not None and isinstance(value, np.generic) and value.dtype.kind in kinds
+
+
+def _wrong_type(name: str, value: Any, expected: str) -> IdcraftError:
+    return IdcraftError(f"GenerationRequest.{name} must be {expected}, got {_describe(value)}.")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_image(value: Any) -> bool:
+    """A PIL image or an image array, found without importing PIL or NumPy (not imported: not one)."""
+    pil = sys.modules.get("PIL.Image")
+    np = sys.modules.get("numpy")
+    return (pil is not None and isinstance(value, pil.Image)) or (
+        np is not None and isinstance(value, np.ndarray)
+    )
+
+
+def _is_one_image(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike, bytes, bytearray)) or _is_image(value)
+
+
+def _images(name: str, value: Any) -> tuple:
+    """``references`` / ``control_images`` as a tuple: one path, encoded file (bytes) or image is one;
+    a list or tuple is several; anything else is refused."""
+    expected = "an image path, PIL image, image array or encoded image bytes, or a list of them"
+    if value is None:
+        return ()
+    if _is_one_image(value):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise _wrong_type(name, value, expected)
+    for i, item in enumerate(value):
+        if not _is_one_image(item):
+            raise _wrong_type(f"{name}[{i}]", item, "an image path, PIL image, image array or image bytes")
+    return tuple(value)
+
+
+def _embeddings(value: Any) -> tuple:
+    """``face_embeddings`` as a tuple of vectors or paths: one 1-d array, one path or a list of them."""
+    expected = "a face embedding (a 1-d array of numbers or a .npy path), or a list of them"
+    np = sys.modules.get("numpy")
+    torch = sys.modules.get("torch")
+    arrays = tuple(m.ndarray if m is np else m.Tensor for m in (np, torch) if m is not None)
+    if isinstance(value, (str, os.PathLike)):
+        return (value,)
+    if arrays and isinstance(value, arrays):
+        return (value,) if value.ndim == 1 else tuple(value)
+    if isinstance(value, (list, tuple)):
+        if value and all(_is_type(v, _NUMBER) for v in value):
+            return (value,)  # one vector given as a list of numbers
+        for i, item in enumerate(value):
+            ok = isinstance(item, (str, os.PathLike)) or (arrays and isinstance(item, arrays))
+            ok = ok or (isinstance(item, (list, tuple)) and all(_is_type(v, _NUMBER) for v in item))
+            if not ok:
+                raise _wrong_type(f"face_embeddings[{i}]", item, "a 1-d array of numbers or a .npy path")
+        return tuple(value)
+    raise _wrong_type("face_embeddings", value, expected)
+
+
+def _numbers(name: str, value: Any) -> tuple:
+    if _is_type(value, _NUMBER):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(_is_type(v, _NUMBER) for v in value):
+        raise _wrong_type(name, value, "a number or a list of numbers")
+    return tuple(value)
+
+
+def _numeric_nest(value: Any) -> bool:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return all(_numeric_nest(v) for v in value)
+    return _is_type(value, _NUMBER)
+
+
+def check_keypoints_inside(keypoints: Any, size: tuple[int, int], frame: str) -> None:
+    """Refuse keypoints outside ``size`` (width, height) of ``frame``: the face would be drawn off the
+    image, so IdentityNet sees no face and the identity is lost without a word."""
+    flat = [float(v) for v in _flatten(keypoints)]
+    width, height = size
+    for face, start in enumerate(range(0, len(flat), 10)):
+        for x, y in zip(flat[start : start + 10 : 2], flat[start + 1 : start + 10 : 2], strict=True):
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise IdcraftError(
+                    f"keypoint [{x:g}, {y:g}] of face {face} is outside {frame} ({width}x{height}): keypoints "
+                    f"are in its pixels, x from 0 to {width} and y from 0 to {height}. Check the file, or "
+                    "give --width/--height for the frame the keypoints were measured in."
+                )

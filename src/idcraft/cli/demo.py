@@ -41,6 +41,9 @@ def run(args) -> int:
     steps = DEMO_STEPS if args.steps is None else args.steps
     if steps < 1:
         raise IdcraftError("--steps must be at least 1.")
+    from ..prechecks import check_device_available
+
+    check_device_available(args.device)
     run_demo(
         args.output,
         identity=args.identity,

@@ -131,6 +131,9 @@ def run_world(args) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise IdcraftError("--steps and --batch-size must be at least 1.")
     _check_output_folder(args.output)
+    from ..prechecks import check_device_available
+
+    check_device_available(args.device)
     report = evaluate(
         args.output,
         methods=args.methods,

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..methods import family_of
     from ..methods.text_only import TEXT_ONLY, is_text_only
     from ..outputs import atomic_save_image, check_output_paths
+    from ..prechecks import check_adapter_fits_base, check_device_available, check_local_path
     from ..registry import get_method
     from ..requests import check_device
 
@@ -100,6 +101,18 @@ def run(args: argparse.Namespace) -> int:
         )
     paths = check_output_paths(args.output, args.num_images, overwrite=args.overwrite)
     request = request_from_args(args)
+    # what a header or torch.cuda tells, before 30-100 s of loading
+    for what, name in (
+        ("base model", args.base),
+        ("image encoder", args.image_encoder),
+        ("image encoder 2", args.image_encoder_2),
+        *(("ControlNet", c) for c in args.controlnet or ()),
+    ):
+        if name is not None:
+            check_local_path(what, name)
+    if args.adapter:
+        check_adapter_fits_base(args.base, args.adapter)
+    check_device_available(args.device)
     if not text_only and not request.references and not request.face_embeddings:
         raise IdcraftError(
             "give at least one --reference image (or, for face methods, --face-embedding); --method none "

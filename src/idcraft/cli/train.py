@@ -199,6 +199,7 @@ def _check_paths(config) -> None:
     from pathlib import Path
 
     from ..errors import IdcraftError
+    from ..prechecks import check_training_data
     from ..registry import METHODS, get_method
 
     try:
@@ -210,6 +211,7 @@ def _check_paths(config) -> None:
         ) from None
     if not Path(config.data).expanduser().exists():
         raise IdcraftError(f"--data {config.data}: no such folder or manifest.")
+    check_training_data(config.data)
     base = str(config.base)
     if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
         raise IdcraftError(f"--base {base}: no such folder.")

@@ -222,8 +222,10 @@ def run_dataset(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from ..prechecks import check_device_available
     from ..world.rebuild import rebuild
 
+    check_device_available(args.device)
     rebuild(
         args.output,
         profile=args.profile,

@@ -95,13 +95,19 @@ class DefaultFaceAnalyser(FaceAnalyser):
             return self._detect(rgb, embed)
 
     def _detect(self, rgb: np.ndarray, embed: bool) -> list[Face]:
+        """Scan at each of ``det_sizes`` in turn. A scan that shrank the image (a group photo larger than
+        the size) can only find faces at least ``MIN_FACE`` px there, so smaller people in it are missed:
+        the next size is scanned too and the faces of both are merged. A scan that kept or enlarged the
+        image and found a face ends the search, as a single-person reference needs no more."""
+        faces: list[Face] = []
+        long_side = max(rgb.shape[:2])
         for size in self.det_sizes:
-            faces = [
+            faces += [
                 face for box in self._boxes(rgb, size) if (face := self._analyse(rgb, box, embed)) is not None
             ]
-            if faces:
-                return sort_largest_first(_dedupe(faces))
-        return []
+            if faces and size >= long_side:
+                break
+        return sort_largest_first(_dedupe(faces)) if faces else []
 
     def _boxes(self, rgb: np.ndarray, long_side: int) -> list[np.ndarray]:
         """Detector boxes ``(x1, y1, x2, y2)`` in pixels of ``rgb``, found with its long side scaled to

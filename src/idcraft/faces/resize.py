@@ -26,6 +26,7 @@ def resize_img(
 ) -> Image.Image:
     """Resize a reference photo the way InstantID does (see the module docstring); ``size=(w, h)`` forces
     the final size."""
+    name = getattr(input_image, "filename", "")  # kept, so that a face error names the file
     w, h = input_image.size
     if size is not None:
         new_w, new_h = (int(v) for v in size)
@@ -53,4 +54,6 @@ def resize_img(
             input_image.convert("RGB")
         )
         input_image = Image.fromarray(canvas)
+    if name:
+        input_image.filename = name
     return input_image

@@ -125,6 +125,9 @@ class FaceAnalyser(ABC):
     name: str = "face-analyser"
     #: ``Face.embedding_kind`` this analyser produces, or None when it has no recogniser.
     embedding_kind: str | None = None
+    #: Most faces it can find in one image (``None``: no limit). A detector of one subject per image
+    #: cannot split a group photo into people, which ``--multi-person`` needs to say rather than "no face".
+    max_faces: int | None = None
 
     @abstractmethod
     def detect(self, image: ImageInput, *, embed: bool = True) -> list[Face]:

@@ -120,7 +120,9 @@ def adapter_params(path: str | os.PathLike) -> dict[str, ParamCount]:
     if path.suffix == ".safetensors":
         shapes = _shapes_from_safetensors([path])
     else:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        from ..checkpoints import load_torch_file
+
+        data = load_torch_file(path, mmap=True)
         shapes = {
             f"{g}.{k}": tuple(t.shape) for g, d in data.items() if isinstance(d, dict) for k, t in d.items()
         }

@@ -177,7 +177,14 @@ class IdentityFamily(SDFamily):
 
     def encode(self, pipe, request: GenerationRequest, faces: FaceSettings):
         references = self._references(request)
-        embeddings = list(request.face_embeddings) if request.face_embeddings is not None else None
+        embeddings = None
+        if request.face_embeddings is not None:
+            from ..inputs import load_embedding
+
+            embeddings = [
+                load_embedding(os.fspath(e)) if isinstance(e, (str, os.PathLike)) else e
+                for e in request.face_embeddings
+            ]
         if not references and not embeddings:
             raise IdcraftError(
                 f"{pipe.method.name} needs a reference photo with a face (or a saved --face-embedding)."

@@ -535,6 +535,8 @@ class Trainer:
             write_all=write_all,
             rank_state=rank_state,
             keep=config.keep_checkpoints,
+            # the weights twice (resume copy, official export) and Adam's two moments: a checkpoint's size
+            size_hint=4 * sum(t.numel() * t.element_size() for t in trainable.values()),
         )
 
     def _restore(self, run: _Run, folder: Path) -> None:
@@ -612,10 +614,16 @@ class Trainer:
         metadata = {"step": str(run.step)}
         state = self._trainable_state(run) if run.backend != PLAIN else None  # collective
         if accelerator.is_main_process:
-            if state is None:
-                files = run.recipe.export(output, self.config.formats, metadata)
-            else:
-                files = run.recipe.export(output, self.config.formats, metadata, state=state)
+            try:
+                if state is None:
+                    files = run.recipe.export(output, self.config.formats, metadata)
+                else:
+                    files = run.recipe.export(output, self.config.formats, metadata, state=state)
+            except (OSError, RuntimeError) as exc:
+                problem = ckpt.write_problem(exc, output)
+                if problem is None:
+                    raise
+                raise ckpt.export_write_error(problem, output, ckpt.latest_checkpoint(output)) from exc
             report.write(output / "skipped.txt")
             if report.skipped or report.empty_captions:
                 reporter.message(

@@ -23,6 +23,7 @@ leaves the previous checkpoint as the latest; only the newest ``keep`` checkpoin
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -206,23 +207,36 @@ def save(
     rank_state: dict,
     keep: int,
     write_all: Callable[[Path], None] | None = None,
+    size_hint: int = 0,
 ) -> Path:
     """Write checkpoint ``step`` atomically from all processes; returns its folder. ``write_all`` runs on
-    every process (sharded optimizer states), ``write_main`` on the main one, last (it writes state.json)."""
+    every process (sharded optimizer states), ``write_main`` on the main one, last (it writes state.json).
+
+    A full disk or a folder that cannot be written is one :class:`~idcraft.errors.IdcraftError` naming the
+    folder and the space a checkpoint needs (``size_hint``, the previous checkpoint's size or what was
+    written, the largest); the partial folder is removed, so the run resumes from the last complete one."""
     root = checkpoint_root(output)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if write_all is not None:
-        write_all(tmp)
+    try:
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-    torch.save(rank_state, tmp / f"rank-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        write_main(tmp)  # writes state.json last
+        if write_all is not None:
+            write_all(tmp)
+            accelerator.wait_for_everyone()
+        torch.save(rank_state, tmp / f"rank-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            write_main(tmp)  # writes state.json last
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        problem = write_problem(exc, root)
+        if problem is None:
+            raise
+        needed = max(size_hint, _folder_bytes(tmp), _folder_bytes(latest_checkpoint(output)))
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial folder: the last complete one stays the latest
+        raise checkpoint_write_error(problem, root, final.name, needed, latest_checkpoint(output)) from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -238,6 +252,91 @@ def save(
     return final
 
 
+#: errno values that mean "no room": the disk (ENOSPC) or the user's quota (EDQUOT).
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: errno values that mean "not allowed to write here".
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_problem(exc: BaseException, folder: Path) -> str | None:
+    """``"full"``, ``"denied"`` or ``None`` (another failure, kept as it is) for an error raised while
+    writing into ``folder``. torch.save's writer gives a RuntimeError without an errno; a disk with
+    (almost) nothing free tells that case apart."""
+    code = getattr(exc, "errno", None)
+    if code in _FULL:
+        return "full"
+    if code in _DENIED:
+        return "denied"
+    if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
+        free = _free_bytes(folder)
+        if free is not None and free < 64 * 2**20:
+            return "full"
+    return None
+
+
+def checkpoint_write_error(problem: str, root: Path, name: str, needed: int, previous: Path | None):
+    """The one-line error for a checkpoint that could not be written (see :func:`write_problem`)."""
+    from ..errors import IdcraftError
+
+    resume = (
+        f"then rerun with --resume: the run continues from {previous.name}, the last complete checkpoint"
+        if previous is not None
+        else "then rerun: no checkpoint was complete yet, so the run starts again from step 0"
+    )
+    if problem == "denied":
+        return IdcraftError(
+            f"cannot save checkpoint {name}: {root} is not writable (permission denied or a read-only disk). "
+            f"Make it writable or choose another --output, {resume}."
+        )
+    free = _free_bytes(root)
+    free_text = f", {_mb(free)} free" if free is not None else ""
+    return IdcraftError(
+        f"cannot save checkpoint {name}: no space left on the disk of {root} (a checkpoint needs about "
+        f"{_mb(needed)}{free_text}). Free some space (or lower --keep-checkpoints), {resume}."
+    )
+
+
+def export_write_error(problem: str, output: Path, latest: Path | None):
+    """The one-line error for the final adapter that could not be written into ``output``; the newest
+    checkpoint holds the same weights (its ``adapter.safetensors``)."""
+    from ..errors import IdcraftError
+
+    cause = (
+        "is not writable (permission denied or a read-only disk)"
+        if problem == "denied"
+        else f"has no space left ({_mb(_free_bytes(output) or 0)} free)"
+    )
+    kept = (
+        f"the trained weights are safe in {latest / 'adapter.safetensors'}"
+        if latest is not None
+        else "no checkpoint holds the weights"
+    )
+    return IdcraftError(
+        f"cannot write the trained adapter: {output} {cause}; {kept}. Free space or fix the folder, then "
+        "rerun the same command with --resume to write it."
+    )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for candidate in (Path(folder), *Path(folder).parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    if folder is None or not Path(folder).is_dir():
+        return 0
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:,.1f} MB" if size < 2**30 else f"{size / 2**30:,.2f} GB"
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
@@ -249,4 +348,6 @@ def read_json(path: Path) -> dict:
 
 
 def load_tensors(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from ..checkpoints import load_torch_file
+
+    return load_torch_file(path)

@@ -364,6 +364,7 @@ class WorldFaceAnalyser(FaceAnalyser):
     """
 
     name = NAME
+    max_faces = 1  # the detector reads the whole image for one character
     embedding_kind = ARCFACE
 
     def __init__(
