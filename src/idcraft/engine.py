@@ -211,7 +211,7 @@ class Engine:
                     f"(try {max(factor, value // factor * factor)})."
                 )
         if request.steps is not None:  # the sides a request leaves out: the base's native size
-            native = _native_side(self._pipelines[name])
+            native = _native_side(self._pipeline_of(name))
             self.limits.check_cost(
                 request.width or native, request.height or native, request.steps, request.num_images
             )
