@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .adapter import IPAdapter
+from .cancel import StepHook, diffusers_callback
 from .conditioning import ReferenceTokens, identities_from_photos, identity_tokens, image_tokens
 from .encoders import ClipImageEncoder
 from .errors import IdcraftError
@@ -200,6 +201,7 @@ class IPAdapterPipeline:
         controlnet_scale: float | Sequence[float] = 1.0,
         keypoints: np.ndarray | None = None,
         progress: bool = True,
+        on_step: StepHook | None = None,
     ) -> list[Image.Image]:
         """Generate ``num_images`` images of the reference subject following ``prompt``.
 
@@ -211,6 +213,9 @@ class IPAdapterPipeline:
         output pixels) or else from the reference's own keypoints, in which case the output takes the
         reference's size after InstantID's resize rule unless ``width``/``height`` say otherwise.
         ``control_image`` then lists the images of any extra ControlNets.
+
+        ``on_step(done, total)`` is called before the first step and after every step (see
+        :func:`idcraft.cancel.step_hook`); what it raises (:class:`~idcraft.errors.Cancelled`) ends the call.
         """
         if tokens is None:
             refs = (
@@ -236,6 +241,8 @@ class IPAdapterPipeline:
         extra = self._controlnet_inputs(control_image, controlnet_scale, faces, canvas)
         runner = request_view(self.pipe, progress=progress)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        if on_step is not None:
+            on_step(0, steps)
         with adapter_call(self.adapter.layout, state):
             return runner(
                 **embeds,
@@ -245,6 +252,7 @@ class IPAdapterPipeline:
                 width=width,
                 height=height,
                 **extra,
+                **diffusers_callback(on_step, steps),
             ).images
 
     @torch.no_grad()
@@ -261,6 +269,7 @@ class IPAdapterPipeline:
         controlnet_scale: float | Sequence[float] = 1.0,
         output_type: str = "pil",
         progress: bool = False,
+        on_step: StepHook | None = None,
     ) -> list:
         """One image for each item (its own prompt, reference tokens, seed and keypoints) in one pipeline
         call: what batch jobs and evaluations run on a GPU. Each item draws its noise from its own
@@ -308,6 +317,8 @@ class IPAdapterPipeline:
         runner = request_view(self.pipe, progress=progress)
         generators = [torch.Generator("cpu").manual_seed(int(item.seed)) for item in items]
         state = self.adapter.call_state(scale, counts.pop())
+        if on_step is not None:
+            on_step(0, steps)
         with adapter_call(self.adapter.layout, state):
             return runner(
                 **embeds,
@@ -318,6 +329,7 @@ class IPAdapterPipeline:
                 height=height,
                 output_type=output_type,
                 **extra,
+                **diffusers_callback(on_step, steps),
             ).images
 
     def _prompt_embeddings(self, prompt, negative_prompt, tokens: ReferenceTokens, num_images: int) -> dict:
