@@ -104,6 +104,8 @@ def test_references_upload_json_and_multipart(client, references):
     # inline bytes of the same file hit the cache made from the id
     inline = generate(client, references=[references[2]], seed=2, prompt="a portrait at the beach")
     assert inline.json()["cache"] == "hit"
+    upper = generate(client, references=[ref["id"].upper()], seed=2)  # ids are read in either case
+    assert upper.status_code == 200 and upper.json()["cache"] == "hit"
 
 
 def test_bad_input_is_a_4xx_with_a_message(client, references):
