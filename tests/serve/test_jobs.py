@@ -153,3 +153,18 @@ def test_a_disconnected_client_frees_the_slot(make_app, world, references):
         assert len([1 for _, was_cancelled in counting.steps if was_cancelled]) <= 1
         answer = httpx.post(server.url + "/v1/images/generations", json=body(references[1]), timeout=60)
         assert answer.status_code == 200 and len(answer.json()["data"]) == 1
+
+
+def test_the_jobs_page_config_parses():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from idcraft.serve.config import config_from_dict
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "serve-jobs.md"
+    block = re.search(r"```yaml\n(server:.*?)```", page.read_text(), re.DOTALL)
+    assert block, "the config example is missing from docs/serve-jobs.md"
+    server = config_from_dict(yaml.safe_load(block.group(1))).server
+    assert (server.job_timeout_s, server.jobs_kept, server.body_timeout_s) == (3600, 256, 30)
