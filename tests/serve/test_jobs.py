@@ -145,9 +145,7 @@ def test_a_disconnected_client_frees_the_slot(make_app, world, references):
     server, service = serve(make_app, counting)
     with server:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(
-                server.url + "/v1/images/generations", json=body(references[0], steps=LONG), timeout=2
-            )
+            httpx.post(server.url + "/v1/images/generations", json=body(references[0], steps=LONG), timeout=2)
         wait_until(lambda: service.scheduler.running == 0, timeout=15)
         assert max(done for done, _ in counting.steps) < LONG  # it stopped, it did not run out
         assert len([1 for _, was_cancelled in counting.steps if was_cancelled]) <= 1

@@ -301,7 +301,10 @@ class Service:
         loop = asyncio.get_running_loop()
 
         def progress(step: int, total: int) -> None:  # in the worker thread
-            loop.call_soon_threadsafe(job.progress, step, total)
+            try:
+                loop.call_soon_threadsafe(job.progress, step, total)
+            except RuntimeError:  # the loop is gone (forced shutdown): no one is watching
+                pass
 
         try:
             result = await self._execute(work, job.cancel, progress, on_start=job.started)
