@@ -119,8 +119,12 @@ def test_queued_jobs_have_positions_share_the_queue_and_leave_it_on_delete(make_
             assert (third["state"], third["queue_position"]) == ("queued", 2)
             full = http.post("/v1/jobs", json=body(references[2]))
             assert full.status_code == 429 and full.json()["error"]["type"] == "queue_full"
-            gone = http.delete(f"/v1/jobs/{second['id']}").json()
-            assert gone["state"] == "cancelled" and gone["queue_position"] is None
+            with http.stream("GET", f"/v1/jobs/{third['id']}/events") as stream:
+                lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+                assert json.loads(next(lines)[6:])["queue_position"] == 2
+                gone = http.delete(f"/v1/jobs/{second['id']}").json()
+                assert gone["state"] == "cancelled" and gone["queue_position"] is None
+                assert json.loads(next(lines)[6:])["queue_position"] == 1  # the stream says it moved up
             assert http.get(f"/v1/jobs/{third['id']}").json()["queue_position"] == 1
             assert service.scheduler.waiting == 1
             gated.gate.set()

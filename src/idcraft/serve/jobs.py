@@ -67,6 +67,11 @@ class Job:
             self.state = "running"
             self._notify()
 
+    def moved(self) -> None:
+        """Its place in the queue may have changed."""
+        if self.state == "queued":
+            self._notify()
+
     def progress(self, step: int, total: int) -> None:
         if not self.done:
             self.step, self.total_steps = step, total

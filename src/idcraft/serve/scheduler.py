@@ -81,6 +81,8 @@ class Scheduler:
             max_workers=max(1, concurrency * len(devices)), thread_name_prefix="idcraft-generate"
         )
         self._tokens: set[CancelToken] = set()  # of everything admitted and not yet ended
+        #: Called (on the event loop) whenever a queue moves: places in it have changed.
+        self.on_queue_change: Callable[[], None] | None = None
         self.running = 0
         self.closed = False
         self._recent: list[float] = []  # seconds of the last runs, for Retry-After
@@ -160,7 +162,8 @@ class Scheduler:
         try:
             self._queues[ticket.device].remove(ticket)
         except ValueError:
-            pass
+            return
+        self._queue_changed()
 
     def _release(self, device: str) -> None:
         queue = self._queues[device]
@@ -168,8 +171,13 @@ class Scheduler:
             waiter = queue.popleft()
             if not waiter.granted.done():
                 waiter.granted.set_result(None)
+                self._queue_changed()
                 return
         self._free[device] += 1
+
+    def _queue_changed(self) -> None:
+        if self.on_queue_change is not None:
+            self.on_queue_change()
 
     async def _in_thread(
         self, ticket: Ticket, fn: Callable[[], T], deadline: Deadline, cancel: CancelToken

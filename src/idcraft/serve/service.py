@@ -110,6 +110,7 @@ class Service:
             "identity_cache_bytes", "Bytes of conditioning in the identity cache.", lambda: self.cache.bytes
         )
         self.metrics.gauge("references_stored", "Uploaded references kept.", lambda: len(self.references))
+        self.metrics.gauge("jobs_active", "Jobs queued or running.", lambda: len(self.jobs.active()))
 
     def _scheduler_value(self, name: str) -> int:
         return getattr(self.scheduler, name) if self.scheduler is not None else 0
@@ -120,8 +121,13 @@ class Service:
         self.scheduler = Scheduler(
             self.catalog.devices, concurrency=server.concurrency_per_device, queue_length=server.queue_length
         )
+        self.scheduler.on_queue_change = self._queue_moved
         if not self.examples:
             self.examples = self._load_examples()
+
+    def _queue_moved(self) -> None:
+        for job in self.jobs.active():
+            job.moved()
 
     def begin_shutdown(self) -> None:
         """The first stop signal: refuse new work (503) from now; work admitted may finish within the
