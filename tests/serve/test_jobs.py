@@ -170,3 +170,21 @@ def test_the_jobs_page_config_parses():
     assert block, "the config example is missing from docs/serve-jobs.md"
     server = config_from_dict(yaml.safe_load(block.group(1))).server
     assert (server.job_timeout_s, server.jobs_kept, server.body_timeout_s) == (3600, 256, 30)
+
+
+def test_shutdown_cancels_a_job_still_running_after_the_grace_period(make_app, world, references):
+    counting = CountingEngine(world)
+    server, service = serve(make_app, counting, shutdown_grace_s=1.0)
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            job = http.post("/v1/jobs", json=body(references[0], steps=LONG)).json()
+            wait_until(lambda: http.get(f"/v1/jobs/{job['id']}").json()["step"] >= 1, timeout=60)
+        started = time.monotonic()
+        server.stop()
+        assert not server.thread.is_alive() and time.monotonic() - started < 20
+        ended = service.jobs.get(job["id"])
+        assert ended.state == "cancelled" and "shutting down" in ended.error["message"]
+        assert ended.step < LONG
+    finally:
+        server.stop()

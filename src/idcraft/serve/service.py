@@ -147,20 +147,18 @@ class Service:
                 job.task.cancel()
 
     async def aclose(self) -> None:
-        """At shutdown: jobs still running get what is left of the grace period, then everything still
-        admitted is cancelled and the worker threads are waited for (each stops within a step)."""
+        """At shutdown: jobs still queued or running get what is left of the grace period, then
+        everything still admitted is cancelled and the worker threads are waited for (each stops within
+        a step)."""
         self.begin_shutdown()
         grace = self.config.server.shutdown_grace_s
         left = grace - (time.monotonic() - (self.stopping_since or time.monotonic()))
-        tasks = {job.task for job in self.jobs.active() if job.task is not None and job.state == "running"}
-        for job in self.jobs.active():
-            if job.state == "queued" and job.task is not None:  # would never start: the queue is closed
-                job.cancel.cancel("the server is shutting down")
-                job.task.cancel()
+        tasks = {job.task for job in self.jobs.active() if job.task is not None}
         if tasks and left > 0:
             await asyncio.wait(tasks, timeout=left)
         self.cancel_all()
-        await asyncio.sleep(0)  # let cancelled jobs record their end
+        if tasks:  # each stops at its next step and records its end
+            await asyncio.wait(tasks, timeout=60)
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
