@@ -188,3 +188,16 @@ def test_shutdown_cancels_a_job_still_running_after_the_grace_period(make_app, w
         assert ended.step < LONG
     finally:
         server.stop()
+
+
+def test_a_timed_out_generation_stops_and_frees_the_slot(make_app, world, references):
+    counting = CountingEngine(world)
+    server, service = serve(make_app, counting, request_timeout_s=3.0)
+    with server, httpx.Client(base_url=server.url, timeout=60) as http:
+        slow = http.post("/v1/images/generations", json=body(references[0], steps=LONG))
+        assert slow.status_code == 504 and slow.json()["error"]["type"] == "timeout"
+        wait_until(lambda: service.scheduler.running == 0, timeout=15)
+        assert max(done for done, _ in counting.steps) < LONG
+        assert len([1 for _, was_cancelled in counting.steps if was_cancelled]) <= 1
+        service.config.server.request_timeout_s = 60
+        assert http.post("/v1/images/generations", json=body(references[1])).status_code == 200

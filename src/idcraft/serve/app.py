@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from importlib import resources
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,6 +52,7 @@ from .service import Service
 log = logging.getLogger("idcraft.serve")
 
 STATIC = resources.files("idcraft.serve") / "static"
+T = TypeVar("T")
 
 
 def create_app(config: ServeConfig | None = None, catalog: Catalog | None = None) -> FastAPI:
@@ -218,13 +221,13 @@ def _job_routes(app: FastAPI, service: Service, guarded: list) -> None:
         )
 
 
-async def _chain(first: str, rest):
+async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
     yield first
     async for item in rest:
         yield item
 
 
-async def until_disconnected(request: Request, work):
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
     """Await ``work`` (a coroutine); if the client disconnects first, cancel it -- its generation's token
     is cancelled with it (:meth:`~.scheduler.Scheduler.execute`), so the device slot is freed within a
     step -- and give ``None`` (no one is listening)."""
