@@ -46,7 +46,9 @@ def _cancel_at(step: int):
 
 
 def _request(**extra) -> GenerationRequest:
-    return GenerationRequest("a cat", references=[_image()], **{"seed": 1, "steps": STEPS, **extra})
+    return GenerationRequest(
+        "a cat", references=[_image()], **{"seed": 1, "steps": STEPS, "width": 64, "height": 64, **extra}
+    )
 
 
 def test_cancel_stops_at_the_next_step_and_the_engine_goes_on(sd_engine):
