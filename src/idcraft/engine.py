@@ -27,13 +27,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .cancel import CancelToken, Progress, step_hook
 from .errors import IdcraftError
 from .methods import FaceSettings, family_of
 from .methods.text_only import TEXT_ONLY, is_text_only
 from .registry import Method, get_method
 from .requests import GenerationRequest, GenerationResult, Limits, not_a_request
 
-__all__ = ["Conditioning", "Engine", "GenerationRequest", "GenerationResult", "Limits"]
+__all__ = ["CancelToken", "Conditioning", "Engine", "GenerationRequest", "GenerationResult", "Limits"]
 
 
 @dataclass(frozen=True)
@@ -238,18 +239,30 @@ class Engine:
         value = family_of(method).encode(self._pipeline_of(method.name), request, self.faces)
         return Conditioning(method.name, value)
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run one request: its images, and the seed, settings, timings and warnings that went with them."""
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        cancel: CancelToken | None = None,
+        progress: Progress | None = None,
+    ) -> GenerationResult:
+        """Run one request: its images, and the seed, settings, timings and warnings that went with them.
+
+        ``cancel``: once set (from any thread), the call stops at its next denoising step with
+        :class:`~idcraft.errors.Cancelled`. ``progress(done, total)`` is called before the first step and
+        after each one, from this thread. Both belong to this call alone."""
         start = time.perf_counter()
         method, request = self.prepare(request)
         if request.seed is None:
             request = replace(request, seed=secrets.randbits(63))
         family = family_of(method)
         pipe = self._pipeline_of(method.name)
+        hook = step_hook(cancel, progress)
         with self._lock(method.name):
+            _check(cancel)
             conditioning = self._encode(method, request)
             encoded = time.perf_counter()
-            images = family.run(pipe, request, conditioning.value)
+            images = family.run(pipe, request, conditioning.value, hook)
         done = time.perf_counter()
         return GenerationResult(
             images=list(images),
@@ -264,11 +277,18 @@ class Engine:
             warnings=family.warnings(pipe, request),
         )
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        cancel: CancelToken | None = None,
+        progress: Progress | None = None,
+    ) -> list[GenerationResult]:
         """One image for each request, the requests run together in one pipeline call where the method
         allows it (SD families: same method, size and settings, one image and one person each; each
         request's noise comes from its own seed, so its image does not depend on the batch). Anything
-        else runs one request at a time."""
+        else runs one request at a time. ``cancel`` and ``progress`` as for :meth:`generate` (requests
+        run one at a time report each one's steps)."""
         if isinstance(requests, (GenerationRequest, Mapping, str)) or not isinstance(requests, Sequence):
             raise IdcraftError(
                 f"generate_batch takes a list of GenerationRequest, got {type(requests).__name__}; "
@@ -287,13 +307,14 @@ class Engine:
             or requests[0].num_images != 1
             or requests[0].multi_person  # several people: regions per image, one call each
         ):
-            return [self.generate(r) for r in requests]
+            return [self.generate(r, cancel=cancel, progress=progress) for r in requests]
         ready = [replace(r, seed=secrets.randbits(63)) if r.seed is None else r for _, r in prepared]
         pipe = self._pipeline_of(method.name)
         with self._lock(method.name):
+            _check(cancel)
             conditionings = [self._encode(method, r).value for r in ready]
             encoded = time.perf_counter()
-            images = family.run_batch(pipe, ready, conditionings)
+            images = family.run_batch(pipe, ready, conditionings, step_hook(cancel, progress))
         done = time.perf_counter()
         timings = {"encode_s": encoded - start, "generate_s": done - encoded, "total_s": done - start}
         return [
@@ -309,6 +330,11 @@ class Engine:
 
 def _lookup(name: str) -> Method:
     return TEXT_ONLY if is_text_only(name) else get_method(name)
+
+
+def _check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.check()
 
 
 def _method_of(pipe) -> Method:

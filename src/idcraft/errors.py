@@ -35,3 +35,8 @@ class OutputError(IdcraftError):
 
 class FaceError(IdcraftError):
     """Face analysis cannot give a usable face: none found, models missing, or the wrong kind of embedding."""
+
+
+class Cancelled(IdcraftError):
+    """A generation was stopped on purpose (a cancelled job, a client gone, a timeout, Ctrl-C, shutdown)
+    between two denoising steps; nothing it would have produced was kept."""

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .adapter import IPAdapter
+from .cancel import StepHook, diffusers_callback
 from .conditioning import ReferenceTokens, identities_from_photos, identity_tokens, image_tokens
 from .encoders import ClipImageEncoder
 from .errors import IdcraftError
@@ -205,6 +206,7 @@ class IPAdapterPipeline:
         controlnet_scale: float | Sequence[float] = 1.0,
         keypoints: np.ndarray | None = None,
         progress: bool = True,
+        on_step: StepHook | None = None,
     ) -> list[Image.Image]:
         """Generate ``num_images`` images of the reference subject following ``prompt``.
 
@@ -216,6 +218,9 @@ class IPAdapterPipeline:
         output pixels) or else from the reference's own keypoints, in which case the output takes the
         reference's size after InstantID's resize rule unless ``width``/``height`` say otherwise.
         ``control_image`` then lists the images of any extra ControlNets.
+
+        ``on_step(done, total)`` is called before the first step and after every step (see
+        :func:`idcraft.cancel.step_hook`); what it raises (:class:`~idcraft.errors.Cancelled`) ends the call.
         """
         if tokens is None:
             refs = (
@@ -241,6 +246,8 @@ class IPAdapterPipeline:
         extra = self._controlnet_inputs(control_image, controlnet_scale, faces, canvas)
         runner = request_view(self.pipe, progress=progress)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        if on_step is not None:
+            on_step(0, steps)
         with adapter_call(self.adapter.layout, state):
             return runner(
                 **embeds,
@@ -250,6 +257,7 @@ class IPAdapterPipeline:
                 width=width,
                 height=height,
                 **extra,
+                **diffusers_callback(on_step, steps),
             ).images
 
     @torch.no_grad()
@@ -266,6 +274,7 @@ class IPAdapterPipeline:
         controlnet_scale: float | Sequence[float] = 1.0,
         output_type: str = "pil",
         progress: bool = False,
+        on_step: StepHook | None = None,
     ) -> list:
         """One image for each item (its own prompt, reference tokens, seed and keypoints) in one pipeline
         call: what batch jobs and evaluations run on a GPU. Each item draws its noise from its own
@@ -313,6 +322,8 @@ class IPAdapterPipeline:
         runner = request_view(self.pipe, progress=progress)
         generators = [torch.Generator("cpu").manual_seed(int(item.seed)) for item in items]
         state = self.adapter.call_state(scale, counts.pop())
+        if on_step is not None:
+            on_step(0, steps)
         with adapter_call(self.adapter.layout, state):
             return runner(
                 **embeds,
@@ -323,6 +334,7 @@ class IPAdapterPipeline:
                 height=height,
                 output_type=output_type,
                 **extra,
+                **diffusers_callback(on_step, steps),
             ).images
 
     def _prompt_embeddings(self, prompt, negative_prompt, tokens: ReferenceTokens, num_images: int) -> dict:
@@ -440,11 +452,15 @@ def base_model_images(
     num_images: int = 1,
     output_type: str = "pil",
     progress: bool = False,
+    on_step: StepHook | None = None,
 ):
     """The base diffusers pipeline ``pipe`` alone, whatever adapters are attached to its UNet: a call in
     which no adapter acts (:func:`~idcraft.injection.adapter_call` ``(None)``) on a per-call view of the
     pipeline, so it runs beside adapter calls on the same models. Text-only generation and the world's
-    text baselines draw with it; its images are those of the same pipeline with no adapter attached."""
+    text baselines draw with it; its images are those of the same pipeline with no adapter attached.
+    ``on_step`` as for :meth:`IPAdapterPipeline.__call__` (progress, cancellation)."""
+    if on_step is not None:
+        on_step(0, steps)
     with adapter_call(None):
         return request_view(pipe, progress=progress)(
             **encode_text(pipe, prompt, negative_prompt, num_images),
@@ -454,6 +470,7 @@ def base_model_images(
             width=width,
             height=height,
             output_type=output_type,
+            **diffusers_callback(on_step, steps),
         ).images
 
 

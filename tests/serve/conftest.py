@@ -98,7 +98,7 @@ class GatedEngine:
         self.fail = fail
         self.entered = threading.Semaphore(0)
 
-    def generate(self, request):
+    def generate(self, request, **kwargs):
         self.entered.release()
         if self.fail is not None:
             raise self.fail
@@ -106,7 +106,7 @@ class GatedEngine:
             assert self.gate.wait(30), "the test never opened the gate"
         if self.barrier is not None:
             self.barrier.wait(30)
-        return self._engine.generate(request)
+        return self._engine.generate(request, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)

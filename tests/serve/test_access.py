@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 from fastapi.testclient import TestClient
 
 from .conftest import STEPS
@@ -59,3 +60,63 @@ def test_cors_off_unless_configured(make_app, monkeypatch):
         assert answer.headers["access-control-allow-origin"] == "http://example.test"
         other = http.get("/v1/models", headers={"Origin": "http://elsewhere.test"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def raw_exchange(url: str, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send ``head`` (and ``body``) on a plain socket, read until the server closes or answers; the
+    answer's bytes and the seconds it took."""
+    import socket
+    import time
+
+    host, port = url.removeprefix("http://").split(":")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer, time.monotonic() - start
+
+
+def post_head(path: str, length: int, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{auth}"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_token_is_checked_before_the_body_is_read(make_app, monkeypatch):
+    from idcraft.serve.server import BackgroundServer
+
+    monkeypatch.setenv("IDCRAFT_API_TOKEN", "s3cret")
+    app, service = make_app()
+    with BackgroundServer(app, service.config) as server:
+        # 15 MB announced, not one byte of it sent: the answer comes from the headers alone
+        for path in ("/v1/images/generations", "/v1/jobs", "/v1/references"):
+            answer, seconds = raw_exchange(server.url, post_head(path, 15_000_000))
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+            assert b'"unauthorized"' in answer and seconds < 5
+        wrong, _ = raw_exchange(server.url, post_head("/v1/jobs", 15_000_000, token="nope"))
+        assert wrong.startswith(b"HTTP/1.1 401")
+        # a wrong token with a malformed body is still 401, not 400: nothing was parsed
+        junk = b"{not json"
+        answer, _ = raw_exchange(server.url, post_head("/v1/images/generations", len(junk)), junk)
+        assert answer.startswith(b"HTTP/1.1 401")
+
+
+def test_a_body_that_stalls_is_408(make_app, monkeypatch):
+    from idcraft.serve.server import BackgroundServer
+
+    monkeypatch.setenv("IDCRAFT_API_TOKEN", "s3cret")
+    app, service = make_app(body_timeout_s=0.5)
+    with BackgroundServer(app, service.config) as server:
+        part = b'{"prompt": "a portr'
+        head = post_head("/v1/images/generations", 1000, token="s3cret")
+        answer, seconds = raw_exchange(server.url, head, part)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"did not arrive within 0.5 s" in answer and 0.4 < seconds < 5
+        assert httpx.get(server.url + "/healthz").status_code == 200

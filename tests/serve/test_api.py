@@ -104,6 +104,8 @@ def test_references_upload_json_and_multipart(client, references):
     # inline bytes of the same file hit the cache made from the id
     inline = generate(client, references=[references[2]], seed=2, prompt="a portrait at the beach")
     assert inline.json()["cache"] == "hit"
+    upper = generate(client, references=[ref["id"].upper()], seed=2)  # ids are read in either case
+    assert upper.status_code == 200 and upper.json()["cache"] == "hit"
 
 
 def test_bad_input_is_a_4xx_with_a_message(client, references):
@@ -133,7 +135,19 @@ def test_bad_input_is_a_4xx_with_a_message(client, references):
     assert "needs at least one reference" in error_of(generate(client, method="ip-adapter"), 400)
     assert "needs at least one reference" in error_of(generate(client, method="faceid", references=[]), 400)
     assert "not valid base64" in error_of(generate(client, references=["%%%"]), 400)
-    assert "no reference with id" in error_of(generate(client, references=["0" * 64]), 404, "not_found")
+    for unknown in ("0" * 64, "AB" * 32, "abc123", "ref_1"):  # unknown, upper-case, short: never base64
+        message = error_of(generate(client, references=[unknown]), 404, "not_found")
+        assert f"no such reference {unknown.lower()!r}" in message
+    not_utf8 = client.post(
+        "/v1/images/generations",
+        content=b'{"prompt": "caf\xe9"}',
+        headers={"content-type": "application/json"},
+    )
+    assert "not valid UTF-8 (byte 0xe9 at position 15)" in error_of(not_utf8, 400)
+    nested = client.post(
+        "/v1/images/generations", content=b"[" * 100_000, headers={"content-type": "application/json"}
+    )
+    assert "nested too deeply" in error_of(nested, 400)
     assert error_of(client.get("/v1/nothing"), 404)
 
 

@@ -139,7 +139,15 @@ def run(args: argparse.Namespace) -> int:
         face_backend=args.face_backend,
         face_models=args.face_models,
     )
-    result = engine.generate(request)
+    from ..cancel import CancelToken
+    from ..errors import Cancelled
+    from .interrupt import cancel_on_interrupt
+
+    try:
+        with cancel_on_interrupt(CancelToken()) as token:
+            result = engine.generate(request, cancel=token)
+    except Cancelled:  # Ctrl-C: stopped at a step boundary, nothing written
+        raise KeyboardInterrupt from None
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for image, path in zip(result.images, paths, strict=True):

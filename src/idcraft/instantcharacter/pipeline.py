@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..cancel import StepHook, diffusers_callback
 from ..errors import IdcraftError
 from ..images import ImageInput
 from ..models import _unreachable, meta_model, resolve_device, resolve_dtype
@@ -273,13 +274,15 @@ class InstantCharacterPipeline:
         num_images: int = 1,
         max_sequence_length: int = 512,
         progress: bool = True,
+        on_step: StepHook | None = None,
     ) -> list[Image.Image]:
         """Generate ``num_images`` images of the reference's subject following ``prompt``.
 
         ``scale`` is the official ``subject_scale`` (0 gives the base FLUX image exactly). ``guidance`` is
         FLUX's guidance embedding; ``true_cfg > 1`` with a ``negative_prompt`` adds a negative pass per
         step. ``seed`` seeds ``torch.Generator("cpu")``. ``features`` (from :meth:`encode_reference`) skip
-        the encoders.
+        the encoders. ``on_step(done, total)`` is called before the first step and after every step
+        (:func:`idcraft.cancel.step_hook`); what it raises ends the call.
         """
         if features is None:
             if reference is None:
@@ -296,6 +299,8 @@ class InstantCharacterPipeline:
         text = self._encode_text(
             runner, prompt, negative_prompt if true_cfg > 1 else None, num_images, max_sequence_length
         )
+        if on_step is not None:
+            on_step(0, steps)
         with subject_call(call):
             return runner(
                 **text,
@@ -307,6 +312,7 @@ class InstantCharacterPipeline:
                 height=height,
                 num_images_per_prompt=1,  # the embeddings are already one per image
                 max_sequence_length=max_sequence_length,
+                **diffusers_callback(on_step, steps),
             ).images
 
     def _encode_text(

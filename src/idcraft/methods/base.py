@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..cancel import StepHook
 from ..errors import IdcraftError
 from ..registry import Method
 from ..requests import METHOD_OPTIONS, GenerationRequest
@@ -46,7 +47,9 @@ class Family:
     def encode(self, pipe, request: GenerationRequest, faces: FaceSettings):
         raise NotImplementedError
 
-    def run(self, pipe, request: GenerationRequest, conditioning) -> list:
+    def run(self, pipe, request: GenerationRequest, conditioning, on_step: StepHook | None = None) -> list:
+        """The request's images; ``on_step(done, total)`` is called around every denoising step (it stops
+        the call by raising :class:`~idcraft.errors.Cancelled`)."""
         raise NotImplementedError
 
     def check(self, method: Method, request: GenerationRequest) -> None:
@@ -106,7 +109,7 @@ class SDFamily(Family):
 
         return [load_image(r) for r in request.references]
 
-    def run(self, pipe, request: GenerationRequest, conditioning) -> list:
+    def run(self, pipe, request: GenerationRequest, conditioning, on_step: StepHook | None = None) -> list:
         scales = list(request.controlnet_scales) if request.controlnet_scales else 1.0
         return pipe(
             request.prompt,
@@ -123,9 +126,16 @@ class SDFamily(Family):
             controlnet_scale=scales,
             keypoints=request.keypoints,
             progress=request.progress,
+            on_step=on_step,
         )
 
-    def run_batch(self, pipe, requests: Sequence[GenerationRequest], conditionings: Sequence) -> list:
+    def run_batch(
+        self,
+        pipe,
+        requests: Sequence[GenerationRequest],
+        conditionings: Sequence,
+        on_step: StepHook | None = None,
+    ) -> list:
         """One image per request in one pipeline call (requests share method, size and settings)."""
         from ..pipeline import BatchItem
 
@@ -144,6 +154,7 @@ class SDFamily(Family):
             height=first.height,
             controlnet_scale=list(first.controlnet_scales) if first.controlnet_scales else 1.0,
             progress=first.progress,
+            on_step=on_step,
         )
 
     def warnings(self, pipe, request: GenerationRequest) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..cancel import StepHook
 from ..errors import IdcraftError
 from ..requests import GenerationRequest
 from .base import FaceSettings, Family
@@ -67,7 +68,7 @@ class InstantCharacterFamily(Family):
             )
         return pipe.encode_reference(request.references[0])
 
-    def run(self, pipe, request: GenerationRequest, conditioning) -> list:
+    def run(self, pipe, request: GenerationRequest, conditioning, on_step: StepHook | None = None) -> list:
         return pipe(
             request.prompt,
             features=conditioning,
@@ -81,6 +82,7 @@ class InstantCharacterFamily(Family):
             height=request.height,
             num_images=request.num_images,
             progress=request.progress,
+            on_step=on_step,
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..cancel import StepHook
 from ..errors import IdcraftError
 from ..registry import Method
 from ..requests import GenerationRequest
@@ -60,7 +61,7 @@ class TextOnlyFamily(Family):
     def encode(self, pipe, request: GenerationRequest, faces: FaceSettings):
         return None
 
-    def run(self, pipe, request: GenerationRequest, conditioning) -> list:
+    def run(self, pipe, request: GenerationRequest, conditioning, on_step: StepHook | None = None) -> list:
         import torch
 
         from ..pipeline import base_model_images
@@ -77,6 +78,7 @@ class TextOnlyFamily(Family):
             height=request.height,
             num_images=request.num_images,
             progress=request.progress,
+            on_step=on_step,
         )
 
     def warnings(self, pipe, request: GenerationRequest) -> list[str]:

@@ -5,6 +5,9 @@
 | ``GET /`` | the web page (static HTML + JS, no build step, nothing from a CDN) |
 | ``POST /v1/images/generations`` | OpenAI-shaped generation plus idcraft's fields (no reference: text-only) |
 | ``POST /v1/images/edits`` | OpenAI's multipart ``image`` + ``prompt``: the images are the references |
+| ``POST /v1/jobs`` | the same body, run as a job: 202 at once, then ``GET /v1/jobs/{id}`` |
+| ``GET /v1/jobs/{id}`` / ``DELETE`` | a job's state, step and result / cancel it |
+| ``GET /v1/jobs/{id}/events`` | the job's progress as server-sent events |
 | ``POST /v1/references`` | upload a reference once (JSON base64 or multipart ``file``) -> its id |
 | ``GET /v1/models`` | served methods, their defaults and sizes (the world: its vocabulary) |
 | ``GET /v1/models/{id}`` | one of them (OpenAI's model object plus idcraft's details) |
@@ -15,34 +18,47 @@
 | ``GET /metrics`` | Prometheus text |
 
 With a token configured (the environment variable named by ``server.auth_token_env``), ``/v1/*`` and
-``/metrics`` need ``Authorization: Bearer <token>``; the page, ``/healthz`` and ``/readyz`` stay open.
+``/metrics`` need ``Authorization: Bearer <token>``, checked from the headers before any body is read
+(:class:`~.middleware.RequireToken`); the page, ``/healthz`` and ``/readyz`` stay open. A synchronous
+generation whose client disconnects is cancelled (it stops at its next denoising step and frees its
+device slot).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import secrets
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from importlib import resources
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..cancel import CancelToken
 from ..errors import IdcraftError
 from .catalog import Catalog, build_catalog
 from .config import ServeConfig
 from .edits import edit_request
-from .errors import ApiError, bad_request, error_response
-from .middleware import BodyLimit, Guard
+from .errors import ApiError, bad_request, error_response, unauthorized
+from .middleware import BodyLimit, Guard, RequireToken, token_matches
 from .schemas import ImageRequest, ReferenceUpload
 from .service import Service
 
 log = logging.getLogger("idcraft.serve")
 
 STATIC = resources.files("idcraft.serve") / "static"
+T = TypeVar("T")
 
 
 def create_app(config: ServeConfig | None = None, catalog: Catalog | None = None) -> FastAPI:
@@ -58,9 +74,7 @@ def create_app(config: ServeConfig | None = None, catalog: Catalog | None = None
         try:
             yield
         finally:
-            import asyncio
-
-            await asyncio.to_thread(service.close)
+            await service.aclose()
 
     app = FastAPI(
         title="idcraft",
@@ -73,14 +87,20 @@ def create_app(config: ServeConfig | None = None, catalog: Catalog | None = None
     _errors(app, service)
     _routes(app, service)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes, metrics=service.metrics)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=config.server.max_body_bytes,
+        metrics=service.metrics,
+        timeout_s=config.server.body_timeout_s,
+    )
+    app.add_middleware(RequireToken, token=lambda: service.token, metrics=service.metrics)
     if config.server.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(config.server.cors_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(Guard, metrics=service.metrics)
@@ -103,6 +123,8 @@ def _errors(app: FastAPI, service: Service) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path}."
+        elif exc.status_code == 400 and exc.__cause__ is not None:
+            message = body_parse_message(exc.__cause__) or message
         return error_response(
             ApiError(exc.status_code, kind, message, dict(exc.headers or {})), service.metrics
         )
@@ -122,20 +144,25 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request."
 
 
+def body_parse_message(cause: BaseException) -> str | None:
+    """What was wrong with a JSON body the parser gave up on (FastAPI says only "error parsing")."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start}): "
+            "send the JSON as UTF-8 text."
+        )
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply to read: requests are flat objects (see GET /docs)."
+    return None
+
+
 def _routes(app: FastAPI, service: Service) -> None:
     def authorized(request: Request) -> None:
+        """Also checked by :class:`RequireToken` before the body; kept on the routes so a route is never
+        open by a mistake in the middleware order."""
         token = service.token
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.encode()):
-            raise ApiError(
-                401,
-                "unauthorized",
-                "this server needs a bearer token: send Authorization: Bearer <token>.",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        if token is not None and not token_matches(token, request.headers.get("authorization", "")):
+            raise unauthorized()
 
     guarded = [Depends(authorized)]
 
@@ -176,16 +203,83 @@ def _routes(app: FastAPI, service: Service) -> None:
         return service.example_list()
 
     @app.post("/v1/images/generations", dependencies=guarded)
-    async def generations(body: ImageRequest) -> JSONResponse:
-        return JSONResponse(await service.generate(body))
+    async def generations(body: ImageRequest, request: Request) -> Response:
+        answer = await until_disconnected(request, service.generate(body, cancel=CancelToken()))
+        if answer is None:
+            return Response(status_code=499)  # read by no one: the client has gone
+        return JSONResponse(answer)
 
     @app.post("/v1/images/edits", dependencies=guarded)
-    async def edits(request: Request) -> JSONResponse:
-        return JSONResponse(await service.generate(await edit_request(request)))
+    async def edits(request: Request) -> Response:
+        body = await edit_request(request)
+        answer = await until_disconnected(request, service.generate(body, cancel=CancelToken()))
+        if answer is None:
+            return Response(status_code=499)  # read by no one: the client has gone
+        return JSONResponse(answer)
 
     @app.post("/v1/references", dependencies=guarded)
     async def references(request: Request) -> dict:
         return await service.add_reference(await _upload_bytes(request))
+
+    _job_routes(app, service, guarded)
+
+
+def _job_routes(app: FastAPI, service: Service, guarded: list) -> None:
+    """``/v1/jobs``: long work answered at once and followed by id (see :mod:`.jobs`)."""
+
+    @app.post("/v1/jobs", dependencies=guarded, status_code=202)
+    async def create_job(body: ImageRequest) -> JSONResponse:
+        return JSONResponse(await service.submit_job(body), status_code=202)
+
+    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
+    async def get_job(job_id: str) -> dict:
+        return service.job(job_id)
+
+    @app.delete("/v1/jobs/{job_id}", dependencies=guarded)
+    async def delete_job(job_id: str) -> dict:
+        return await service.cancel_job(job_id)
+
+    @app.get("/v1/jobs/{job_id}/events", dependencies=guarded)
+    async def job_events(job_id: str) -> StreamingResponse:
+        events = service.job_events(job_id)
+        first = await anext(events)  # an unknown id is a 404 here, before the stream starts
+        return StreamingResponse(
+            _chain(first, events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Await ``work`` (a coroutine); if the client disconnects first, cancel it -- its generation's token
+    is cancelled with it (:meth:`~.scheduler.Scheduler.execute`), so the device slot is freed within a
+    step -- and give ``None`` (no one is listening)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read already: receive waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _upload_bytes(request: Request) -> bytes:

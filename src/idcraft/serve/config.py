@@ -78,8 +78,17 @@ class ServerConfig:
     auth_token_env: str = "IDCRAFT_API_TOKEN"
     #: Origins allowed by CORS; empty = no CORS headers (same-origin only).
     cors_origins: list[str] = field(default_factory=list)
-    #: Seconds a shutdown waits for requests in flight before closing them.
+    #: Seconds a shutdown waits for requests and jobs in flight before cancelling them (each stops at
+    #: its next denoising step); a second SIGTERM/SIGINT cancels them at once.
     shutdown_grace_s: float = 330.0
+    #: Seconds a job may take from ``POST /v1/jobs`` to its end (queue wait included); past it, it fails
+    #: with a timeout error and stops at its next step.
+    job_timeout_s: float = 3600.0
+    #: Finished jobs kept for ``GET /v1/jobs/{id}``: the newest ``jobs_kept``, each for ``job_ttl_s`` s.
+    jobs_kept: int = 256
+    job_ttl_s: float = 3600.0
+    #: Seconds a request body may take to arrive in full; past it the answer is 408.
+    body_timeout_s: float = 30.0
     #: Reference images offered by ``GET /v1/examples`` (paths), besides the world's.
     examples: list[str] = field(default_factory=list)
     #: Where uploaded references and encoded identities are kept (``--store``): ``memory`` (this process),
@@ -162,8 +171,11 @@ def _check_server(server: ServerConfig, where: str) -> None:
     for name in ("queue_length", "cache_bytes", "reference_bytes", "store_cache_bytes", "store_retry_s"):
         if getattr(server, name) < 0:
             raise IdcraftError(f"{where}.{name} must be 0 or more.")
-    if not server.request_timeout_s > 0:
-        raise IdcraftError(f"{where}.request_timeout_s must be more than 0.")
+    for name in ("request_timeout_s", "job_timeout_s", "job_ttl_s", "body_timeout_s"):
+        if not getattr(server, name) > 0:
+            raise IdcraftError(f"{where}.{name} must be more than 0.")
+    if server.jobs_kept < 0:
+        raise IdcraftError(f"{where}.jobs_kept must be 0 or more.")
     if isinstance(server.cors_origins, str):
         server.cors_origins = [server.cors_origins]
     if not isinstance(server.store, str) or not server.store.strip():

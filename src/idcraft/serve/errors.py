@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import (
+    Cancelled,
     CheckpointError,
     FaceError,
     IdcraftError,
@@ -43,6 +44,8 @@ class Answer:
 
 #: idcraft's error classes, most specific first: (class, status, type).
 STATUS_OF: tuple[tuple[type[BaseException], int, str], ...] = (
+    # stopped on purpose (shutdown, a deadline): the server's doing, said as it is
+    (Cancelled, 503, "cancelled"),
     (NoFaceError, 422, "no_face"),
     (FaceError, 422, "face_error"),
     (ImageError, 400, "invalid_image"),
@@ -63,7 +66,7 @@ def answer_for(exc: BaseException) -> Answer:
         return Answer(exc.status, exc.kind, exc.message, dict(exc.headers))
     for cls, status, kind in STATUS_OF:
         if isinstance(exc, cls):
-            message = api_wording(str(exc)) if status < 500 else INTERNAL
+            message = api_wording(str(exc)) if status < 500 or kind == "cancelled" else INTERNAL
             return Answer(status, kind, message, {})
     return Answer(500, "server_error", INTERNAL, {})
 
@@ -93,6 +96,15 @@ def too_large(message: str) -> ApiError:
 
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "invalid_request", message)
+
+
+def unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "unauthorized",
+        "this server needs a bearer token: send Authorization: Bearer <token>.",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def error_response(exc: BaseException, metrics=None, log=None):

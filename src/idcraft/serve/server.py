@@ -1,6 +1,9 @@
-"""Running the application under uvicorn, with a graceful shutdown: on SIGINT/SIGTERM the server stops
-accepting connections, lets the requests in flight finish (up to ``server.shutdown_grace_s``), then
-waits for the worker threads."""
+"""Running the application under uvicorn, with a graceful shutdown.
+
+The first SIGINT/SIGTERM stops accepting connections and new work (503); requests and jobs in flight
+may finish within ``server.shutdown_grace_s``; past it they are cancelled (each stops at its next
+denoising step) and the worker threads are waited for. A second SIGINT or SIGTERM cancels everything at
+once and exits without waiting for the grace period."""
 
 from __future__ import annotations
 
@@ -28,7 +31,40 @@ def uvicorn_server(
         limit_concurrency=None,
         server_header=False,
     )
-    return uvicorn.Server(settings)
+    return _stopping_server_class()(settings, service=getattr(app.state, "service", None))
+
+
+def _stopping_server_class():
+    """``uvicorn.Server`` whose stop signals reach the service (see the module docstring); built on first
+    use, as uvicorn is imported only when serving."""
+    import asyncio
+
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        def __init__(self, config, service=None):
+            super().__init__(config)
+            self.service = service
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            again = self.should_exit
+            super().handle_exit(sig, frame)
+            if again:
+                self.force_exit = True  # uvicorn forces only on a second SIGINT; SIGTERM too here
+            if self.service is None or self.loop is None or self.loop.is_closed():
+                return
+            if again:
+                reason = "the server was stopped at once (a second stop signal)"
+                self.loop.call_soon_threadsafe(self.service.cancel_all, reason)
+            else:
+                self.loop.call_soon_threadsafe(self.service.begin_shutdown)
+
+    return StoppingServer
 
 
 def serve(

@@ -17,23 +17,27 @@ catalog's prompt check: the world's vocabulary).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..errors import IdcraftError
+from ..cancel import CancelToken, Progress
+from ..errors import Cancelled, IdcraftError
 from ..methods.text_only import TEXT_ONLY, is_text_only
 from ..requests import GenerationRequest
 from .cache import identity_key
 from .catalog import Catalog, Served, lookup_method
 from .config import ServeConfig
-from .errors import bad_request, not_found, too_large
+from .errors import ApiError, answer_for, bad_request, not_found, too_large
 from .images import check_header, content_hash, decode, from_base64, to_png_base64, to_png_bytes
+from .jobs import Job, JobStore, sse
 from .metrics import Metrics
-from .scheduler import Deadline, Scheduler
+from .scheduler import Deadline, Scheduler, Ticket
 from .schemas import ImageRequest
 from .stores import Stores, open_stores
 from .stores.fingerprint import catalog_fingerprints
@@ -41,7 +45,41 @@ from .stores.fingerprint import catalog_fingerprints
 log = logging.getLogger("idcraft.serve")
 
 REFERENCE_ID = re.compile(r"[0-9a-f]{64}")
+HEX = re.compile(r"[0-9a-fA-F]+")
+ID_LIKE = re.compile(r"[0-9A-Za-z_-]+")
+#: Base64 of the smallest image file is longer than this: a shorter item is meant as an id.
+SHORTEST_IMAGE_B64 = 80
+
+
+def reference_id(item: str) -> str | None:
+    """The (lower-case) reference id ``item`` is meant as, or ``None`` for inline image data. Hex digits
+    only, or a short word of letters and digits (too short to be an image), is an id: a mistyped,
+    upper-case or expired id is then "no such reference", never a base64 or not-an-image error."""
+    if not isinstance(item, str) or item.startswith("data:"):
+        return None
+    text = item.strip()
+    if HEX.fullmatch(text) or (len(text) < SHORTEST_IMAGE_B64 and ID_LIKE.fullmatch(text)):
+        return text.lower()
+    return None
+
+
 SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+
+
+@dataclass
+class Work:
+    """An admitted request: what runs, when it arrived, its deadline and place (slot or queue)."""
+
+    served: Served
+    request: GenerationRequest
+    #: the identity cache's key of its references; ``None`` for text-only, which has none
+    key: str | None
+    arrived: float
+    deadline: Deadline
+    ticket: Ticket | None
+    steps: int
+    #: warnings about the request itself (fields ignored, words the model does not know)
+    notes: list[str]
 
 
 @dataclass
@@ -68,6 +106,9 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.token = os.environ.get(server.auth_token_env) or None
         self.examples: list[Example] = []
+        self.jobs = JobStore(server.jobs_kept, server.job_ttl_s)
+        #: When the first stop signal came (``time.monotonic``); ``None`` while serving.
+        self.stopping_since: float | None = None
         self.metrics.gauge(
             "queue_depth", "Requests waiting for a device.", lambda: self._scheduler_value("waiting")
         )
@@ -96,6 +137,7 @@ class Service:
                 'store="identity"': self.cache.health.errors,
             },
         )
+        self.metrics.gauge("jobs_active", "Jobs queued or running.", lambda: len(self.jobs.active()))
 
     def _scheduler_value(self, name: str) -> int:
         return getattr(self.scheduler, name) if self.scheduler is not None else 0
@@ -106,8 +148,45 @@ class Service:
         self.scheduler = Scheduler(
             self.catalog.devices, concurrency=server.concurrency_per_device, queue_length=server.queue_length
         )
+        self.scheduler.on_queue_change = self._queue_moved
         if not self.examples:
             self.examples = self._load_examples()
+
+    def _queue_moved(self) -> None:
+        for job in self.jobs.active():
+            job.moved()
+
+    def begin_shutdown(self) -> None:
+        """The first stop signal: refuse new work (503) from now; work admitted may finish within the
+        grace period (``server.shutdown_grace_s``)."""
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        if self.scheduler is not None:
+            self.scheduler.closed = True
+
+    def cancel_all(self, reason: str = "the server is shutting down") -> None:
+        """Stop everything admitted: queued jobs leave the queue, running work stops at its next step."""
+        if self.scheduler is not None:
+            self.scheduler.cancel_all(reason)
+        for job in self.jobs.active():
+            job.cancel.cancel(reason)
+            if job.state == "queued" and job.task is not None:
+                job.task.cancel()
+
+    async def aclose(self) -> None:
+        """At shutdown: jobs still queued or running get what is left of the grace period, then
+        everything still admitted is cancelled and the worker threads are waited for (each stops within
+        a step)."""
+        self.begin_shutdown()
+        grace = self.config.server.shutdown_grace_s
+        left = grace - (time.monotonic() - (self.stopping_since or time.monotonic()))
+        tasks = {job.task for job in self.jobs.active() if job.task is not None}
+        if tasks and left > 0:
+            await asyncio.wait(tasks, timeout=left)
+        self.cancel_all()
+        if tasks:  # each stops at its next step and records its end
+            await asyncio.wait(tasks, timeout=60)
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -147,23 +226,29 @@ class Service:
             raise too_large(f"the reference is {len(data):,} bytes, more than this server keeps.")
         return {"id": digest, "object": "reference", "bytes": len(data), "width": width, "height": height}
 
-    def _reference_bytes(self, item: str, index: int) -> bytes:
-        if REFERENCE_ID.fullmatch(item):
-            data = self.references.get(item)
-            if data is None:
-                kept = "in memory" if self.stores.kind == "memory" else f"in {self.stores.location}"
-                raise not_found(
-                    f"references[{index}]: no reference with id {item} here (uploads are kept {kept} and the "
-                    "oldest are dropped: upload it again with POST /v1/references)."
-                )
-            return data
-        return from_base64(item, f"references[{index}]")
+    def _reference_bytes(self, id_: str, index: int) -> bytes:
+        data = self.references.get(id_) if REFERENCE_ID.fullmatch(id_) else None
+        if data is None:
+            kept = "in memory" if self.stores.kind == "memory" else f"in {self.stores.location}"
+            raise not_found(
+                f"references[{index}]: no such reference {id_!r} here (ids are the 64 hex digits POST "
+                f"/v1/references answers; uploads are kept {kept} and the oldest are dropped: upload it again)."
+            )
+        return data
 
     # ------------------------------------------------------------------ generation
-    async def generate(self, body: ImageRequest) -> dict[str, Any]:
+    async def generate(self, body: ImageRequest, *, cancel: CancelToken | None = None) -> dict[str, Any]:
+        """``POST /v1/images/generations``: admitted, run, answered; ``cancel`` stops it at the next step
+        (the route cancels it when the client disconnects)."""
+        work = await self._admit(body, self.config.server.request_timeout_s)
+        return await self._execute(work, cancel)
+
+    async def _admit(self, body: ImageRequest, timeout_s: float) -> Work:
+        """Everything a request needs checked before it takes a place: the body, the references, the
+        method's options; then a slot or a place in the queue (429 when full)."""
         arrived = time.monotonic()
         server = self.config.server
-        deadline = Deadline(server.request_timeout_s)
+        deadline = Deadline(timeout_s)
         if body.response_format != "b64_json":
             raise bad_request(
                 f"response_format {body.response_format!r} is not supported: this server returns images inline, "
@@ -181,27 +266,29 @@ class Service:
             body = body.model_copy(update={"scale": None})
         width, height = parse_size(body.size)
         served.check_size(width, height)
-        uploaded = [REFERENCE_ID.fullmatch(r) is not None for r in body.references]
+        ids = [reference_id(r) for r in body.references]
 
         def resolve() -> list[bytes]:
-            return [self._reference_bytes(item, i) for i, item in enumerate(body.references)]
+            return [
+                self._reference_bytes(id_, i) if id_ is not None else from_base64(item, f"references[{i}]")
+                for i, (item, id_) in enumerate(zip(body.references, ids, strict=True))
+            ]
 
         # a folder or Redis store reads off the event loop
-        refs = (
-            await asyncio.to_thread(resolve) if self.stores.kind != "memory" and any(uploaded) else resolve()
-        )
+        uploaded = any(id_ is not None for id_ in ids)
+        refs = await asyncio.to_thread(resolve) if self.stores.kind != "memory" and uploaded else resolve()
         request = self._request(body, served, width, height, refs)
-        served.engine.prepare(request)  # bad input is refused here, before it takes a place in the queue
+        _, prepared = served.engine.prepare(request)  # bad input is refused here, before it takes a place
         if text_only:
-            return await self._answer(served, request, None, arrived, deadline, notes)
+            return self._place(Work(served, request, None, arrived, deadline, None, prepared.steps or 0, notes))
         if not refs:
             raise bad_request(
                 f"{served.method} needs at least one reference: base64 images, or ids from POST /v1/references."
             )
 
         def hash_and_check() -> list[str]:
-            for i, (data, known) in enumerate(zip(refs, uploaded, strict=True)):
-                if not known:
+            for i, (data, id_) in enumerate(zip(refs, ids, strict=True)):
+                if id_ is None:
                     check_header(data, server.max_image_pixels, f"references[{i}]")
             return [content_hash(data) for data in refs]
 
@@ -214,24 +301,27 @@ class Service:
             multi_person=request.multi_person,
             models=self.fingerprints.get(served.method, ""),
         )
-        return await self._answer(served, request, key, arrived, deadline, notes)
+        return self._place(Work(served, request, key, arrived, deadline, None, prepared.steps or 0, notes))
 
-    async def _answer(
-        self,
-        served: Served,
-        request: GenerationRequest,
-        key: str | None,
-        arrived: float,
-        deadline: Deadline,
-        notes: list[str],
-    ) -> dict[str, Any]:
-        """Run ``request`` in its device's queue and build the answer's JSON (``key``: the identity cache's
-        key of its references; ``None`` for text-only, which has none)."""
+    def _place(self, work: Work) -> Work:
+        """A slot for ``work`` on its method's device, or a place in the queue (429 when full)."""
         assert self.scheduler is not None, "Service.start() was not called"
-        outcome = await self.scheduler.run(
-            served.device, lambda: self._run(served, request, key, arrived, deadline), deadline
+        work.ticket = self.scheduler.admit(work.served.device)
+        return work
+
+    async def _execute(
+        self,
+        work: Work,
+        cancel: CancelToken | None,
+        progress: Progress | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        assert self.scheduler is not None, "Service.start() was not called"
+        cancel = cancel or CancelToken()
+        outcome = await self.scheduler.execute(
+            work.ticket, lambda: self._run(work, cancel, progress), work.deadline, cancel, on_start
         )
-        total = time.monotonic() - arrived
+        total = time.monotonic() - work.arrived
         result, pngs, hit, timings = outcome
         timings["total_s"] = total
         self.metrics.generated(timings["generate_s"], total, len(pngs))
@@ -243,10 +333,76 @@ class Service:
             "method": result.method,
             "size": f"{first.width}x{first.height}" if first is not None else None,
             "timings": timings,
-            "warnings": [*notes, *result.warnings],
+            "warnings": [*work.notes, *result.warnings],
             "cache": None if hit is None else "hit" if hit else "miss",
             "settings": result.settings,
         }
+
+    # ------------------------------------------------------------------ jobs
+    async def submit_job(self, body: ImageRequest) -> dict[str, Any]:
+        """``POST /v1/jobs``: admitted now (same checks, queue and 429 as a generation), run after the
+        answer; the job's JSON."""
+        work = await self._admit(body, self.config.server.job_timeout_s)
+        job = self.jobs.create(work.steps)
+        if work.ticket.holds_slot:
+            job.state = "running"
+        else:
+            scheduler = self.scheduler
+            job.position = lambda: scheduler.position(work.ticket) if scheduler is not None else None
+        job.task = asyncio.create_task(self._run_job(job, work), name=job.id)
+        return job.describe()
+
+    async def _run_job(self, job: Job, work: Work) -> None:
+        loop = asyncio.get_running_loop()
+
+        def progress(step: int, total: int) -> None:  # in the worker thread
+            try:
+                loop.call_soon_threadsafe(job.progress, step, total)
+            except RuntimeError:  # the loop is gone (forced shutdown): no one is watching
+                pass
+
+        try:
+            result = await self._execute(work, job.cancel, progress, on_start=job.started)
+        except asyncio.CancelledError:
+            job.finish("cancelled", error=_cancelled_error(job.cancel.reason or "cancelled"))
+        except Cancelled as exc:
+            job.finish("cancelled", error=_cancelled_error(str(exc)))
+        except Exception as exc:  # the job's failure is its answer, as a generation's would be
+            answer = answer_for(exc)
+            if answer.status >= 500 and not isinstance(exc, ApiError):
+                log.error("job %s failed: %s: %s", job.id, type(exc).__name__, exc, exc_info=exc)
+            self.metrics.error(answer.kind, answer.status)
+            job.finish("failed", error={"type": answer.kind, "message": answer.message})
+        else:
+            job.finish("succeeded", result=result)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.get(job_id).describe()
+
+    async def cancel_job(self, job_id: str, wait_s: float = 10.0) -> dict[str, Any]:
+        """``DELETE /v1/jobs/{id}``: a queued job leaves the queue; a running one stops at its next step
+        (waited for up to ``wait_s``). A finished job is left as it is."""
+        job = self.jobs.get(job_id)
+        if not job.done:
+            job.cancel.cancel("cancelled by DELETE /v1/jobs")
+            if job.state == "queued" and job.task is not None:
+                job.task.cancel()
+            if job.task is not None:
+                await asyncio.wait({job.task}, timeout=wait_s)
+        return job.describe()
+
+    async def job_events(self, job_id: str, keepalive_s: float = 15.0) -> AsyncIterator[str]:
+        """Server-sent events of a job: ``progress`` (the job's JSON) at once and at every change, ``done``
+        (the final JSON) at the end; a comment every ``keepalive_s`` keeps proxies from closing it."""
+        job = self.jobs.get(job_id)
+        while True:
+            version = job.version
+            if job.done:
+                yield sse("done", json.dumps(job.describe()))
+                return
+            yield sse("progress", json.dumps(job.describe()))
+            while not await job.changed(version, keepalive_s):
+                yield ": keep-alive\n\n"
 
     def _request(
         self, body: ImageRequest, served: Served, width, height, refs: list[bytes]
@@ -274,35 +430,17 @@ class Service:
             controlnet_scales=None if body.identitynet_scale is None else [body.identitynet_scale],
         )
 
-    def _notes(self, body: ImageRequest, served: Served) -> list[str]:
-        """Warnings about the request itself: fields accepted and ignored, words the model does not know."""
-        notes = []
-        if body.quality is not None:
-            notes.append(
-                f"quality {body.quality!r} is ignored: idcraft has no quality setting (steps and guidance set "
-                "the sampling)."
-            )
-        if body.style is not None:
-            notes.append(
-                f"style {body.style!r} is ignored: idcraft has no style setting (say it in the prompt)."
-            )
-        if served.method == TEXT_ONLY.name and body.scale is not None:
-            notes.append("scale is ignored: no reference was given, so no adapter acts (method none).")
-        if self.catalog.prompt_check is not None:
-            notes.extend(self.catalog.prompt_check(body.prompt))
-        return notes
-
-    def _run(
-        self, served: Served, request: GenerationRequest, key: str | None, arrived: float, deadline: Deadline
-    ):
+    def _run(self, work: Work, cancel: CancelToken, progress: Progress | None):
         """In a worker thread, holding a slot on the method's device."""
+        served, request, key, deadline = work.served, work.request, work.key, work.deadline
         started = time.monotonic()
         deadline.check("waiting in the queue")
+        cancel.check()
         engine = served.engine
         if key is None:  # text-only: nothing to encode or cache
-            result = engine.generate(request)
+            result = engine.generate(request, cancel=cancel, progress=progress)
             timings = {
-                "queue_s": started - arrived,
+                "queue_s": started - work.arrived,
                 "encode_s": 0.0,
                 "generate_s": result.timings.get("generate_s", 0.0),
             }
@@ -322,10 +460,12 @@ class Service:
             self.cache.put(key, conditioning)
             deadline.check("encoding the references")
         self.metrics.cache(hit)
-        result = engine.generate(replace(request, references=(), conditioning=conditioning))
+        result = engine.generate(
+            replace(request, references=(), conditioning=conditioning), cancel=cancel, progress=progress
+        )
         pngs = [to_png_base64(image) for image in result.images]
         timings = {
-            "queue_s": started - arrived,
+            "queue_s": started - work.arrived,
             "encode_s": encode_s,
             "generate_s": result.timings.get("generate_s", 0.0),
         }
@@ -390,6 +530,10 @@ class Service:
             out["vocabulary"] = self.catalog.vocabulary
             out["prompts"] = list(self.catalog.vocabulary.get("examples", []))
         return out
+
+
+def _cancelled_error(reason: str) -> dict[str, str]:
+    return {"type": "cancelled", "message": reason}
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
