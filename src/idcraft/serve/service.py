@@ -430,6 +430,24 @@ class Service:
             controlnet_scales=None if body.identitynet_scale is None else [body.identitynet_scale],
         )
 
+    def _notes(self, body: ImageRequest, served: Served) -> list[str]:
+        """Warnings about the request itself: fields accepted and ignored, words the model does not know."""
+        notes = []
+        if body.quality is not None:
+            notes.append(
+                f"quality {body.quality!r} is ignored: idcraft has no quality setting (steps and guidance set "
+                "the sampling)."
+            )
+        if body.style is not None:
+            notes.append(
+                f"style {body.style!r} is ignored: idcraft has no style setting (say it in the prompt)."
+            )
+        if served.method == TEXT_ONLY.name and body.scale is not None:
+            notes.append("scale is ignored: no reference was given, so no adapter acts (method none).")
+        if self.catalog.prompt_check is not None:
+            notes.extend(self.catalog.prompt_check(body.prompt))
+        return notes
+
     def _run(self, work: Work, cancel: CancelToken, progress: Progress | None):
         """In a worker thread, holding a slot on the method's device."""
         served, request, key, deadline = work.served, work.request, work.key, work.deadline
