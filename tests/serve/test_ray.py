@@ -78,7 +78,7 @@ def test_replicas_share_one_upload_and_spread_the_requests(deployment, portraits
     error = httpx.post(
         url + "/v1/images/generations", json={"prompt": "x", "references": ["0" * 64]}, timeout=30
     )
-    assert error.status_code == 404 and "no reference with id" in error.json()["error"]["message"]
+    assert error.status_code == 404 and "no such reference" in error.json()["error"]["message"]
 
 
 def test_a_replica_killed_under_load_loses_no_request_and_comes_back(deployment, portraits):  # noqa: F811
