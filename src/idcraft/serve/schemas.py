@@ -39,6 +39,9 @@ class ImageRequest(BaseModel):
     face_index: int = 0
     s_scale: float | None = None
     true_cfg: float = 1.0
+    #: infiniteyou: the InfuseNet guidance window, fractions of the steps
+    infusenet_start: float = 0.0
+    infusenet_end: float = 1.0
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None
 

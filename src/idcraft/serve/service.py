@@ -212,6 +212,8 @@ class Service:
             multi_person=body.multi_person,
             face_index=body.face_index,
             true_cfg=body.true_cfg,
+            infusenet_start=body.infusenet_start,
+            infusenet_end=body.infusenet_end,
         )
 
     def _run(self, served: Served, request: GenerationRequest, key: str, arrived: float, deadline: Deadline):
