@@ -83,7 +83,7 @@ class InfiniteYouFamily(Family):
 
     def fresh(self, model, method: str = "infiniteyou", **kwargs):
         """A fresh InfuseNet + Resampler for ``model`` (a FLUX transformer), as training starts."""
-        from ..infiniteyou.training_models import fresh_models
+        from ..infiniteyou.fresh import fresh_models
 
         return fresh_models(model, **kwargs)
 
