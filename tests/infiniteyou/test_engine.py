@@ -80,3 +80,19 @@ def test_unread_option_refused(case_args, iyou_engine):
         iyou_engine.generate(request_for(case_args["control"], s_scale=0.5))
     with pytest.raises(IdcraftError, match="infusenet-start"):
         iyou_engine.generate(request_for(case_args["control"], infusenet_start=0.8, infusenet_end=0.2))
+
+
+def test_reference_without_a_face_is_one_line_error(iyou_engine):
+    from idcraft.engine import Engine
+    from idcraft.requests import GenerationRequest
+    from idcraft.world import bundle
+
+    engine = Engine(
+        {"infiniteyou": iyou_engine.pipeline()},
+        face_backend="world",
+        face_models=bundle.bundle_path(bundle.IDENTITY),
+    )
+    blank = Image.new("RGB", (64, 64), (128, 128, 128))
+    with pytest.raises(IdcraftError, match="no face") as info:
+        engine.generate(GenerationRequest("a photo", references=[blank], steps=1, width=32, height=32))
+    assert "\n" not in str(info.value)

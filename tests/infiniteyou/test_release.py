@@ -59,3 +59,10 @@ def test_sd_base_refused(tmp_path):
     (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     with pytest.raises(IdcraftError, match="InfiniteYou runs on FLUX.1"):
         Engine.from_pretrained(tmp_path / "sd", VERSION, method="infiniteyou", device="cpu")
+
+
+def test_method_is_recognised_from_the_release_folder():
+    from idcraft.engine import _choose_method
+
+    assert _choose_method(None, CASE / "base", None, CASE / "release").name == "infiniteyou"
+    assert _choose_method(None, CASE / "base", None, CASE / "embedding.npy").name == "instantcharacter"
