@@ -50,6 +50,7 @@ def estimate_memory(
     activations = 2 * activation_bytes(transformer_config, vae_config, dtype, width or 864, height or 1152)
     gpu_free, ram_free = free_memory(device)
     estimate = MemoryEstimate(params, dtype, device, offload, activations, gpu_free, ram_free)
+    estimate.labels = {"attention": "InfuseNet", "resampler": "identity resampler"}
     for mode in ("none", "model", "sequential"):
         estimate.alternatives[mode] = MemoryEstimate(params, dtype, device, mode, activations).gpu_bytes
     return estimate
