@@ -212,18 +212,17 @@ class InfiniteYouPipeline:
         return self._device
 
     def identity_tokens(self, embedding) -> torch.Tensor:
-        """The 8 identity tokens ``[1, 8, width]`` of one 512-d ArcFace embedding (L2-normalised first, as
-        the official recogniser's output is)."""
+        """The 8 identity tokens ``[1, 8, width]`` of one 512-d ArcFace embedding, used as given: the
+        official pipeline feeds its recogniser's output straight to the Resampler (facexlib's ArcFace,
+        :mod:`.recognition`, already gives unit length)."""
         vector = torch.as_tensor(np.asarray(embedding, dtype=np.float32)).reshape(-1)
         expected = self.resampler.config.embed_dim
         if vector.numel() != expected:
             raise IdcraftError(
                 f"infiniteyou reads a {expected}-value ArcFace embedding, got {vector.numel()} values."
             )
-        norm = vector.norm()
-        if not torch.isfinite(norm) or norm == 0:
+        if not torch.isfinite(vector).all() or not vector.any():
             raise IdcraftError("the face embedding is all zeros or not finite.")
-        vector = vector / norm
         param = self.resampler.latents
         with torch.no_grad():
             return self.resampler(vector.reshape(1, 1, -1).to(param.device, param.dtype))

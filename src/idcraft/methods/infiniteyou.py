@@ -93,7 +93,9 @@ class InfiniteYouFamily(Family):
             from ..faces import average_embeddings, require_arcface
 
             vectors = [require_arcface(e, "InfiniteYou") for e in request.face_embeddings]
-            return Identity(pipe.identity_tokens(average_embeddings(vectors, normalize=True)), faces)
+            # One embedding is used as given (as official); several are averaged on the unit sphere.
+            vector = vectors[0] if len(vectors) == 1 else average_embeddings(vectors, normalize=True)
+            return Identity(pipe.identity_tokens(vector), faces)
         if not request.references:
             raise IdcraftError(
                 "infiniteyou needs a reference photo with a face (or a saved --face-embedding)."
@@ -105,7 +107,8 @@ class InfiniteYouFamily(Family):
         ]
         from ..faces import average_embeddings
 
-        return Identity(pipe.identity_tokens(average_embeddings(embeddings, normalize=True)), faces)
+        vector = embeddings[0] if len(embeddings) == 1 else average_embeddings(embeddings, normalize=True)
+        return Identity(pipe.identity_tokens(vector), faces)
 
     def run(self, pipe, request: GenerationRequest, conditioning) -> list:
         keypoints = request.keypoints
@@ -116,7 +119,7 @@ class InfiniteYouFamily(Family):
                 )
             keypoints = _pose_keypoints(request, conditioning.faces)
         if keypoints is not None:
-            keypoints = np.asarray(keypoints, dtype=np.float64)
+            keypoints = np.asarray(keypoints)  # its own dtype: draw_kps truncates in it, as official
         return pipe(
             request.prompt,
             tokens=conditioning.tokens,
