@@ -257,7 +257,9 @@ def _model(label: str, entry: Any, where: str, relative_to: Path | None, shared:
     if get_method(method).base == "sd" and (
         values.get("image_encoder_2") or values.get("offload") not in (None, "none")
     ):
-        raise IdcraftError(f"{where}: image_encoder_2 and offload are for the FLUX.1 methods only.")
+        raise IdcraftError(
+            f"{where}: image_encoder_2 and offload are for the FLUX methods (instantcharacter, infiniteyou on FLUX.1) only."
+        )
     if values.get("model_version") and method != "infiniteyou":
         raise IdcraftError(f"{where}: model_version is for infiniteyou only.")
     for key in ("base", "adapter", "image_encoder", "image_encoder_2", "face_models"):
