@@ -17,7 +17,7 @@ from idcraft.training import TrainConfig, Trainer
 from .conftest import CASE
 
 KPS = [[10.0, 12.0], [22.0, 12.0], [16.0, 18.0], [11.0, 24.0], [21.0, 24.0]]
-STEPS = 12
+STEPS = 4
 
 
 @pytest.fixture(scope="module")
