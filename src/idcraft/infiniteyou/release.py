@@ -8,7 +8,8 @@ Layout (``ByteDance/InfiniteYou``, ``infu_flux_v1.0/<model version>/``)::
 ``--adapter`` may name that folder, its parent (``infu_flux_v1.0``, then ``--model-version`` picks
 ``aes_stage2`` or ``sim_stage1``) or the repository root; or ``image_proj_model.bin`` alone with the
 InfuseNet folder given as ``--controlnet``. Every width comes from the files: the Resampler's from its
-tensor shapes (heads of 64, as the official constructor), InfuseNet's from its config.
+tensor shapes (heads of 64, as the official constructor), InfuseNet's from its config. Finding the files
+imports no torch (the command line checks them before loading anything).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from ..errors import CheckpointError, IdcraftError
 
@@ -102,6 +101,8 @@ def _infusenet_dir(folder: Path) -> Path:
 
 def load_image_proj(path: str | os.PathLike):
     """The identity Resampler of ``image_proj_model.bin``, shaped by its tensors (float32, CPU)."""
+    import torch
+
     from ..projections import Resampler
 
     try:
@@ -123,7 +124,7 @@ def load_image_proj(path: str | os.PathLike):
     return resampler.float().eval()
 
 
-def load_infusenet(folder: str | os.PathLike, dtype: torch.dtype):
+def load_infusenet(folder: str | os.PathLike, dtype):
     """InfuseNet (a diffusers ``FluxControlNetModel``) from its folder, in ``dtype``."""
     from diffusers import FluxControlNetModel
 
@@ -136,6 +137,8 @@ def load_infusenet(folder: str | os.PathLike, dtype: torch.dtype):
 def save_release(folder: str | os.PathLike, infusenet, resampler) -> Path:
     """Write the release layout (``InfuseNetModel/`` + ``image_proj_model.bin``) into ``folder``; the
     projector file is written atomically."""
+    import torch
+
     from ..outputs import atomic_write
 
     folder = Path(folder)
