@@ -127,3 +127,42 @@ def test_stage2_needs_and_starts_from_stage1(stage1, data, tmp_path):
     cfg = _config(data, tmp_path / "aes", stage=2, max_steps=1, init_from=str(cfg1.output_dir / "sim_stage1"))
     Trainer(cfg).run()
     assert (cfg.output_dir / "aes_stage2" / "image_proj_model.bin").is_file()
+
+
+def test_killed_and_resumed_equals_uninterrupted(data, tmp_path):
+    """Kill + resume ends bit-identical to a run that never stopped (identity, text and control drops on:
+    every random draw crosses the checkpoint)."""
+    from safetensors.torch import load_file
+
+    from idcraft.training import train
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(info):
+        if info.step == 3:
+            raise Killed
+
+    common = dict(max_steps=4, checkpoint_every=2, drop_image=0.3, drop_text=0.2, seed=5)
+    whole = train(_config(data, tmp_path / "whole", **common))
+    with pytest.raises(Killed):
+        train(_config(data, tmp_path / "killed", **common), [kill_at_3])
+    resumed = train(_config(data, tmp_path / "killed", resume=True, **common))
+    assert resumed.resumed_from.name == "step-00000002" and resumed.step == 4
+    assert resumed.losses == whole.losses[2:]
+    for run in ("whole", "killed"):
+        assert (tmp_path / run / "sim_stage1" / "image_proj_model.bin").is_file()
+    a = load_file(
+        str(tmp_path / "whole" / "sim_stage1" / "InfuseNetModel" / "diffusion_pytorch_model.safetensors")
+    )
+    b = load_file(
+        str(tmp_path / "killed" / "sim_stage1" / "InfuseNetModel" / "diffusion_pytorch_model.safetensors")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pa = torch.load(tmp_path / "whole" / "sim_stage1" / "image_proj_model.bin", weights_only=True)[
+        "image_proj"
+    ]
+    pb = torch.load(tmp_path / "killed" / "sim_stage1" / "image_proj_model.bin", weights_only=True)[
+        "image_proj"
+    ]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
