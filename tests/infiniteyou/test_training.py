@@ -166,3 +166,11 @@ def test_killed_and_resumed_equals_uninterrupted(data, tmp_path):
         "image_proj"
     ]
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_settings_refused_before_loading(data, tmp_path):
+    with pytest.raises(IdcraftError, match="stages 1 .sim. and 2 .aes."):
+        _config(data, tmp_path / "x", stage=3)
+    with pytest.raises(IdcraftError, match="init_from .*: no such file"):
+        _config(data, tmp_path / "x", init_from=str(tmp_path / "missing"))
+    assert _config(data, tmp_path / "x", init_from=str(CASE / "release" / "aes_stage2")).init_from
