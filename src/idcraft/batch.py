@@ -86,6 +86,8 @@ _REQUEST_KEYS = {
     "multi_person",
     "face_index",
     "true_cfg",
+    "infusenet_start",
+    "infusenet_end",
 }
 _JOB_KEYS = _REQUEST_KEYS | {"id", "model", "method", "recipe", "reference", "meta"}
 

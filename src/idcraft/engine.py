@@ -95,6 +95,8 @@ class Engine:
         method: str | None = None,
         image_encoder_2: str | os.PathLike | None = None,
         controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        model_version: str | None = None,
+        loras: Sequence[tuple[str, float]] = (),
         device: str | None = None,
         dtype: Any = None,
         offload: str | None = None,
@@ -110,15 +112,20 @@ class Engine:
         and the encoders it reads; the method comes from ``method`` or the files. Everything is checked
         against everything else before the base model's weights are read. ``method="none"`` with
         ``adapter=None`` loads the base model alone (text-only generation)."""
-        chosen = _choose_method(method, base, image_encoder_2)
+        chosen = _choose_method(method, base, image_encoder_2, adapter)
         if adapter is None and chosen is not TEXT_ONLY:
             raise IdcraftError(
                 "give the adapter file (--adapter), or --method none for the base model alone."
             )
         family = family_of(chosen) if chosen is not None else family_of("ip-adapter")
-        if family.name != "instantcharacter" and (offload not in (None, "none") or image_encoder_2):
+        flux = chosen is not None and chosen.base == "flux"
+        if (not flux and offload not in (None, "none")) or (image_encoder_2 and family.name != "instantcharacter"):
             given = "--image-encoder-2" if image_encoder_2 else f"--offload {offload}"
-            raise IdcraftError(f"{given}: used by instantcharacter (FLUX.1) only.")
+            users = "instantcharacter" if image_encoder_2 else "the FLUX.1 methods (instantcharacter, infiniteyou)"
+            raise IdcraftError(f"{given}: used by {users} only.")
+        if family.name != "infiniteyou" and (model_version or loras):
+            raise IdcraftError(f"{'--model-version' if model_version else '--lora'}: used by infiniteyou only.")
+        extra = {"model_version": model_version, "loras": tuple(loras)} if family.name == "infiniteyou" else {}
         pipe = family.load(
             base,
             adapter,
@@ -133,6 +140,7 @@ class Engine:
             width=width,
             height=height,
             report=report,
+            **extra,
         )
         return cls([pipe], face_backend=face_backend, face_models=face_models, limits=limits)
 
@@ -387,13 +395,17 @@ def _native_side(pipe) -> int:
     return int(sample) * int(getattr(inner, "vae_scale_factor", 8))
 
 
-def _choose_method(method: str | None, base, image_encoder_2) -> Method | None:
-    """The requested method, or InstantCharacter when the base is a FLUX folder or a DINOv2 encoder is
-    given; ``None`` lets the SD loader detect the method from the adapter file."""
+def _choose_method(method: str | None, base, image_encoder_2, adapter=None) -> Method | None:
+    """The requested method; InfiniteYou when the adapter is an InfiniteYou release; InstantCharacter when
+    the base is a FLUX folder or a DINOv2 encoder is given; ``None`` lets the SD loader detect the method
+    from the adapter file."""
     if method is not None:
         return _lookup(method)
+    from .infiniteyou.release import is_release
     from .instantcharacter.pipeline import is_flux_base
 
+    if adapter is not None and image_encoder_2 is None and is_release(adapter):
+        return get_method("infiniteyou")
     if is_flux_base(base) or image_encoder_2 is not None:
         return get_method("instantcharacter")
     return None
@@ -430,6 +442,8 @@ def _settings(request: GenerationRequest) -> dict[str, Any]:
         "num_images",
         "s_scale",
         "true_cfg",
+        "infusenet_start",
+        "infusenet_end",
         "multi_person",
         "face_index",
     )

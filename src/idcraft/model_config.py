@@ -79,6 +79,8 @@ class ModelEntry:
     device: str = "auto"
     dtype: str | None = None
     offload: str | None = None
+    #: infiniteyou: aes_stage2 or sim_stage1 when the adapter is the release's parent folder
+    model_version: str | None = None
     width: int | None = None
     height: int | None = None
     face_backend: str = "insightface"
@@ -259,7 +261,11 @@ def _model(label: str, entry: Any, where: str, relative_to: Path | None, shared:
     if get_method(method).base == "sd" and (
         values.get("image_encoder_2") or values.get("offload") not in (None, "none")
     ):
-        raise IdcraftError(f"{where}: image_encoder_2 and offload are for instantcharacter (FLUX.1) only.")
+        raise IdcraftError(
+            f"{where}: image_encoder_2 and offload are for the FLUX methods (instantcharacter, infiniteyou on FLUX.1) only."
+        )
+    if values.get("model_version") and method != "infiniteyou":
+        raise IdcraftError(f"{where}: model_version is for infiniteyou only.")
     for key in ("base", "adapter", "image_encoder", "image_encoder_2", "face_models"):
         values[key] = config_path(values.get(key), relative_to)
     controlnet = values.get("controlnet")
@@ -400,6 +406,7 @@ def load_engines(
                 controlnet=entry.controlnet,
                 **where,
                 offload=entry.offload,
+                model_version=entry.model_version,
                 width=entry.width,
                 height=entry.height,
             ).pipeline()

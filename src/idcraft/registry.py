@@ -19,7 +19,7 @@ Uncond = Literal["zero-embeds", "zero-image", "same-tokens"]
 Inputs = Literal["image", "face", "face+image"]
 Combine = Literal["side-by-side", "average"]
 Base = Literal["sd", "flux"]
-Family = Literal["ip-adapter", "faceid", "instantid", "instantcharacter", "none"]
+Family = Literal["ip-adapter", "faceid", "instantid", "instantcharacter", "infiniteyou", "none"]
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,21 @@ METHODS: dict[str, Method] = {
             checkpoints=("instantcharacter_ip-adapter.bin",),
             aliases=("instant-character", "instantcharacter_ip-adapter"),
         ),
+        Method(
+            name="infiniteyou",
+            family="infiniteyou",
+            projection="resampler",
+            feature=None,
+            uncond="same-tokens",
+            inputs="face",
+            normalize_embedding=True,
+            identitynet=True,
+            base="flux",
+            description="InfiniteYou (FLUX.1): L2-normalised ArcFace embedding -> 8 tokens (Resampler) read by "
+            "InfuseNet, a FLUX ControlNet on the 5-keypoint image whose residuals enter every FLUX block.",
+            checkpoints=("image_proj_model.bin", "InfuseNetModel"),
+            aliases=("infinite-you", "infu", "infu_flux", "infu-flux"),
+        ),
     )
 }
 
@@ -279,6 +294,7 @@ def detect_method(
         m
         for m in METHODS.values()
         if m.projection == kind
+        and m.base == "sd"  # FLUX methods are chosen by their files' layout, not an SD checkpoint's keys
         and (m.lora == has_lora or kind != "faceid-mlp")
         and (kind != "resampler" or m.needs_face == reads_face)
     ]

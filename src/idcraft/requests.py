@@ -9,6 +9,7 @@ run in the engine. Importing this module imports neither torch nor diffusers.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -28,6 +29,8 @@ METHOD_OPTIONS: dict[str, Any] = {
     "multi_person": False,
     "face_index": 0,
     "true_cfg": 1.0,
+    "infusenet_start": 0.0,
+    "infusenet_end": 1.0,
 }
 
 
@@ -55,6 +58,8 @@ def request_flags() -> list[tuple[str, dict[str, Any]]]:
             )
             kwargs.update(type=kind, default=f.default)
         out.append((flag, kwargs))
+        for alias in meta.get("aliases", ()):  # another name for the same setting (same dest)
+            out.append(("--" + alias, {**kwargs, "help": f"same as {flag}", "default": argparse.SUPPRESS}))
     return out
 
 
@@ -143,8 +148,9 @@ class GenerationRequest:
     scale: float | None = field(
         default=None,
         metadata={
-            "help": "adapter scale, instantcharacter's subject scale (0 = base model alone). Default: 1.0 "
-            "(0.8 for instantcharacter)"
+            "help": "adapter scale, instantcharacter's subject scale, infiniteyou's InfuseNet scale (0 = base "
+            "model alone). Default: 1.0 (0.8 for instantcharacter)",
+            "aliases": ("infusenet-scale",),
         },
     )
     s_scale: float = field(default=1.0, metadata={"help": "FaceID-PlusV2: weight of the CLIP face structure"})
@@ -208,6 +214,12 @@ class GenerationRequest:
             "per step); 1 = off, as in the official pipeline"
         },
     )
+    infusenet_start: float = field(
+        default=0.0, metadata={"help": "infiniteyou: fraction of the steps before InfuseNet starts acting"}
+    )
+    infusenet_end: float = field(
+        default=1.0, metadata={"help": "infiniteyou: fraction of the steps after which InfuseNet stops"}
+    )
     progress: bool = False  # show the sampler's progress bar
 
     def __post_init__(self) -> None:
@@ -240,6 +252,14 @@ class GenerationRequest:
                 raise IdcraftError(f"{_flag(name)} must be a finite number, got {value!r}.")
         if self.guidance is not None and self.guidance < 0:
             raise IdcraftError(f"--guidance must be 0 or more, got {self.guidance:g}.")
+        for name in ("infusenet_start", "infusenet_end"):
+            value = getattr(self, name)
+            if not _finite(value) or not 0 <= value <= 1:
+                raise IdcraftError(f"{_flag(name)} must be a fraction of the steps from 0 to 1, got {value!r}.")
+        if self.infusenet_start > self.infusenet_end:
+            raise IdcraftError(
+                f"--infusenet-start {self.infusenet_start:g} is after --infusenet-end {self.infusenet_end:g}."
+            )
         if self.true_cfg < 1:
             raise IdcraftError(f"--true-cfg must be at least 1 (1 = off), got {self.true_cfg:g}.")
         for scale in self.controlnet_scales or ():

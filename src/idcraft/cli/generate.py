@@ -8,12 +8,18 @@ be checked before anything loads, and maps the flags to one request.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 #: Flags naming the models to load and where to write (not part of a request): flag -> argparse options.
 MODEL_FLAGS: dict[str, dict] = {
     "--base": {"required": True, "help": "base model: diffusers folder or hub id (SD1.5, SDXL, FLUX.1)"},
-    "--adapter": {"help": "adapter file (.bin or .safetensors, official layout); not with --method none"},
+    "--adapter": {"help": "adapter file (.bin or .safetensors, official layout); infiniteyou: the release "
+                  "folder (InfuseNetModel/ + image_proj_model.bin, or its parent); not with --method none"},
+    "--model-version": {"choices": ["aes_stage2", "sim_stage1"], "help": "infiniteyou: which model of the "
+                        "release when --adapter is its parent folder (default aes_stage2)"},
+    "--lora": {"action": "append", "default": [], "metavar": "FILE[:WEIGHT]", "help": "infiniteyou: a FLUX "
+               "LoRA (the release's realism / anti-blur ones), repeatable; weight 1.0 by default"},
     "--image-encoder": {"help": "CLIP image encoder folder (SigLIP for instantcharacter)"},
     "--image-encoder-2": {"metavar": "DIR", "help": "instantcharacter: the DINOv2 encoder folder"},
     "--controlnet": {"action": "append", "default": [], "metavar": "DIR", "help": "ControlNet folder, "
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     flags = request_from_args(args, read_files=False)
     replace(flags, keypoints=None).validate()  # keypoints are still a file name here
     check_device(args.device)
-    method = args.method or ("instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None)
+    method = args.method or _implied_method(args)
     text_only = is_text_only(method)
     if method is not None:
         chosen = TEXT_ONLY if text_only else get_method(method)
@@ -129,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         image_encoder_2=args.image_encoder_2,
         controlnet=args.controlnet or None,
+        model_version=args.model_version,
+        loras=_loras(args.lora),
         device=args.device,
         dtype=None if args.dtype == "auto" else args.dtype,
         offload=None if args.offload == "none" else args.offload,
@@ -154,6 +162,38 @@ def run(args: argparse.Namespace) -> int:
         atomic_save_image(image, path, overwrite=args.overwrite)
         print(path)
     return 0
+
+
+def _implied_method(args: argparse.Namespace) -> str | None:
+    """The method the files imply when --method is left out (as the engine will choose it)."""
+    from ..infiniteyou.release import is_release
+
+    if not args.image_encoder_2 and is_release(args.adapter):
+        return "infiniteyou"
+    return "instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None
+
+
+def _loras(values: list[str]) -> list[tuple[str, float]]:
+    """``FILE`` or ``FILE:WEIGHT`` -> ``(file, weight)``."""
+    from ..errors import IdcraftError
+
+    out = []
+    for value in values or []:
+        path, sep, weight = value.rpartition(":")
+        if not sep or not _is_float(weight):
+            path, weight = value, "1.0"
+        out.append((path, float(weight)))
+        if not os.path.isfile(path):
+            raise IdcraftError(f"--lora {path}: no such file.")
+    return out
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _flux_folder(base: str) -> bool:

@@ -26,6 +26,7 @@ TRAINABLE = (
     "faceid-portrait",
     "instantid",
     "instantcharacter",
+    "infiniteyou",
 )
 
 
@@ -59,7 +60,8 @@ def register(subparsers) -> None:
         type=int,
         choices=[1, 2, 3],
         help="instantcharacter's training stage (1: 512 px, image = its own reference; 2: 512 px, paired "
-        "references; 3: 1024 px, both); sets the default resolution and pairing",
+        "references; 3: 1024 px, both); sets the default resolution and pairing. infiniteyou: 1 = sim_stage1 "
+        "(pretraining), 2 = aes_stage2 (fine-tunes --init-from a stage-1 result)",
     )
     p.add_argument(
         "--init-from",
@@ -67,7 +69,8 @@ def register(subparsers) -> None:
         metavar="FILE",
         help="start the trained weights from this adapter file in the official layout (a released adapter "
         "to fine-tune, FaceID's LoRA included, or the previous instantcharacter stage's "
-        "OUTPUT/adapter.safetensors); checked against the method, base model and encoder first",
+        "OUTPUT/adapter.safetensors; infiniteyou: a release folder, InfuseNetModel/ + image_proj_model.bin); "
+        "checked against the method, base model and encoder first",
     )
     p.add_argument(
         "--init-controlnet",

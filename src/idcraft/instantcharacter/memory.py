@@ -165,6 +165,7 @@ class MemoryEstimate:
     gpu_free: int | None = None
     ram_free: int | None = None
     alternatives: dict[str, int] = field(default_factory=dict)  # offload mode -> GPU bytes
+    labels: dict[str, str] = field(default_factory=dict)  # a method's own names for its parts
 
     @property
     def bytes_per_param(self) -> int:
@@ -216,7 +217,8 @@ class MemoryEstimate:
         return max(self._bytes(*group) for group in groups) + BASELINE_RAM
 
     def summary(self) -> str:
-        parts = ", ".join(f"{LABELS.get(n, n)} {_number(p.total)}" for n, p in self.params.items())
+        labels = {**LABELS, **self.labels}
+        parts = ", ".join(f"{labels.get(n, n)} {_number(p.total)}" for n, p in self.params.items())
         dtype = str(self.dtype).removeprefix("torch.")
         lines = [
             f"memory estimate ({dtype}, offload {self.offload}, on {self.device}): {_number(self.total_params)} "

@@ -7,6 +7,7 @@
 | :mod:`.instantid` | InstantID | instantid |
 | :mod:`.instantcharacter` | InstantCharacter | instantcharacter |
 | :mod:`.text_only` | none (the base model alone) | none |
+| :mod:`.infiniteyou` | InfiniteYou | infiniteyou |
 
 Each module defines ``FAMILY``, a :class:`~.base.Family`: load from official files, make fresh for
 training, references -> conditioning, run the pipeline. :class:`idcraft.engine.Engine` dispatches through
@@ -29,6 +30,7 @@ FAMILY_MODULES = {
     "instantid": "instantid",
     "instantcharacter": "instantcharacter",
     "none": "text_only",
+    "infiniteyou": "infiniteyou",
 }
 
 

@@ -132,6 +132,8 @@ API_OPTIONS = {
     "multi_person": "multi_person",
     "face_index": "face_index",
     "true_cfg": "true_cfg",
+    "infusenet_start": "infusenet_start",
+    "infusenet_end": "infusenet_end",
 }
 
 

@@ -41,6 +41,9 @@ class ImageRequest(BaseModel):
     #: InstantID: weight of IdentityNet (its ControlNet: where the face goes and how it is drawn); 1.0 default
     identitynet_scale: float | None = None
     true_cfg: float = 1.0
+    #: infiniteyou: the InfuseNet guidance window, fractions of the steps
+    infusenet_start: float = 0.0
+    infusenet_end: float = 1.0
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None
     #: OpenAI's ``quality`` and ``style`` (sent by many wrappers): accepted, ignored, with a warning

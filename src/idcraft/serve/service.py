@@ -428,6 +428,8 @@ class Service:
             face_index=body.face_index,
             true_cfg=body.true_cfg,
             controlnet_scales=None if body.identitynet_scale is None else [body.identitynet_scale],
+            infusenet_start=body.infusenet_start,
+            infusenet_end=body.infusenet_end,
         )
 
     def _notes(self, body: ImageRequest, served: Served) -> list[str]:

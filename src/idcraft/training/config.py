@@ -187,8 +187,11 @@ class TrainConfig:
             problems.append(f"face_backend must be one of {', '.join(backends)} (got {self.face_backend!r})")
         if self.stage is not None and self.stage not in (1, 2, 3):
             problems.append(f"stage must be 1, 2 or 3 (got {self.stage})")
+        if self.stage == 3 and self.canonical_method == "infiniteyou":
+            problems.append("infiniteyou has stages 1 (sim) and 2 (aes)")
         if self.init_from is not None and not Path(self.init_from).is_file():
-            problems.append(f"init_from {self.init_from}: no such file")
+            if not (self.canonical_method == "infiniteyou" and Path(self.init_from).is_dir()):
+                problems.append(f"init_from {self.init_from}: no such file")
         if self.init_controlnet is not None:
             if self.canonical_method != "instantid":
                 problems.append("init_controlnet (--init-controlnet) applies to instantid only")
@@ -197,8 +200,8 @@ class TrainConfig:
                     f"init_controlnet {self.init_controlnet}: not a diffusers ControlNet folder "
                     "(no config.json)"
                 )
-        if self.stage is not None and self.canonical_method != "instantcharacter":
-            problems.append("stage (--stage) applies to instantcharacter only")
+        if self.stage is not None and self.canonical_method not in ("instantcharacter", "infiniteyou"):
+            problems.append("stage (--stage) applies to instantcharacter and infiniteyou only")
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
         if problems:
