@@ -96,3 +96,21 @@ def test_reference_without_a_face_is_one_line_error(iyou_engine):
     with pytest.raises(IdcraftError, match="no face") as info:
         engine.generate(GenerationRequest("a photo", references=[blank], steps=1, width=32, height=32))
     assert "\n" not in str(info.value)
+
+
+def test_cancel_stops_at_the_next_step(case_args, iyou_engine):
+    """Progress is reported per step and a cancelled call stops at the next one, as for every family."""
+    from idcraft.cancel import CancelToken
+    from idcraft.errors import Cancelled
+
+    args = case_args["no_control"]
+    token, seen = CancelToken(), []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done == 1:
+            token.cancel("stop here")
+
+    with pytest.raises(Cancelled, match="stop here"):
+        iyou_engine.generate(request_for(args), cancel=token, progress=progress)
+    assert seen == [(0, args["steps"]), (1, args["steps"])]
