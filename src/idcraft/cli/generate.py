@@ -168,7 +168,7 @@ def _implied_method(args: argparse.Namespace) -> str | None:
     """The method the files imply when --method is left out (as the engine will choose it)."""
     from ..infiniteyou.release import is_release
 
-    if not args.image_encoder_2 and is_release(args.adapter):
+    if args.adapter and not args.image_encoder_2 and is_release(args.adapter):
         return "infiniteyou"
     return "instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None
 
