@@ -34,6 +34,9 @@ from .requests import GenerationRequest, GenerationResult, Limits
 
 __all__ = ["Conditioning", "Engine", "GenerationRequest", "GenerationResult", "Limits"]
 
+#: Families that run on FLUX.1 and take ``offload``.
+FLUX_FAMILIES = ("instantcharacter", "pulid-flux")
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -100,15 +103,21 @@ class Engine:
         face_backend: str = "insightface",
         face_models: str | os.PathLike | None = None,
         limits: Limits | None = None,
+        eva_clip: str | os.PathLike | None = None,
+        face_parser: str | os.PathLike | None = None,
     ) -> Engine:
         """Load one method: a base model (SD1.5, SDXL or FLUX.1), its adapter file in the official layout
         and the encoders it reads; the method comes from ``method`` or the files. Everything is checked
         against everything else before the base model's weights are read."""
-        chosen = _choose_method(method, base, image_encoder_2)
+        chosen = _choose_method(method, base, image_encoder_2, adapter)
         family = family_of(chosen) if chosen is not None else family_of("ip-adapter")
-        if family.name != "instantcharacter" and (offload not in (None, "none") or image_encoder_2):
-            given = "--image-encoder-2" if image_encoder_2 else f"--offload {offload}"
-            raise IdcraftError(f"{given}: used by instantcharacter (FLUX.1) only.")
+        if family.name != "instantcharacter" and image_encoder_2:
+            raise IdcraftError("--image-encoder-2: used by instantcharacter (FLUX.1) only.")
+        if family.name not in FLUX_FAMILIES and offload not in (None, "none"):
+            raise IdcraftError(f"--offload {offload}: used by the FLUX.1 methods only ({', '.join(FLUX_FAMILIES)}).")
+        if family.name != "pulid-flux" and (eva_clip or face_parser):
+            raise IdcraftError(f"{'--eva-clip' if eva_clip else '--face-parser'}: used by the PuLID methods only.")
+        extra = {"eva_clip": eva_clip, "face_parser": face_parser} if family.name == "pulid-flux" else {}
         pipe = family.load(
             base,
             adapter,
@@ -123,6 +132,7 @@ class Engine:
             width=width,
             height=height,
             report=report,
+            **extra,
         )
         return cls([pipe], face_backend=face_backend, face_models=face_models, limits=limits)
 
@@ -272,16 +282,49 @@ def _size_factor(pipe) -> int:
     return factor * 2 if _method_of(pipe).base == "flux" else max(8, factor)
 
 
-def _choose_method(method: str | None, base, image_encoder_2) -> Method | None:
-    """The requested method, or InstantCharacter when the base is a FLUX folder or a DINOv2 encoder is
-    given; ``None`` lets the SD loader detect the method from the adapter file."""
+def _choose_method(method: str | None, base, image_encoder_2, adapter=None) -> Method | None:
+    """The requested method; else PuLID-FLUX when the adapter file's keys say so, InstantCharacter when
+    the base is a FLUX folder or a DINOv2 encoder is given; ``None`` lets the SD loader detect the method
+    from the adapter file."""
     if method is not None:
         return get_method(method)
     from .instantcharacter.pipeline import is_flux_base
 
+    kind = adapter_kind(adapter) if adapter is not None else None
+    if kind == "pulid-flux":
+        return get_method("pulid-flux")
+    if kind == "pulid" and is_flux_base(base):
+        from .errors import IncompatibleAdapterError
+
+        raise IncompatibleAdapterError(
+            f"{adapter} is a PuLID SDXL file (id_adapter.*), but base model {base} is FLUX.1: use an SDXL base "
+            "with it, or pulid_flux_v0.9.x.safetensors (--method pulid-flux) on FLUX."
+        )
     if is_flux_base(base) or image_encoder_2 is not None:
         return get_method("instantcharacter")
     return None
+
+
+def adapter_kind(adapter) -> str | None:
+    """``"pulid-flux"`` / ``"pulid"`` when a local adapter file is a PuLID release (read from its tensor
+    names only; ``.safetensors`` headers without torch), else ``None`` (the SD loader detects the rest)."""
+    from pathlib import Path
+
+    from .registry import pulid_kind, safetensors_keys
+
+    path = Path(adapter)
+    if not path.is_file():
+        return None
+    keys = safetensors_keys(path)
+    if keys is None and path.suffix != ".safetensors":
+        from .errors import CheckpointError
+        from .pulid.flux_pipeline import read_release
+
+        try:
+            keys = list(read_release(path))
+        except CheckpointError:
+            return None
+    return pulid_kind(keys or [])
 
 
 def batch_key(request: GenerationRequest) -> tuple:

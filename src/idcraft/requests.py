@@ -26,6 +26,9 @@ METHOD_OPTIONS: dict[str, Any] = {
     "multi_person": False,
     "face_index": 0,
     "true_cfg": 1.0,
+    "start_step": 0,
+    "aligned_faces": None,
+    "face_parsings": None,
 }
 
 
@@ -177,8 +180,36 @@ class GenerationRequest:
     true_cfg: float = field(
         default=1.0,
         metadata={
-            "help": "instantcharacter: true classifier-free guidance scale with --negative-prompt (a second pass "
-            "per step); 1 = off, as in the official pipeline"
+            "help": "instantcharacter, pulid-flux: true classifier-free guidance scale with --negative-prompt (a "
+            "second pass per step; pulid-flux's from step 1, with the unconditional ID tokens); 1 = off, as in "
+            "the official pipelines"
+        },
+    )
+    start_step: int = field(
+        default=0,
+        metadata={
+            "help": "pulid-flux: the first denoising step that sees the identity (official advice: 0-1 for "
+            "stylised images, up to 4 for photos; later = more editable, less like the face)"
+        },
+    )
+    aligned_faces: Sequence[Any] | None = field(
+        default=None,
+        metadata={
+            "help": "pulid: the 512x512 aligned face of each reference (skips detection and alignment); "
+            "repeatable, in --face-embedding order",
+            "flag": "aligned-face",
+            "metavar": "FACE.png",
+            "repeat": str,
+        },
+    )
+    face_parsings: Sequence[Any] | None = field(
+        default=None,
+        metadata={
+            "help": "pulid: the 512x512 CelebAMask-HQ label map of each aligned face (skips BiSeNet); "
+            "repeatable, in --aligned-face order",
+            "flag": "face-parsing",
+            "metavar": "LABELS.png",
+            "repeat": str,
         },
     )
     progress: bool = False  # show the sampler's progress bar
@@ -212,6 +243,8 @@ class GenerationRequest:
         ):
             raise IdcraftError(f"--seed must be a whole number from 0 to 2**64-1, got {self.seed!r}.")
         _count("--steps", self.steps, limits.max_steps)
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
+            raise IdcraftError(f"--start-step must be a whole number, 0 or more, got {self.start_step!r}.")
         _count("--num-images", self.num_images, limits.max_images)
         if not isinstance(self.face_index, int) or self.face_index < 0:
             raise IdcraftError(

@@ -23,9 +23,14 @@ MODEL_FLAGS: dict[str, dict] = {
     "--device": {"default": "auto", "help": "cpu, cuda, cuda:1, mps or auto"},
     "--dtype": {"default": "auto", "choices": ["auto", "float32", "float16", "bfloat16"],
                 "help": "auto = float16 on GPU (bfloat16 for FLUX), float32 on CPU"},
+    "--eva-clip": {"metavar": "FILE", "help": "pulid: EVA02_CLIP_L_336_psz14_s6B.pt (its visual tower reads "
+                   "the face; a .json of the same name in eva_clip's format overrides its settings)"},
+    "--face-parser": {"metavar": "FILE", "help": "pulid: facexlib's parsing_bisenet.pth (not needed with "
+                      "--face-parsing)"},
     "--offload": {"choices": ["none", "model", "sequential"], "default": "none",
-                  "help": "instantcharacter: keep weights in RAM, move them to the GPU per model or layer"},
-    "--skip-memory-check": {"action": "store_true", "help": "instantcharacter: run even if it may not fit"},
+                  "help": "instantcharacter, pulid-flux: keep weights in RAM, move them to the GPU per model or "
+                  "layer"},
+    "--skip-memory-check": {"action": "store_true", "help": "FLUX methods: run even if it may not fit"},
     "--output": {"default": "idcraft.png", "help": "image path, format from the extension (.png, .jpg, "
                  ".webp); several images are numbered NAME-0.png, NAME-1.png ..."},
     "--overwrite": {"action": "store_true", "help": "replace existing output files"},
@@ -64,6 +69,12 @@ def request_from_args(args: argparse.Namespace, *, read_files: bool = True):
         values["control_images"] = [load_image(c) for c in values["control_images"]]
         if values["face_embeddings"]:
             values["face_embeddings"] = [load_embedding(f) for f in values["face_embeddings"]]
+        if values.get("aligned_faces"):
+            values["aligned_faces"] = [load_image(f) for f in values["aligned_faces"]]
+        if values.get("face_parsings"):
+            from ..pulid.request_faces import load_labels
+
+            values["face_parsings"] = [load_labels(f) for f in values["face_parsings"]]
         if values["keypoints"]:
             values["keypoints"] = load_keypoints(values["keypoints"])
     return GenerationRequest(**values, progress=sys.stderr.isatty())
@@ -82,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     flags = request_from_args(args, read_files=False)
     replace(flags, keypoints=None).validate()  # keypoints are still a file name here
     check_device(args.device)
-    method = args.method or ("instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None)
+    method = args.method or _detected_method(args)
     if method is not None:
         family_of(method).check(get_method(method), flags)
     paths = check_output_paths(args.output, args.num_images, overwrite=args.overwrite)
@@ -109,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         report=lambda text: print(text, file=sys.stderr),
         face_backend=args.face_backend,
         face_models=args.face_models,
+        eva_clip=args.eva_clip,
+        face_parser=args.face_parser,
     )
     result = engine.generate(request)
     for warning in result.warnings:
@@ -117,6 +130,16 @@ def run(args: argparse.Namespace) -> int:
         atomic_save_image(image, path, overwrite=args.overwrite)
         print(path)
     return 0
+
+
+def _detected_method(args: argparse.Namespace) -> str | None:
+    """The method the files imply, where that is known without loading a model: a PuLID-FLUX release,
+    or InstantCharacter for a FLUX base / a DINOv2 encoder; ``None`` lets the loader detect it."""
+    from ..engine import adapter_kind
+
+    if adapter_kind(args.adapter) == "pulid-flux":
+        return "pulid-flux"
+    return "instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None
 
 
 def _flux_folder(base: str) -> bool:

@@ -43,7 +43,9 @@ SINGLE_INTERVAL = 4
 #: The prefix of the cross-attention modules in a release file.
 CA_PREFIX = "pulid_ca."
 
-_CA_KEY = re.compile(r"^(\d+)\.(norm1\.weight|norm1\.bias|norm2\.weight|norm2\.bias|to_q\.weight|to_kv\.weight|to_out\.weight)$")
+_CA_KEY = re.compile(
+    r"^(\d+)\.(norm1\.weight|norm1\.bias|norm2\.weight|norm2\.bias|to_q\.weight|to_kv\.weight|to_out\.weight)$"
+)
 
 
 class IdCrossAttention(nn.Module):
@@ -58,7 +60,9 @@ class IdCrossAttention(nn.Module):
     def __init__(self, width: int, id_width: int, inner: int, head_dim: int = CA_HEAD_DIM):
         super().__init__()
         if inner % head_dim:
-            raise CheckpointError(f"ID cross-attention width {inner} is not a multiple of the head width {head_dim}.")
+            raise CheckpointError(
+                f"ID cross-attention width {inner} is not a multiple of the head width {head_dim}."
+            )
         self.head_dim = head_dim
         self.heads = inner // head_dim
         self.norm1 = nn.LayerNorm(id_width)
@@ -148,7 +152,9 @@ class PulidFluxInjection(nn.Module):
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> PulidFluxInjection:
+    def from_state_dict(
+        cls, tensors: dict[str, torch.Tensor], source: str = "the checkpoint"
+    ) -> PulidFluxInjection:
         """From the ``pulid_ca.*`` tensors with the prefix removed (``"0.to_q.weight"`` ...); the tensors
         become the parameters (no copy). Counts and widths come from the shapes."""
         grouped: dict[int, dict[str, torch.Tensor]] = {}
@@ -161,11 +167,15 @@ class PulidFluxInjection(nn.Module):
                 )
             grouped.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
         if not grouped or set(grouped) != set(range(len(grouped))):
-            raise CheckpointError(f"{source}: {CA_PREFIX}* modules are numbered {sorted(grouped)[:5]}..., expected 0..N-1.")
+            raise CheckpointError(
+                f"{source}: {CA_PREFIX}* modules are numbered {sorted(grouped)[:5]}..., expected 0..N-1."
+            )
         modules = []
         for index in range(len(grouped)):
             part = grouped[index]
-            missing = {"to_q.weight", "to_kv.weight", "to_out.weight", "norm1.weight", "norm2.weight"} - set(part)
+            missing = {"to_q.weight", "to_kv.weight", "to_out.weight", "norm1.weight", "norm2.weight"} - set(
+                part
+            )
             if missing:
                 raise CheckpointError(f"{source}: {CA_PREFIX}{index} has no {', '.join(sorted(missing))}.")
             inner, width = part["to_q.weight"].shape
@@ -176,11 +186,15 @@ class PulidFluxInjection(nn.Module):
                 module.load_state_dict(part, strict=True, assign=True)
             except RuntimeError as exc:
                 detail = " ".join(str(exc).split())
-                raise CheckpointError(f"{source}: {CA_PREFIX}{index} does not fit the shapes it implies: {detail[:300]}") from exc
+                raise CheckpointError(
+                    f"{source}: {CA_PREFIX}{index} does not fit the shapes it implies: {detail[:300]}"
+                ) from exc
             modules.append(module)
         shapes = {(m.width, m.id_width, m.heads) for m in modules}
         if len(shapes) != 1:
-            raise CheckpointError(f"{source}: {CA_PREFIX}* modules have different shapes {sorted(shapes)[:3]}.")
+            raise CheckpointError(
+                f"{source}: {CA_PREFIX}* modules have different shapes {sorted(shapes)[:3]}."
+            )
         return cls(modules)
 
     @classmethod
@@ -217,7 +231,9 @@ class PulidFluxInjection(nn.Module):
                 f"the PuLID-FLUX cross-attention works at width {self.width}, but {base_name} has width {width}: "
                 "use the FLUX.1 base the adapter was made for (width 3072 for the releases)."
             )
-        points = injection_points(config.num_layers, config.num_single_layers, self.double_interval, self.single_interval)
+        points = injection_points(
+            config.num_layers, config.num_single_layers, self.double_interval, self.single_interval
+        )
         if len(points) != len(self.ca):
             raise IncompatibleAdapterError(
                 f"the adapter has {len(self.ca)} ID cross-attention modules, but {base_name} "
@@ -232,10 +248,15 @@ class PulidFluxInjection(nn.Module):
         self.check_compatible(transformer)
         self.detach()
         points = injection_points(
-            transformer.config.num_layers, transformer.config.num_single_layers, self.double_interval, self.single_interval
+            transformer.config.num_layers,
+            transformer.config.num_single_layers,
+            self.double_interval,
+            self.single_interval,
         )
         for module, (kind, index) in zip(self.ca, points, strict=True):
-            blocks = transformer.transformer_blocks if kind == "double" else transformer.single_transformer_blocks
+            blocks = (
+                transformer.transformer_blocks if kind == "double" else transformer.single_transformer_blocks
+            )
             self._hooks.append(blocks[index].register_forward_hook(self._hook_for(module)))
 
     def detach(self) -> None:
@@ -270,5 +291,7 @@ def split_release(tensors: dict[str, torch.Tensor], source: str = "the checkpoin
         elif key.startswith(CA_PREFIX):
             ca[key.removeprefix(CA_PREFIX)] = tensor
         else:
-            raise CheckpointError(f"{source}: unexpected key {key!r} in a PuLID-FLUX file (pulid_encoder.*, pulid_ca.*).")
+            raise CheckpointError(
+                f"{source}: unexpected key {key!r} in a PuLID-FLUX file (pulid_encoder.*, pulid_ca.*)."
+            )
     return encoder, ca

@@ -26,9 +26,7 @@ import contextlib
 import json
 import logging
 import os
-import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +37,7 @@ from torch import nn
 from ..errors import CheckpointError, IdcraftError, IncompatibleAdapterError
 from ..models import resolve_device
 from ..pipeline import request_view, text_lock
+from .encoder import FaceStages, IdTokens, PulidEncoder
 from .flux import PulidFluxInjection, id_call, split_release
 
 log = logging.getLogger(__name__)
@@ -52,45 +51,7 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 128
 TRUE_CFG_START = 1
 
 
-@dataclass(frozen=True)
-class IdTokens:
-    """One identity as the transformer reads it: the ID tokens ``[1, N, id_width]`` and, for true CFG, the
-    unconditional tokens (the IDFormer of zeros; ``None`` when not computed)."""
-
-    cond: torch.Tensor
-    uncond: torch.Tensor | None = None
-
-
 # ----------------------------------------------------------------- release files
-def _safetensors_keys(path: Path) -> list[str]:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100 * 1024**2:
-            raise CheckpointError(f"{path}: not a safetensors file.")
-        return [k for k in json.loads(f.read(length)) if k != "__metadata__"]
-
-
-def release_keys(path: str | os.PathLike) -> list[str]:
-    """The tensor names of a release file, without reading its weights where the format allows."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"adapter file {path}: no such file.")
-    if path.suffix == ".safetensors":
-        return _safetensors_keys(path)
-    return list(read_release(path))
-
-
-def pulid_kind(keys) -> str | None:
-    """``"pulid-flux"`` (``pulid_encoder.*`` + ``pulid_ca.*``), ``"pulid"`` (SDXL: ``id_adapter.*`` +
-    ``id_adapter_attn_layers.*``) or ``None`` (not a PuLID file), from tensor names alone."""
-    tops = {k.split(".", 1)[0] for k in keys}
-    if "pulid_ca" in tops:
-        return "pulid-flux"
-    if "id_adapter_attn_layers" in tops or "id_adapter" in tops:
-        return "pulid"
-    return None
-
-
 def read_release(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A release file's flat tensors (``.safetensors``, or a torch file read with ``weights_only``)."""
     path = Path(path)
@@ -103,7 +64,9 @@ def read_release(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch raise many types for a damaged file
-        raise CheckpointError(f"{path}: cannot be read as a PuLID file ({type(exc).__name__}: {exc}).") from exc
+        raise CheckpointError(
+            f"{path}: cannot be read as a PuLID file ({type(exc).__name__}: {exc})."
+        ) from exc
     if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
         data = {f"{group}.{k}": v for group, d in data.items() for k, v in d.items()}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -126,7 +89,11 @@ class PulidFluxAdapter(nn.Module):
         return cls.from_tensors(tensors, str(path))
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> PulidFluxAdapter:
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], source: str = "the checkpoint"
+    ) -> PulidFluxAdapter:
+        from ..registry import pulid_kind
+
         kind = pulid_kind(tensors)
         if kind == "pulid":
             raise IncompatibleAdapterError(
@@ -158,23 +125,40 @@ class PulidFluxAdapter(nn.Module):
 
 
 def _id_former(tensors: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """The IDFormer of the shared identity encoder (:mod:`idcraft.pulid.idformer`), widths from the shapes."""
+    """The shared :class:`~idcraft.pulid.idformer.IDFormer`, widths from the shapes, loaded strictly."""
+    from .idformer import IDFormer
+
     try:
-        from .idformer import IDFormer
-    except ImportError as exc:  # the shared encoder chain is not installed in this build
-        raise IdcraftError(f"{source}: the IDFormer (idcraft.pulid.idformer) is not available.") from exc
-    try:
-        config = IDFormer.config_from_state_dict(tensors)
-    except KeyError as exc:
-        raise CheckpointError(f"{source}: pulid_encoder.* lacks {exc}: not an IDFormer.") from exc
-    with torch.device("meta"):
-        model = IDFormer(**config)
-    try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise CheckpointError(f"{source}: pulid_encoder does not fit the shapes it implies: {detail[:300]}") from exc
-    return model.eval()
+        return IDFormer.from_state_dict(tensors).eval()
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: pulid_encoder.*: {exc}") from exc
+
+
+def _encoder(pulid: PulidFluxAdapter, eva_clip, face_parser) -> PulidEncoder | None:
+    """The shared identity encoder around the release's IDFormer, with the towers the user gave."""
+    if pulid.pulid_encoder is None:
+        return None
+    eva = parser = None
+    if eva_clip is not None:
+        from .eva_clip import load_eva_tower
+
+        eva = load_eva_tower(eva_clip)
+        config = pulid.pulid_encoder.config
+        if (eva.config.embed_dim + 512, eva.config.width) != (config.id_dim, config.vit_dim):
+            raise IncompatibleAdapterError(
+                f"--eva-clip {eva_clip}: its tower is {eva.config.width} wide with a {eva.config.embed_dim}-d class "
+                f"token, but the IDFormer reads {config.vit_dim}-wide hidden states and a {config.id_dim - 512}-d "
+                "class token: use EVA02_CLIP_L_336_psz14_s6B.pt (EVA02-CLIP-L-14-336) with the PuLID releases."
+            )
+    if face_parser is not None:
+        try:
+            from .bisenet import load_bisenet
+        except ImportError as exc:
+            raise IdcraftError(
+                "--face-parser: BiSeNet is not available in this build; give --face-parsing."
+            ) from exc
+        parser = load_bisenet(face_parser)
+    return PulidEncoder(pulid.pulid_encoder, eva, parser)
 
 
 def _id_former_width(model: nn.Module) -> int:
@@ -199,7 +183,7 @@ class PulidFluxPipeline:
         self,
         pipe,
         adapter: PulidFluxAdapter,
-        encoder=None,
+        encoder: PulidEncoder | None = None,
         *,
         offload: str | None = None,
         device: torch.device | str | None = None,
@@ -209,16 +193,22 @@ class PulidFluxPipeline:
         device = torch.device(device) if device is not None else pipe.device
         self.offload = _check_offload(offload, device)
         adapter.pulid_ca.check_compatible(pipe.transformer)
+        if encoder is None and adapter.pulid_encoder is not None:
+            encoder = PulidEncoder(adapter.pulid_encoder)
         self.pipe = pipe
         self.adapter = adapter
         self.encoder = encoder
         self._device = device
         dtype = pipe.transformer.dtype
         adapter.to(dtype=dtype).eval()
+        if encoder is not None:
+            encoder.to(dtype=dtype).eval()
         adapter.pulid_ca.attach(pipe.transformer)
         if self.offload == "none":
             pipe.to(device)
             adapter.to(device)
+            if encoder is not None:
+                encoder.to(device)
         else:
             adapter.pulid_ca.to(device)  # read after every injected block: stays on the GPU
             if self.offload == "model":
@@ -249,10 +239,20 @@ class PulidFluxPipeline:
         width: int | None = None,
         height: int | None = None,
         report: Callable[[str], None] | None = None,
-        encoder_factory: Callable[..., object] | None = None,
+        eva_clip: str | os.PathLike | None = None,
+        face_parser: str | os.PathLike | None = None,
     ) -> PulidFluxPipeline:
-        """Load, checking the files against each other and the memory before the FLUX weights are read."""
-        from ..instantcharacter.pipeline import _check_offload, _meta_transformer, flux_dtype, load_flux_pipeline
+        """Load, checking the files against each other and the memory before the FLUX weights are read.
+
+        ``eva_clip`` is ``EVA02_CLIP_L_336_psz14_s6B.pt`` and ``face_parser`` facexlib's
+        ``parsing_bisenet.pth``; each is needed only for the stages a request does not give (see
+        :class:`~idcraft.pulid.encoder.FaceStages`)."""
+        from ..instantcharacter.pipeline import (
+            _check_offload,
+            _meta_transformer,
+            flux_dtype,
+            load_flux_pipeline,
+        )
         from .flux_memory import estimate_or_none
 
         sd_class = _is_sd_base(base)
@@ -268,7 +268,17 @@ class PulidFluxPipeline:
         meta = _meta_transformer(base) if (Path(base) / "model_index.json").is_file() else None
         if meta is not None:
             pulid.pulid_ca.check_compatible(meta, f"base model {base}")
-        estimate = estimate_or_none(base, adapter, device=dev, dtype=dt, offload=offload, width=width, height=height)
+        encoder = _encoder(pulid, eva_clip, face_parser)
+        estimate = estimate_or_none(
+            base,
+            adapter,
+            device=dev,
+            dtype=dt,
+            offload=offload,
+            width=width,
+            height=height,
+            eva_clip=eva_clip,
+        )
         if estimate is None:
             (report or log.info)("memory estimate: not available (it reads local folders and files only)")
         else:
@@ -276,9 +286,10 @@ class PulidFluxPipeline:
             if check_memory:
                 estimate.check()
         pulid.to(dtype=dt)
-        if offload == "none":
+        if offload == "none":  # where they run, before the FLUX components pass through RAM
             pulid.to(dev)
-        encoder = encoder_factory(pulid, device=dev, dtype=dt) if encoder_factory is not None else None
+            if encoder is not None:
+                encoder.to(dev, dt)
         pipe = load_flux_pipeline(base, dtype=dt, device=dev if offload == "none" else torch.device("cpu"))
         return cls(pipe, pulid, encoder, offload=offload, device=dev)
 
@@ -295,6 +306,17 @@ class PulidFluxPipeline:
         finally:
             for module in modules:
                 module.to("cpu")
+
+    def encode(self, faces: list[FaceStages]) -> IdTokens:
+        """The ID tokens (and unconditional tokens) of one identity's face(s); reuse them across prompts,
+        seeds and settings."""
+        if self.encoder is None:
+            raise IdcraftError(
+                "this PuLID-FLUX file has no pulid_encoder.* (IDFormer) tensors: give the ID tokens as conditioning."
+            )
+        with self.visiting([self.encoder]):
+            tokens = self.encoder(faces)
+        return tokens.to(self.device)
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
@@ -329,7 +351,11 @@ class PulidFluxPipeline:
         width = width or runner.default_sample_size * runner.vae_scale_factor
         use_true_cfg = abs(true_cfg - 1.0) > 1e-2  # as official: 1.0 +- 0.01 is off
         text = self._encode_text(runner, prompt, num_images, max_sequence_length)
-        negative = self._encode_text(runner, negative_prompt, num_images, max_sequence_length) if use_true_cfg else None
+        negative = (
+            self._encode_text(runner, negative_prompt, num_images, max_sequence_length)
+            if use_true_cfg
+            else None
+        )
 
         latents, image_ids = self._initial_latents(runner, num_images, height, width, seed, dtype)
         timesteps = self._timesteps(runner, steps, latents.shape[1])
