@@ -283,26 +283,44 @@ def _size_factor(pipe) -> int:
 
 
 def _choose_method(method: str | None, base, image_encoder_2, adapter=None) -> Method | None:
-    """The requested method; else PuLID-FLUX when the adapter file's keys say so, InstantCharacter when
-    the base is a FLUX folder or a DINOv2 encoder is given; ``None`` lets the SD loader detect the method
-    from the adapter file."""
+    """The requested method, else what the files say (:func:`method_from_files`); ``None`` lets the SD
+    loader detect the method from the adapter file."""
     if method is not None:
         return get_method(method)
-    from .instantcharacter.pipeline import is_flux_base
+    name = method_from_files(adapter, base, image_encoder_2)
+    return None if name is None else get_method(name)
 
+
+def method_from_files(adapter, base, image_encoder_2=None) -> str | None:
+    """The method the files imply, known without torch or a model: PuLID-FLUX when the adapter's tensor
+    names say so; InstantCharacter for a FLUX base folder or a DINOv2 encoder; ``None`` otherwise. An SDXL
+    PuLID file with a FLUX base is refused here, naming both."""
     kind = adapter_kind(adapter) if adapter is not None else None
+    flux = _is_flux_folder(base)
     if kind == "pulid-flux":
-        return get_method("pulid-flux")
-    if kind == "pulid" and is_flux_base(base):
+        return "pulid-flux"
+    if kind == "pulid" and flux:
         from .errors import IncompatibleAdapterError
 
         raise IncompatibleAdapterError(
             f"{adapter} is a PuLID SDXL file (id_adapter.*), but base model {base} is FLUX.1: use an SDXL base "
             "with it, or pulid_flux_v0.9.x.safetensors (--method pulid-flux) on FLUX."
         )
-    if is_flux_base(base) or image_encoder_2 is not None:
-        return get_method("instantcharacter")
+    if flux or image_encoder_2 is not None:
+        return "instantcharacter"
     return None
+
+
+def _is_flux_folder(base) -> bool:
+    """Whether ``base`` is a local FLUX pipeline folder (its model_index.json says so; no imports)."""
+    import json
+    from pathlib import Path
+
+    try:
+        index = json.loads((Path(base) / "model_index.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+    return isinstance(index, dict) and str(index.get("_class_name", "")).startswith("Flux")
 
 
 def adapter_kind(adapter) -> str | None:

@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
     flags = request_from_args(args, read_files=False)
     replace(flags, keypoints=None).validate()  # keypoints are still a file name here
     check_device(args.device)
-    method = args.method or _detected_method(args)
+    from ..engine import method_from_files
+
+    method = args.method or method_from_files(args.adapter, args.base, args.image_encoder_2)
     if method is not None:
         family_of(method).check(get_method(method), flags)
     paths = check_output_paths(args.output, args.num_images, overwrite=args.overwrite)
@@ -130,25 +132,3 @@ def run(args: argparse.Namespace) -> int:
         atomic_save_image(image, path, overwrite=args.overwrite)
         print(path)
     return 0
-
-
-def _detected_method(args: argparse.Namespace) -> str | None:
-    """The method the files imply, where that is known without loading a model: a PuLID-FLUX release,
-    or InstantCharacter for a FLUX base / a DINOv2 encoder; ``None`` lets the loader detect it."""
-    from ..engine import adapter_kind
-
-    if adapter_kind(args.adapter) == "pulid-flux":
-        return "pulid-flux"
-    return "instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None
-
-
-def _flux_folder(base: str) -> bool:
-    """Whether ``base`` is a local FLUX pipeline folder (read from its model_index.json, no imports)."""
-    import json
-    from pathlib import Path
-
-    try:
-        index = json.loads((Path(base) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return str(index.get("_class_name", "")).startswith("Flux")
