@@ -83,6 +83,8 @@ class ModelEntry:
     height: int | None = None
     face_backend: str = "insightface"
     face_models: str | None = None
+    eva_clip: str | None = None
+    face_parser: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -256,7 +258,9 @@ def _model(label: str, entry: Any, where: str, relative_to: Path | None, shared:
         values.get("image_encoder_2") or values.get("offload") not in (None, "none")
     ):
         raise IdcraftError(f"{where}: image_encoder_2 and offload are for instantcharacter (FLUX.1) only.")
-    for key in ("base", "adapter", "image_encoder", "image_encoder_2", "face_models"):
+    if not method.startswith("pulid") and (values.get("eva_clip") or values.get("face_parser")):
+        raise IdcraftError(f"{where}: eva_clip and face_parser are for the PuLID methods only.")
+    for key in ("base", "adapter", "image_encoder", "image_encoder_2", "face_models", "eva_clip", "face_parser"):
         values[key] = config_path(values.get(key), relative_to)
     controlnet = values.get("controlnet")
     if isinstance(controlnet, (list, tuple)):
@@ -398,6 +402,7 @@ def load_engines(
                 offload=entry.offload,
                 width=entry.width,
                 height=entry.height,
+                **{k: v for k, v in (("eva_clip", entry.eva_clip), ("face_parser", entry.face_parser)) if v},
             ).pipeline()
         groups.setdefault((entry.face_backend, entry.face_models), {})[entry.label] = pipe
     engines = {}

@@ -73,7 +73,10 @@ def test_sdxl_release_on_flux_is_refused(saved, capsys):
 
     sdxl = saved / "pulid_v1.1.safetensors"
     save_file(
-        {"id_adapter.latents": torch.zeros(1, 4, 8), "id_adapter_attn_layers.1.id_to_k.weight": torch.zeros(8, 8)},
+        {
+            "id_adapter.latents": torch.zeros(1, 4, 8),
+            "id_adapter_attn_layers.1.id_to_k.weight": torch.zeros(8, 8),
+        },
         str(sdxl),
     )
     assert main(_args(saved, method=None, adapter=sdxl)) != 0

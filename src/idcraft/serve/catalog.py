@@ -60,6 +60,7 @@ API_OPTIONS = {
     "multi_person": "multi_person",
     "face_index": "face_index",
     "true_cfg": "true_cfg",
+    "start_step": "start_step",
 }
 
 

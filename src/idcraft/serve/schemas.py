@@ -39,6 +39,8 @@ class ImageRequest(BaseModel):
     face_index: int = 0
     s_scale: float | None = None
     true_cfg: float = 1.0
+    #: pulid-flux: the first denoising step that sees the identity
+    start_step: int = 0
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None
 

@@ -212,6 +212,7 @@ class Service:
             multi_person=body.multi_person,
             face_index=body.face_index,
             true_cfg=body.true_cfg,
+            start_step=body.start_step,
         )
 
     def _run(self, served: Served, request: GenerationRequest, key: str, arrived: float, deadline: Deadline):
