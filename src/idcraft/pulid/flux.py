@@ -115,7 +115,8 @@ class IdCall:
 
     owner: PulidFluxInjection
     tokens: torch.Tensor | None
-    weight: float = 1.0
+    #: a float, or (training) a ``[B, 1, 1]`` tensor weighting each sample (0 = that sample without identity)
+    weight: float | torch.Tensor = 1.0
 
 
 _ID_CALL: ContextVar[IdCall | None] = ContextVar("idcraft_pulid_flux_call", default=None)
@@ -266,18 +267,23 @@ class PulidFluxInjection(nn.Module):
     def _hook_for(self, module: IdCrossAttention):
         def after_block(block: nn.Module, args: tuple, output: tuple) -> tuple | None:
             call = _ID_CALL.get()
-            if call is None or call.owner is not self or call.tokens is None or call.weight == 0:
+            if call is None or call.owner is not self or call.tokens is None:
+                return None
+            if not isinstance(call.weight, torch.Tensor) and call.weight == 0:
                 return None
             # diffusers' double- and single-stream blocks both return (text, image) separately.
             text, image = output
             tokens = call.tokens.to(device=image.device, dtype=image.dtype)
-            return text, image + call.weight * module(tokens, image)
+            weight = call.weight
+            if isinstance(weight, torch.Tensor):
+                weight = weight.to(device=image.device, dtype=image.dtype)
+            return text, image + weight * module(tokens, image)
 
         return after_block
 
-    def call(self, tokens: torch.Tensor | None, weight: float = 1.0) -> IdCall:
+    def call(self, tokens: torch.Tensor | None, weight: float | torch.Tensor = 1.0) -> IdCall:
         """An :class:`IdCall` of this injection (enter it with :func:`id_call`)."""
-        return IdCall(self, tokens, float(weight))
+        return IdCall(self, tokens, weight if isinstance(weight, torch.Tensor) else float(weight))
 
 
 def split_release(tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> tuple[dict, dict]:
