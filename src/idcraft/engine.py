@@ -100,11 +100,13 @@ class Engine:
         face_backend: str = "insightface",
         face_models: str | os.PathLike | None = None,
         limits: Limits | None = None,
+        eva_clip: str | os.PathLike | None = None,
+        face_parser: str | os.PathLike | None = None,
     ) -> Engine:
         """Load one method: a base model (SD1.5, SDXL or FLUX.1), its adapter file in the official layout
         and the encoders it reads; the method comes from ``method`` or the files. Everything is checked
         against everything else before the base model's weights are read."""
-        chosen = _choose_method(method, base, image_encoder_2)
+        chosen = _choose_method(method, base, image_encoder_2, adapter)
         family = family_of(chosen) if chosen is not None else family_of("ip-adapter")
         if family.name != "instantcharacter" and (offload not in (None, "none") or image_encoder_2):
             given = "--image-encoder-2" if image_encoder_2 else f"--offload {offload}"
@@ -123,6 +125,7 @@ class Engine:
             width=width,
             height=height,
             report=report,
+            **_pulid_files(chosen, eva_clip, face_parser),
         )
         return cls([pipe], face_backend=face_backend, face_models=face_models, limits=limits)
 
@@ -272,11 +275,26 @@ def _size_factor(pipe) -> int:
     return factor * 2 if _method_of(pipe).base == "flux" else max(8, factor)
 
 
-def _choose_method(method: str | None, base, image_encoder_2) -> Method | None:
-    """The requested method, or InstantCharacter when the base is a FLUX folder or a DINOv2 encoder is
-    given; ``None`` lets the SD loader detect the method from the adapter file."""
+def _pulid_files(method: Method | None, eva_clip, face_parser) -> dict[str, Any]:
+    """PuLID's encoder files, refused for other methods (a silent no-op would hide a mistake)."""
+    given = {k: v for k, v in (("eva_clip", eva_clip), ("face_parser", face_parser)) if v is not None}
+    if given and (method is None or method.family != "pulid"):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise IdcraftError(f"{flags}: used by pulid only.")
+    return given
+
+
+def _choose_method(method: str | None, base, image_encoder_2, adapter=None) -> Method | None:
+    """The requested method, PuLID when the adapter file is a PuLID release, or InstantCharacter when the
+    base is a FLUX folder or a DINOv2 encoder is given; ``None`` lets the SD loader detect the method from
+    the adapter file."""
     if method is not None:
         return get_method(method)
+    from .pulid.pipeline import release_method
+
+    detected = release_method(adapter) if adapter is not None else None
+    if detected is not None:
+        return get_method(detected)
     from .instantcharacter.pipeline import is_flux_base
 
     if is_flux_base(base) or image_encoder_2 is not None:

@@ -18,6 +18,9 @@ MODEL_FLAGS: dict[str, dict] = {
     "--image-encoder-2": {"metavar": "DIR", "help": "instantcharacter: the DINOv2 encoder folder"},
     "--controlnet": {"action": "append", "default": [], "metavar": "DIR", "help": "ControlNet folder, "
                      "repeatable; for instantid the first is IdentityNet (its keypoint image is drawn for you)"},
+    "--eva-clip": {"metavar": "FILE", "help": "pulid: EVA02-CLIP-L-14-336 checkpoint (EVA02_CLIP_L_336_psz14_s6B.pt; "
+                   "an eva_clip config FILE.json beside it is read)"},
+    "--face-parser": {"metavar": "FILE", "help": "pulid: BiSeNet face parser (facexlib's parsing_bisenet.pth)"},
     "--face-backend": {"default": "insightface", "help": "face analysis for face methods' --reference photos"},
     "--face-models": {"metavar": "DIR", "help": "insightface model pack folder (antelopev2, buffalo_l)"},
     "--device": {"default": "auto", "help": "cpu, cuda, cuda:1, mps or auto"},
@@ -66,6 +69,12 @@ def request_from_args(args: argparse.Namespace, *, read_files: bool = True):
             values["face_embeddings"] = [load_embedding(f) for f in values["face_embeddings"]]
         if values["keypoints"]:
             values["keypoints"] = load_keypoints(values["keypoints"])
+        if values.get("aligned_faces"):
+            values["aligned_faces"] = [load_image(a) for a in values["aligned_faces"]]
+        if values.get("face_parsings"):
+            from ..pulid.preprocess import read_label_map
+
+            values["face_parsings"] = [read_label_map(p) for p in values["face_parsings"]]
     return GenerationRequest(**values, progress=sys.stderr.isatty())
 
 
@@ -109,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         report=lambda text: print(text, file=sys.stderr),
         face_backend=args.face_backend,
         face_models=args.face_models,
+        eva_clip=args.eva_clip,
+        face_parser=args.face_parser,
     )
     result = engine.generate(request)
     for warning in result.warnings:

@@ -6,6 +6,7 @@
 | :mod:`.faceid` | IP-Adapter-FaceID | faceid, faceid-plus, faceid-plusv2, faceid-portrait |
 | :mod:`.instantid` | InstantID | instantid |
 | :mod:`.instantcharacter` | InstantCharacter | instantcharacter |
+| :mod:`.pulid` | PuLID (SDXL) | pulid |
 
 Each module defines ``FAMILY``, a :class:`~.base.Family`: load from official files, make fresh for
 training, references -> conditioning, run the pipeline. :class:`idcraft.engine.Engine` dispatches through
@@ -27,6 +28,7 @@ FAMILY_MODULES = {
     "faceid": "faceid",
     "instantid": "instantid",
     "instantcharacter": "instantcharacter",
+    "pulid": "pulid",
 }
 
 
