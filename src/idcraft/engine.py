@@ -36,6 +36,8 @@ __all__ = ["Conditioning", "Engine", "GenerationRequest", "GenerationResult", "L
 
 #: Families that run on FLUX.1 and take ``offload``.
 FLUX_FAMILIES = ("instantcharacter", "pulid-flux")
+#: Families that read ``eva_clip`` / ``face_parser``.
+PULID_FAMILIES = ("pulid", "pulid-flux")
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,9 @@ class Engine:
         if family.name != "instantcharacter" and image_encoder_2:
             raise IdcraftError("--image-encoder-2: used by instantcharacter (FLUX.1) only.")
         if family.name not in FLUX_FAMILIES and offload not in (None, "none"):
-            raise IdcraftError(f"--offload {offload}: used by the FLUX.1 methods only ({', '.join(FLUX_FAMILIES)}).")
-        if family.name != "pulid-flux" and (eva_clip or face_parser):
-            raise IdcraftError(f"{'--eva-clip' if eva_clip else '--face-parser'}: used by the PuLID methods only.")
-        extra = {"eva_clip": eva_clip, "face_parser": face_parser} if family.name == "pulid-flux" else {}
+            raise IdcraftError(
+                f"--offload {offload}: used by the FLUX.1 methods only ({', '.join(FLUX_FAMILIES)})."
+            )
         pipe = family.load(
             base,
             adapter,
@@ -132,7 +133,7 @@ class Engine:
             width=width,
             height=height,
             report=report,
-            **extra,
+            **_pulid_files(chosen, eva_clip, face_parser),
         )
         return cls([pipe], face_backend=face_backend, face_models=face_models, limits=limits)
 
@@ -282,6 +283,15 @@ def _size_factor(pipe) -> int:
     return factor * 2 if _method_of(pipe).base == "flux" else max(8, factor)
 
 
+def _pulid_files(method: Method | None, eva_clip, face_parser) -> dict[str, Any]:
+    """PuLID's encoder files, refused for other methods (a silent no-op would hide a mistake)."""
+    given = {k: v for k, v in (("eva_clip", eva_clip), ("face_parser", face_parser)) if v is not None}
+    if given and (method is None or method.family not in PULID_FAMILIES):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise IdcraftError(f"{flags}: used by {' and '.join(PULID_FAMILIES)} only.")
+    return given
+
+
 def _choose_method(method: str | None, base, image_encoder_2, adapter=None) -> Method | None:
     """The requested method, else what the files say (:func:`method_from_files`); ``None`` lets the SD
     loader detect the method from the adapter file."""
@@ -292,8 +302,8 @@ def _choose_method(method: str | None, base, image_encoder_2, adapter=None) -> M
 
 
 def method_from_files(adapter, base, image_encoder_2=None) -> str | None:
-    """The method the files imply, known without torch or a model: PuLID-FLUX when the adapter's tensor
-    names say so; InstantCharacter for a FLUX base folder or a DINOv2 encoder; ``None`` otherwise. An SDXL
+    """The method the files imply, known without torch or a model: PuLID (SDXL) or PuLID-FLUX when the
+    adapter's tensor names say so; InstantCharacter for a FLUX base folder or a DINOv2 encoder; ``None`` otherwise. An SDXL
     PuLID file with a FLUX base is refused here, naming both."""
     kind = adapter_kind(adapter) if adapter is not None else None
     flux = _is_flux_folder(base)
@@ -306,6 +316,8 @@ def method_from_files(adapter, base, image_encoder_2=None) -> str | None:
             f"{adapter} is a PuLID SDXL file (id_adapter.*), but base model {base} is FLUX.1: use an SDXL base "
             "with it, or pulid_flux_v0.9.x.safetensors (--method pulid-flux) on FLUX."
         )
+    if kind == "pulid":
+        return "pulid"
     if flux or image_encoder_2 is not None:
         return "instantcharacter"
     return None

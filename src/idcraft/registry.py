@@ -19,7 +19,7 @@ Uncond = Literal["zero-embeds", "zero-image", "same-tokens"]
 Inputs = Literal["image", "face", "face+image"]
 Combine = Literal["side-by-side", "average"]
 Base = Literal["sd", "flux"]
-Family = Literal["ip-adapter", "faceid", "instantid", "instantcharacter", "pulid-flux"]
+Family = Literal["ip-adapter", "faceid", "instantid", "instantcharacter", "pulid", "pulid-flux"]
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,18 @@ METHODS: dict[str, Method] = {
             "tiles of 768 -> 1024 timestep-conditioned tokens, attended to in every FLUX block.",
             checkpoints=("instantcharacter_ip-adapter.bin",),
             aliases=("instant-character", "instantcharacter_ip-adapter"),
+        ),
+        Method(
+            name="pulid",
+            family="pulid",
+            projection="idformer",
+            feature=None,
+            uncond="zero-embeds",
+            inputs="face+image",
+            description="PuLID v1.1 (SDXL): raw antelopev2 embedding + EVA02-CLIP of the parsed, aligned face -> "
+            "32 ID tokens (IDFormer) in an ID cross-attention beside every attn2 (ortho v2, zero tokens).",
+            checkpoints=("pulid_v1.1.safetensors",),
+            aliases=("pulid_v1.1", "pulid-sdxl", "pulid-v1.1"),
         ),
         Method(
             name="pulid-flux",

@@ -29,6 +29,9 @@ METHOD_OPTIONS: dict[str, Any] = {
     "start_step": 0,
     "aligned_faces": None,
     "face_parsings": None,
+    "num_zero": None,
+    "ortho": None,
+    "sampler": None,
 }
 
 
@@ -195,21 +198,35 @@ class GenerationRequest:
     aligned_faces: Sequence[Any] | None = field(
         default=None,
         metadata={
-            "help": "pulid: the 512x512 aligned face of each reference (skips detection and alignment); "
-            "repeatable, in --face-embedding order",
+            "help": "pulid: a 512x512 face already aligned as facexlib does, one per face (skips detection and "
+            "alignment; give --face-embedding with it)",
             "flag": "aligned-face",
-            "metavar": "FACE.png",
+            "metavar": "IMAGE",
             "repeat": str,
         },
     )
     face_parsings: Sequence[Any] | None = field(
         default=None,
         metadata={
-            "help": "pulid: the 512x512 CelebAMask-HQ label map of each aligned face (skips BiSeNet); "
-            "repeatable, in --aligned-face order",
+            "help": "pulid: the aligned face's CelebAMask-HQ label map (512x512 one-channel PNG), one per face "
+            "(skips BiSeNet)",
             "flag": "face-parsing",
             "metavar": "LABELS.png",
             "repeat": str,
+        },
+    )
+    num_zero: int | None = field(
+        default=None, metadata={"help": "pulid: zero tokens appended to the ID tokens. Default: 20"}
+    )
+    ortho: str | None = field(
+        default=None,
+        metadata={"help": "pulid: how ID and text attention combine: off, v1 or v2. Default: v2"},
+    )
+    sampler: str | None = field(
+        default=None,
+        metadata={
+            "help": "pulid: dpmpp_2m (Karras sigmas, for ordinary SDXL bases) or dpmpp_sde (Lightning bases, "
+            "guidance ~2). Default: dpmpp_2m"
         },
     )
     progress: bool = False  # show the sampler's progress bar
@@ -278,6 +295,12 @@ class GenerationRequest:
             )
         if self.keypoints is not None:
             _check_keypoints(self.keypoints)
+        if self.num_zero is not None and (not isinstance(self.num_zero, int) or self.num_zero < 0):
+            raise IdcraftError(f"--num-zero must be a whole number, 0 or more, got {self.num_zero!r}.")
+        if self.ortho is not None and self.ortho not in ("off", "v1", "v2"):
+            raise IdcraftError(f"--ortho must be off, v1 or v2, got {self.ortho!r}.")
+        if self.sampler is not None and self.sampler not in ("dpmpp_2m", "dpmpp_sde"):
+            raise IdcraftError(f"--sampler must be dpmpp_2m or dpmpp_sde, got {self.sampler!r}.")
 
 
 @dataclass

@@ -104,6 +104,6 @@ def test_wrong_eva_width_and_missing_stages_are_clear(saved, tmp_path, capsys):
     assert "use EVA02_CLIP_L_336_psz14_s6B.pt" in capsys.readouterr().err
 
     assert main(_args(saved, **{"aligned-face": None, "face-parsing": None})) != 0
-    assert "no reference photo" in capsys.readouterr().err
+    assert "give the reference photo" in capsys.readouterr().err
     assert main(_args(saved, **{"scale": 0.5, "s-scale": 2.0})) != 0
     assert "--s-scale" in capsys.readouterr().err

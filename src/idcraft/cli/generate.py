@@ -18,15 +18,14 @@ MODEL_FLAGS: dict[str, dict] = {
     "--image-encoder-2": {"metavar": "DIR", "help": "instantcharacter: the DINOv2 encoder folder"},
     "--controlnet": {"action": "append", "default": [], "metavar": "DIR", "help": "ControlNet folder, "
                      "repeatable; for instantid the first is IdentityNet (its keypoint image is drawn for you)"},
+    "--eva-clip": {"metavar": "FILE", "help": "pulid: EVA02-CLIP-L-14-336 checkpoint (EVA02_CLIP_L_336_psz14_s6B.pt; "
+                   "an eva_clip config FILE.json beside it is read)"},
+    "--face-parser": {"metavar": "FILE", "help": "pulid: BiSeNet face parser (facexlib's parsing_bisenet.pth)"},
     "--face-backend": {"default": "insightface", "help": "face analysis for face methods' --reference photos"},
     "--face-models": {"metavar": "DIR", "help": "insightface model pack folder (antelopev2, buffalo_l)"},
     "--device": {"default": "auto", "help": "cpu, cuda, cuda:1, mps or auto"},
     "--dtype": {"default": "auto", "choices": ["auto", "float32", "float16", "bfloat16"],
                 "help": "auto = float16 on GPU (bfloat16 for FLUX), float32 on CPU"},
-    "--eva-clip": {"metavar": "FILE", "help": "pulid: EVA02_CLIP_L_336_psz14_s6B.pt (its visual tower reads "
-                   "the face; a .json of the same name in eva_clip's format overrides its settings)"},
-    "--face-parser": {"metavar": "FILE", "help": "pulid: facexlib's parsing_bisenet.pth (not needed with "
-                      "--face-parsing)"},
     "--offload": {"choices": ["none", "model", "sequential"], "default": "none",
                   "help": "instantcharacter, pulid-flux: keep weights in RAM, move them to the GPU per model or "
                   "layer"},
@@ -69,14 +68,14 @@ def request_from_args(args: argparse.Namespace, *, read_files: bool = True):
         values["control_images"] = [load_image(c) for c in values["control_images"]]
         if values["face_embeddings"]:
             values["face_embeddings"] = [load_embedding(f) for f in values["face_embeddings"]]
-        if values.get("aligned_faces"):
-            values["aligned_faces"] = [load_image(f) for f in values["aligned_faces"]]
-        if values.get("face_parsings"):
-            from ..pulid.request_faces import load_labels
-
-            values["face_parsings"] = [load_labels(f) for f in values["face_parsings"]]
         if values["keypoints"]:
             values["keypoints"] = load_keypoints(values["keypoints"])
+        if values.get("aligned_faces"):
+            values["aligned_faces"] = [load_image(a) for a in values["aligned_faces"]]
+        if values.get("face_parsings"):
+            from ..pulid.preprocess import read_label_map
+
+            values["face_parsings"] = [read_label_map(p) for p in values["face_parsings"]]
     return GenerationRequest(**values, progress=sys.stderr.isatty())
 
 

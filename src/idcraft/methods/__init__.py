@@ -6,6 +6,7 @@
 | :mod:`.faceid` | IP-Adapter-FaceID | faceid, faceid-plus, faceid-plusv2, faceid-portrait |
 | :mod:`.instantid` | InstantID | instantid |
 | :mod:`.instantcharacter` | InstantCharacter | instantcharacter |
+| :mod:`.pulid` | PuLID (SDXL) | pulid |
 | :mod:`.pulid_flux` | PuLID-FLUX | pulid-flux |
 
 Each module defines ``FAMILY``, a :class:`~.base.Family`: load from official files, make fresh for
@@ -28,6 +29,7 @@ FAMILY_MODULES = {
     "faceid": "faceid",
     "instantid": "instantid",
     "instantcharacter": "instantcharacter",
+    "pulid": "pulid",
     "pulid-flux": "pulid_flux",
 }
 

@@ -68,10 +68,9 @@ class PulidFluxFamily(Family):
         return PulidFluxAdapter(injection, id_former)
 
     def encode(self, pipe, request: GenerationRequest, faces: FaceSettings):
-        from ..pulid.request_faces import request_faces
+        from .pulid import face_stages
 
-        models = None if faces.models is None else str(faces.models)
-        return pipe.encode(request_faces(request, faces.backend, models, "pulid-flux"))
+        return pipe.encode(face_stages(request, faces))
 
     def run(self, pipe, request: GenerationRequest, conditioning) -> list:
         return pipe(

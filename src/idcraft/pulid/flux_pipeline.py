@@ -141,22 +141,13 @@ def _encoder(pulid: PulidFluxAdapter, eva_clip, face_parser) -> PulidEncoder | N
     eva = parser = None
     if eva_clip is not None:
         from .eva_clip import load_eva_tower
+        from .pipeline import check_eva
 
         eva = load_eva_tower(eva_clip)
-        config = pulid.pulid_encoder.config
-        if (eva.config.embed_dim + 512, eva.config.width) != (config.id_dim, config.vit_dim):
-            raise IncompatibleAdapterError(
-                f"--eva-clip {eva_clip}: its tower is {eva.config.width} wide with a {eva.config.embed_dim}-d class "
-                f"token, but the IDFormer reads {config.vit_dim}-wide hidden states and a {config.id_dim - 512}-d "
-                "class token: use EVA02_CLIP_L_336_psz14_s6B.pt (EVA02-CLIP-L-14-336) with the PuLID releases."
-            )
+        check_eva(pulid.pulid_encoder, eva, eva_clip)
     if face_parser is not None:
-        try:
-            from .bisenet import load_bisenet
-        except ImportError as exc:
-            raise IdcraftError(
-                "--face-parser: BiSeNet is not available in this build; give --face-parsing."
-            ) from exc
+        from .bisenet import load_bisenet
+
         parser = load_bisenet(face_parser)
     return PulidEncoder(pulid.pulid_encoder, eva, parser)
 

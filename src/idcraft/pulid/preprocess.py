@@ -87,7 +87,7 @@ def check_parsing(labels: np.ndarray, what: str = "--face-parsing") -> np.ndarra
 
 def face_tensor(face: np.ndarray, device=None) -> torch.Tensor:
     """512x512x3 uint8 RGB -> ``[1, 3, 512, 512]`` float32 in [0, 1] (basicsr's img2tensor / 255)."""
-    return torch.from_numpy(np.ascontiguousarray(face)).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    return torch.from_numpy(np.array(face, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255.0).to(device)
 
 
 def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -139,3 +139,19 @@ def eva_input(
 ) -> torch.Tensor:
     """The face-features image resized to the EVA tower's input and CLIP-normalised."""
     return _normalise(resize_bicubic(image, size), mean, std)
+
+
+def read_label_map(source) -> np.ndarray:
+    """A face-parsing label map from a PNG path (one channel: mode L/P/I; RGB with equal channels is read
+    from its first channel) or an array, checked by :func:`check_parsing`."""
+    if isinstance(source, np.ndarray):
+        return check_parsing(source)
+    from PIL import Image
+
+    name = getattr(source, "filename", None) or str(source)
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+        labels = np.asarray(image)
+    except (OSError, ValueError) as exc:
+        raise IdcraftError(f"--face-parsing {name}: cannot read this label map ({exc}).") from exc
+    return check_parsing(labels, f"--face-parsing {name}")
