@@ -13,17 +13,12 @@ from ..serve.conftest import make_config, pixels, png_b64  # noqa: E402
 from .conftest import CASE, EVA  # noqa: E402
 
 
-def _skin_parser(face: torch.Tensor) -> torch.Tensor:
-    """Stands in for BiSeNet (not in this build): every pixel is skin (label 1)."""
-    labels = torch.ones(face.shape[0], *face.shape[-2:], dtype=torch.long)
-    return torch.nn.functional.one_hot(labels, 19).permute(0, 3, 1, 2).float()
-
-
 @pytest.fixture(scope="module")
 def client(flux_base, release_tensors):
     from fastapi.testclient import TestClient
 
     from idcraft.engine import Engine
+    from idcraft.pulid.bisenet import BiSeNet
     from idcraft.pulid.eva_clip import load_eva_tower
     from idcraft.pulid.flux_pipeline import PulidFluxAdapter, PulidFluxPipeline
     from idcraft.serve.app import create_app
@@ -33,7 +28,8 @@ def client(flux_base, release_tensors):
     adapter = PulidFluxAdapter.from_tensors(dict(release_tensors))
     pipe = PulidFluxPipeline(flux_base, adapter, device="cpu")
     pipe.encoder.eva = load_eva_tower(EVA)
-    pipe.encoder.parser = _skin_parser
+    torch.manual_seed(0)
+    pipe.encoder.parser = BiSeNet(width=8, context=16, fuse=24, aux=8).eval()  # tiny, random weights
     engine = Engine(
         {"pulid-flux": pipe},
         face_backend="world",

@@ -14,7 +14,7 @@ from idcraft.training import TrainConfig, Trainer
 
 from .conftest import CASE, EVA
 
-STEPS = 6
+STEPS = 3
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,10 @@ def data(tmp_path_factory):
             }
         )
     (root / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    from idcraft.pulid.bisenet import BiSeNet
+
+    torch.manual_seed(0)
+    torch.save(BiSeNet(width=8, context=16, fuse=24, aux=8).state_dict(), root / "bisenet.pth")
     return root
 
 
@@ -80,7 +84,9 @@ def _config(data, output, **overrides) -> TrainConfig:
 
 
 def test_train_save_load_generate(data, tmp_path):
-    result = Trainer(_config(data, tmp_path / "run")).run()
+    config = _config(data, tmp_path / "run", image_encoder_2=str(data / "bisenet.pth"))
+    config.extra.pop("face_parsing")  # the official preprocessing: BiSeNet labels
+    result = Trainer(config).run()
     release = tmp_path / "run" / "adapter.safetensors"
     assert release in result.files and result.step == STEPS
     assert len(result.losses) == STEPS and np.isfinite(result.losses).all()
