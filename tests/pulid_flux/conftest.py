@@ -24,8 +24,8 @@ def case_tokens():
     return IdTokens(cond, uncond)
 
 
-def case_args() -> dict:
-    return json.loads((CASE / "args.json").read_text())
+def case_args(name: str = "args.json") -> dict:
+    return json.loads((CASE / name).read_text())
 
 
 def tiny_id_former(seed: int = 0):
@@ -61,7 +61,8 @@ def release_tensors():
     from safetensors.torch import load_file
 
     tensors = {f"pulid_encoder.{k}": v for k, v in tiny_id_former().state_dict().items()}
-    tensors.update(load_file(str(CASE / "pulid_ca.safetensors")))
+    release = load_file(str(CASE / "pulid_flux_tiny.safetensors"))
+    tensors.update({k: v for k, v in release.items() if k.startswith("pulid_ca.")})
     return tensors
 
 

@@ -20,7 +20,7 @@ def _engine(dtype: torch.dtype = torch.float32) -> Engine:
     from idcraft.pulid.flux_pipeline import PulidFluxAdapter, PulidFluxPipeline
 
     base = FluxPipeline.from_pretrained(str(CASE / "base"), torch_dtype=dtype)
-    adapter = PulidFluxAdapter.from_file(CASE / "pulid_ca.safetensors")
+    adapter = PulidFluxAdapter.from_file(CASE / "pulid_flux_tiny.safetensors")
     return Engine([PulidFluxPipeline(base, adapter, device="cpu")])
 
 

@@ -1,6 +1,8 @@
-"""Contract: PuLID-FLUX through the engine reproduces the official code's images (tests/fixtures/pulid-flux:
-official flux/sampling.py + flux/model.py with pulid_ca on a tiny random FLUX, float32 CPU) within 2/255,
-for every mode: ID weight, start step, true CFG with uncond tokens, no identity."""
+"""Contract: PuLID-FLUX reproduces the official code's images (tests/fixtures/pulid-flux: official
+flux/sampling.py + flux/model.py with pulid_ca on a tiny random FLUX, float32 CPU) within 2/255: through the
+engine from fixed ID tokens in every mode (ID weight, start step, true CFG with uncond tokens, no identity),
+and through `idcraft generate` from the given stages (raw embedding, aligned face, label map) with the
+official pipeline_flux.get_id_embedding chain (EVA02-CLIP tower, IDFormer)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ def engine(flux_base):
     from idcraft.engine import Engine
     from idcraft.pulid.flux_pipeline import PulidFluxAdapter, PulidFluxPipeline
 
-    adapter = PulidFluxAdapter.from_file(CASE / "pulid_ca.safetensors")
+    adapter = PulidFluxAdapter.from_file(CASE / "pulid_flux_tiny.safetensors")
     pipe = PulidFluxPipeline(flux_base, adapter, device="cpu")
     yield Engine([pipe])
     adapter.pulid_ca.detach()
@@ -50,3 +52,26 @@ def test_reproduces_official_pulid_flux(engine, case):
     if case != "no_id":  # the identity really acts
         base_only = np.asarray(Image.open(CASE / "no_id.png").convert("RGB"), dtype=np.int16)
         assert np.abs(ours - base_only).mean() > 2
+
+
+@pytest.mark.parametrize("case", ["chain", "chain_true_cfg"])
+def test_generate_reproduces_the_official_chain(case, tmp_path):
+    from idcraft.cli import main
+
+    sdxl = CASE.parent / "pulid-sdxl"  # the stages and EVA tower shared with the SDXL fixture
+    args = case_args("chain_args.json")[case]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if v != ""]
+    common = [
+        "generate", *flags, "--base", str(CASE / "base"), "--adapter", str(CASE / "pulid_flux_tiny.safetensors"),
+        "--eva-clip", str(sdxl / "eva_tiny.pt"), "--face-embedding", str(sdxl / "embedding_0.npy"),
+        "--aligned-face", str(sdxl / "aligned_0.png"), "--face-parsing", str(sdxl / "parsing_0.png"),
+        "--device", "cpu",
+    ]  # fmt: skip
+    assert main([*common, "--output", str(tmp_path / "out.png")]) == 0  # the method comes from the file
+    ours = np.asarray(Image.open(tmp_path / "out.png"), dtype=np.int16)
+    expected = np.asarray(Image.open(CASE / f"{case}.png").convert("RGB"), dtype=np.int16)
+    assert np.abs(ours - expected).max() <= 2
+    if case == "chain":  # the identity really acts
+        assert main([*common, "--scale=0", "--output", str(tmp_path / "base.png")]) == 0
+        base = np.asarray(Image.open(tmp_path / "base.png"), dtype=np.int16)
+        assert np.abs(base - expected).mean() > 2
