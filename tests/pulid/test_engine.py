@@ -113,3 +113,22 @@ def test_clear_errors(engine, tmp_path):
         Engine.from_pretrained(
             CASE / "base", tmp_path / "x.bin", method="ip-adapter", eva_clip=tmp_path / "eva.pt"
         )
+
+
+def test_batch_job_with_file_inputs(engine, tmp_path):
+    from idcraft.batch import job_from_dict, run_batch
+
+    args = ARGS["num_zero_0"]
+    line = {k: args[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scale", "width",
+                                 "height", "num_zero", "ortho", "sampler")}  # fmt: skip
+    line |= {"face_embeddings": ["embedding_0.npy"], "aligned_faces": ["aligned_0.png"],
+             "face_parsings": ["parsing_0.png"]}  # fmt: skip
+    job = job_from_dict(line, 0, base_dir=CASE)
+    assert job.error is None
+    summary = run_batch(
+        [job], None, tmp_path, engine_loader=lambda label, recipe: (engine, None), progress=False
+    )
+    record = summary.records[job.id]
+    assert record["error"] is None, record["error"]
+    image = pixels(Image.open(tmp_path / record["images"][0]))
+    assert np.abs(image - expected("num_zero_0")).max() <= 2
