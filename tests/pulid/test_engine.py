@@ -132,3 +132,29 @@ def test_batch_job_with_file_inputs(engine, tmp_path):
     assert record["error"] is None, record["error"]
     image = pixels(Image.open(tmp_path / record["images"][0]))
     assert np.abs(image - expected("num_zero_0")).max() <= 2
+
+
+def test_models_config_entry_loads_pulid():
+    from idcraft.model_config import load_engines, models_config_from_dict
+
+    config = models_config_from_dict(
+        {
+            "models": {
+                "face": {
+                    "method": "pulid",
+                    "base": "base",
+                    "adapter": "pulid_tiny.safetensors",
+                    "eva_clip": "eva_tiny.pt",
+                    "defaults": {"ortho": "v1", "num_zero": 20, "sampler": "dpmpp_2m"},
+                }
+            },
+            "device": "cpu",
+            "dtype": "float32",
+        },
+        relative_to=CASE,
+    )
+    assert not config.models["face"].is_sd
+    engine = load_engines(config)["face"]
+    assert engine.methods == ("pulid",)
+    with pytest.raises(IdcraftError, match="for pulid only"):
+        models_config_from_dict({"models": {"ip-adapter": {"base": "b", "adapter": "a", "eva_clip": "e"}}})

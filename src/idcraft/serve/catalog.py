@@ -60,6 +60,9 @@ API_OPTIONS = {
     "multi_person": "multi_person",
     "face_index": "face_index",
     "true_cfg": "true_cfg",
+    "num_zero": "num_zero",
+    "ortho": "ortho",
+    "sampler": "sampler",
 }
 
 

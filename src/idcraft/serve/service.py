@@ -212,6 +212,9 @@ class Service:
             multi_person=body.multi_person,
             face_index=body.face_index,
             true_cfg=body.true_cfg,
+            num_zero=body.num_zero if body.num_zero is not None else defaults.get("num_zero"),
+            ortho=body.ortho if body.ortho is not None else defaults.get("ortho"),
+            sampler=body.sampler if body.sampler is not None else defaults.get("sampler"),
         )
 
     def _run(self, served: Served, request: GenerationRequest, key: str, arrived: float, deadline: Deadline):
