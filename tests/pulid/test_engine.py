@@ -158,3 +158,9 @@ def test_models_config_entry_loads_pulid():
     assert engine.methods == ("pulid",)
     with pytest.raises(IdcraftError, match="for pulid only"):
         models_config_from_dict({"models": {"ip-adapter": {"base": "b", "adapter": "a", "eva_clip": "e"}}})
+
+
+def test_sdxl_file_on_a_flux_base_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(IdcraftError, match="is FLUX.1"):
+        Engine.from_pretrained(tmp_path, CASE / "pulid_tiny.safetensors", eva_clip=CASE / "eva_tiny.pt")

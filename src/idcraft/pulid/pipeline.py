@@ -116,6 +116,13 @@ class PulidSDXLPipeline:
             raise CheckpointError(
                 f"{adapter} is not a PuLID SDXL release (no id_adapter.* + id_adapter_attn_layers.* tensors)."
             )
+        from ..instantcharacter.pipeline import is_flux_base
+
+        if is_flux_base(base):
+            raise IdcraftError(
+                f"{adapter} is PuLID v1.1 for SDXL, but --base {base} is FLUX.1: use an SDXL base, or "
+                "pulid_flux_v0.9.x.safetensors with --method pulid-flux."
+            )
         kind, name = base_kind(base)
         if kind != "sdxl":
             raise IdcraftError(f"PuLID v1.1 runs on SDXL; --base {base} is a {name}.")
