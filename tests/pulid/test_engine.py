@@ -1,5 +1,5 @@
-"""PuLID through the engine on the fidelity fixture's tiny models: every official case from one loaded
-engine, two threads at once, float16/bfloat16, and the clear errors."""
+"""PuLID through the engine on the fidelity fixture's tiny models: encoded identities reused, two threads at
+once, float16/bfloat16, batch jobs, model configs, and the clear errors."""
 
 from __future__ import annotations
 
@@ -57,10 +57,14 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-@pytest.mark.parametrize("name", sorted(ARGS))
-def test_every_official_case(engine, name):
-    result = engine.generate(request(name))
-    assert np.abs(pixels(result.images[0]) - expected(name)).max() <= 2
+def test_encoded_identity_is_reused(engine):
+    """Engine.encode once (the server's identity cache), then generate from the conditioning: the official
+    image, with the encoders skipped (every case runs through `idcraft generate` in test_fidelity.py)."""
+    conditioning = engine.encode(request("two_faces"))
+    result = engine.generate(request("two_faces", conditioning=conditioning))
+    assert np.abs(pixels(result.images[0]) - expected("two_faces")).max() <= 2
+    assert result.timings["encode_s"] == 0.0
+    assert result.settings["ortho"] == "v2" and result.settings["num_zero"] == 20
 
 
 def test_two_threads_each_alone(engine):
