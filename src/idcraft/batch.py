@@ -89,6 +89,9 @@ _REQUEST_KEYS = {
     "start_step",
     "aligned_faces",
     "face_parsings",
+    "num_zero",
+    "ortho",
+    "sampler",
 }
 _JOB_KEYS = _REQUEST_KEYS | {"id", "model", "method", "recipe", "reference", "meta"}
 

@@ -390,5 +390,8 @@ def _settings(request: GenerationRequest) -> dict[str, Any]:
         "true_cfg",
         "multi_person",
         "face_index",
+        "num_zero",
+        "ortho",
+        "sampler",
     )
     return {k: getattr(request, k) for k in keep}

@@ -7,7 +7,9 @@ not used: :mod:`.sampling` runs the official k-diffusion samplers, the UNet once
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -80,6 +82,8 @@ class PulidSDXLPipeline:
         self.encoder = encoder
         self.id_attention = id_attention
         self.schedule = DiscreteSchedule()
+        self._lock = threading.Lock()
+        self._vae_float32 = None
         id_attention.attach(pipe.unet)
         if id_attention.id_dim != encoder.idformer.config.output_dim:
             raise CheckpointError(
@@ -112,6 +116,13 @@ class PulidSDXLPipeline:
             raise CheckpointError(
                 f"{adapter} is not a PuLID SDXL release (no id_adapter.* + id_adapter_attn_layers.* tensors)."
             )
+        from ..instantcharacter.pipeline import is_flux_base
+
+        if is_flux_base(base):
+            raise IdcraftError(
+                f"{adapter} is PuLID v1.1 for SDXL, but --base {base} is FLUX.1: use an SDXL base, or "
+                "pulid_flux_v0.9.x.safetensors with --method pulid-flux."
+            )
         kind, name = base_kind(base)
         if kind != "sdxl":
             raise IdcraftError(f"PuLID v1.1 runs on SDXL; --base {base} is a {name}.")
@@ -135,6 +146,18 @@ class PulidSDXLPipeline:
     @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
+
+    def _decoder(self):
+        """The VAE to decode with: a float32 copy, made once, when the base's VAE is float16 and asks to
+        be upcast (SDXL's original VAE overflows in float16), as diffusers' SDXL pipeline does; the shared
+        VAE itself is never changed (other requests may be using it)."""
+        vae = self.pipe.vae
+        if vae.dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+            return vae
+        with self._lock:
+            if self._vae_float32 is None:
+                self._vae_float32 = copy.deepcopy(vae).to(torch.float32)
+            return self._vae_float32
 
     def encode(self, faces: Sequence[FaceStages]) -> IdTokens:
         return self.encoder(faces)
@@ -207,6 +230,7 @@ class PulidSDXLPipeline:
             latents = sample_dpmpp_2m(denoise, latents, sigmas, progress)
         else:
             latents = sample_dpmpp_sde(denoise, latents, sigmas, entropy, progress)
+        vae = self._decoder()
         latents = latents.to(vae.dtype) / vae.config.scaling_factor
         images = vae.decode(latents, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(images, output_type="pil")

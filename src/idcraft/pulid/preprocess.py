@@ -87,7 +87,9 @@ def check_parsing(labels: np.ndarray, what: str = "--face-parsing") -> np.ndarra
 
 def face_tensor(face: np.ndarray, device=None) -> torch.Tensor:
     """512x512x3 uint8 RGB -> ``[1, 3, 512, 512]`` float32 in [0, 1] (basicsr's img2tensor / 255)."""
-    return torch.from_numpy(np.array(face, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    return (
+        torch.from_numpy(np.array(face, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    )
 
 
 def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -61,6 +61,9 @@ API_OPTIONS = {
     "face_index": "face_index",
     "true_cfg": "true_cfg",
     "start_step": "start_step",
+    "num_zero": "num_zero",
+    "ortho": "ortho",
+    "sampler": "sampler",
 }
 
 

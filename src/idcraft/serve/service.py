@@ -213,6 +213,9 @@ class Service:
             face_index=body.face_index,
             true_cfg=body.true_cfg,
             start_step=body.start_step,
+            num_zero=body.num_zero if body.num_zero is not None else defaults.get("num_zero"),
+            ortho=body.ortho if body.ortho is not None else defaults.get("ortho"),
+            sampler=body.sampler if body.sampler is not None else defaults.get("sampler"),
         )
 
     def _run(self, served: Served, request: GenerationRequest, key: str, arrived: float, deadline: Deadline):
