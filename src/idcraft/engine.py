@@ -288,7 +288,7 @@ def _pulid_files(method: Method | None, eva_clip, face_parser) -> dict[str, Any]
     given = {k: v for k, v in (("eva_clip", eva_clip), ("face_parser", face_parser)) if v is not None}
     if given and (method is None or method.family not in PULID_FAMILIES):
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise IdcraftError(f"{flags}: used by {' and '.join(PULID_FAMILIES)} only.")
+        raise IdcraftError(f"{flags}: used by pulid only (the PuLID methods: {', '.join(PULID_FAMILIES)}).")
     return given
 
 
