@@ -266,7 +266,7 @@ def _model(label: str, entry: Any, where: str, relative_to: Path | None, shared:
     if get_method(method).family not in ("pulid", "pulid-flux") and (
         values.get("eva_clip") or values.get("face_parser")
     ):
-        raise IdcraftError(f"{where}: eva_clip and face_parser are for pulid and pulid-flux only.")
+        raise IdcraftError(f"{where}: eva_clip and face_parser are for pulid only (pulid, pulid-flux).")
     for key in (
         "base",
         "adapter",
