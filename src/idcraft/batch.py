@@ -88,6 +88,12 @@ _REQUEST_KEYS = {
     "true_cfg",
     "infusenet_start",
     "infusenet_end",
+    "start_step",
+    "aligned_faces",
+    "face_parsings",
+    "num_zero",
+    "ortho",
+    "sampler",
 }
 _JOB_KEYS = _REQUEST_KEYS | {"id", "model", "method", "recipe", "reference", "meta"}
 
@@ -191,7 +197,7 @@ def job_from_dict(data: Any, index: int, *, base_dir: Path | None = None, where:
     if isinstance(references, str):
         references = [references]
     values["references"] = [_resolve(r, base_dir) for r in references]
-    for key in ("face_embeddings", "control_images"):
+    for key in ("face_embeddings", "control_images", "aligned_faces", "face_parsings"):
         if values.get(key) is not None:
             items = values[key] if isinstance(values[key], list) else [values[key]]
             values[key] = [_resolve(p, base_dir) if isinstance(p, str) else p for p in items]

@@ -36,6 +36,11 @@ from .requests import GenerationRequest, GenerationResult, Limits, not_a_request
 
 __all__ = ["CancelToken", "Conditioning", "Engine", "GenerationRequest", "GenerationResult", "Limits"]
 
+#: Families that run on FLUX.1 and take ``offload``.
+FLUX_FAMILIES = ("instantcharacter", "infiniteyou", "pulid-flux")
+#: Families that read ``eva_clip`` / ``face_parser``.
+PULID_FAMILIES = ("pulid", "pulid-flux")
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -107,6 +112,8 @@ class Engine:
         face_backend: str = "insightface",
         face_models: str | os.PathLike | None = None,
         limits: Limits | None = None,
+        eva_clip: str | os.PathLike | None = None,
+        face_parser: str | os.PathLike | None = None,
     ) -> Engine:
         """Load one method: a base model (SD1.5, SDXL or FLUX.1), its adapter file in the official layout
         and the encoders it reads; the method comes from ``method`` or the files. Everything is checked
@@ -118,11 +125,12 @@ class Engine:
                 "give the adapter file (--adapter), or --method none for the base model alone."
             )
         family = family_of(chosen) if chosen is not None else family_of("ip-adapter")
-        flux = chosen is not None and chosen.base == "flux"
-        if (not flux and offload not in (None, "none")) or (image_encoder_2 and family.name != "instantcharacter"):
-            given = "--image-encoder-2" if image_encoder_2 else f"--offload {offload}"
-            users = "instantcharacter" if image_encoder_2 else "the FLUX.1 methods (instantcharacter, infiniteyou)"
-            raise IdcraftError(f"{given}: used by {users} only.")
+        if family.name != "instantcharacter" and image_encoder_2:
+            raise IdcraftError("--image-encoder-2: used by instantcharacter (FLUX.1) only.")
+        if family.name not in FLUX_FAMILIES and offload not in (None, "none"):
+            raise IdcraftError(
+                f"--offload {offload}: used by the FLUX.1 methods only ({', '.join(FLUX_FAMILIES)})."
+            )
         if family.name != "infiniteyou" and (model_version or loras):
             raise IdcraftError(f"{'--model-version' if model_version else '--lora'}: used by infiniteyou only.")
         extra = {"model_version": model_version, "loras": tuple(loras)} if family.name == "infiniteyou" else {}
@@ -141,6 +149,7 @@ class Engine:
             height=height,
             report=report,
             **extra,
+            **_pulid_files(chosen, eva_clip, face_parser),
         )
         return cls([pipe], face_backend=face_backend, face_models=face_models, limits=limits)
 
@@ -395,20 +404,83 @@ def _native_side(pipe) -> int:
     return int(sample) * int(getattr(inner, "vae_scale_factor", 8))
 
 
+def _pulid_files(method: Method | None, eva_clip, face_parser) -> dict[str, Any]:
+    """PuLID's encoder files, refused for other methods (a silent no-op would hide a mistake)."""
+    given = {k: v for k, v in (("eva_clip", eva_clip), ("face_parser", face_parser)) if v is not None}
+    if given and (method is None or method.family not in PULID_FAMILIES):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise IdcraftError(f"{flags}: used by pulid only (the PuLID methods: {', '.join(PULID_FAMILIES)}).")
+    return given
+
+
 def _choose_method(method: str | None, base, image_encoder_2, adapter=None) -> Method | None:
-    """The requested method; InfiniteYou when the adapter is an InfiniteYou release; InstantCharacter when
-    the base is a FLUX folder or a DINOv2 encoder is given; ``None`` lets the SD loader detect the method
-    from the adapter file."""
+    """The requested method, else what the files say (:func:`method_from_files`); ``None`` lets the SD
+    loader detect the method from the adapter file."""
     if method is not None:
         return _lookup(method)
+    name = method_from_files(adapter, base, image_encoder_2)
+    return None if name is None else get_method(name)
+
+
+def method_from_files(adapter, base, image_encoder_2=None) -> str | None:
+    """The method the files imply, known without torch or a model: InfiniteYou for its release folder;
+    PuLID (SDXL) or PuLID-FLUX when the adapter's tensor names say so; InstantCharacter for a FLUX base
+    folder or a DINOv2 encoder; ``None`` otherwise. An SDXL PuLID file with a FLUX base is refused here,
+    naming both."""
     from .infiniteyou.release import is_release
-    from .instantcharacter.pipeline import is_flux_base
 
     if adapter is not None and image_encoder_2 is None and is_release(adapter):
-        return get_method("infiniteyou")
-    if is_flux_base(base) or image_encoder_2 is not None:
-        return get_method("instantcharacter")
+        return "infiniteyou"
+    kind = adapter_kind(adapter) if adapter is not None else None
+    flux = _is_flux_folder(base)
+    if kind == "pulid-flux":
+        return "pulid-flux"
+    if kind == "pulid" and flux:
+        from .errors import IncompatibleAdapterError
+
+        raise IncompatibleAdapterError(
+            f"{adapter} is a PuLID SDXL file (id_adapter.*), but base model {base} is FLUX.1: use an SDXL base "
+            "with it, or pulid_flux_v0.9.x.safetensors (--method pulid-flux) on FLUX."
+        )
+    if kind == "pulid":
+        return "pulid"
+    if flux or image_encoder_2 is not None:
+        return "instantcharacter"
     return None
+
+
+def _is_flux_folder(base) -> bool:
+    """Whether ``base`` is a local FLUX pipeline folder (its model_index.json says so; no imports)."""
+    import json
+    from pathlib import Path
+
+    try:
+        index = json.loads((Path(base) / "model_index.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+    return isinstance(index, dict) and str(index.get("_class_name", "")).startswith("Flux")
+
+
+def adapter_kind(adapter) -> str | None:
+    """``"pulid-flux"`` / ``"pulid"`` when a local adapter file is a PuLID release (read from its tensor
+    names only; ``.safetensors`` headers without torch), else ``None`` (the SD loader detects the rest)."""
+    from pathlib import Path
+
+    from .registry import pulid_kind, safetensors_keys
+
+    path = Path(adapter)
+    if not path.is_file():
+        return None
+    keys = safetensors_keys(path)
+    if keys is None and path.suffix != ".safetensors":
+        from .errors import CheckpointError
+        from .pulid.flux_pipeline import read_release
+
+        try:
+            keys = list(read_release(path))
+        except CheckpointError:
+            return None
+    return pulid_kind(keys or [])
 
 
 def batch_key(request: GenerationRequest) -> tuple:
@@ -446,5 +518,8 @@ def _settings(request: GenerationRequest) -> dict[str, Any]:
         "infusenet_end",
         "multi_person",
         "face_index",
+        "num_zero",
+        "ortho",
+        "sampler",
     )
     return {k: getattr(request, k) for k in keep}

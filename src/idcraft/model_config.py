@@ -59,7 +59,9 @@ __all__ = [
 ]
 
 #: Request settings a model entry may default.
-DEFAULTABLE = ("steps", "guidance", "scale", "width", "height", "negative_prompt", "s_scale")
+DEFAULTABLE = (
+    "steps", "guidance", "scale", "width", "height", "negative_prompt", "s_scale", "num_zero", "ortho", "sampler",
+)  # fmt: skip
 
 #: The top-level keys :func:`read_models` reads.
 MODELS_KEYS = ("models", "device", "dtype", "face_backend", "face_models", "limits")
@@ -85,13 +87,18 @@ class ModelEntry:
     height: int | None = None
     face_backend: str = "insightface"
     face_models: str | None = None
+    eva_clip: str | None = None  # pulid: EVA02-CLIP checkpoint
+    face_parser: str | None = None  # pulid: BiSeNet parsing file
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_sd(self) -> bool:
+        """Runs on :class:`~idcraft.pipeline.IPAdapterPipeline` (SD bases, IP-Adapter-style families; PuLID
+        has a pipeline of its own)."""
         from .registry import get_method
 
-        return get_method(self.method).base == "sd"
+        method = get_method(self.method)
+        return method.base == "sd" and method.family != "pulid"
 
 
 @dataclass
@@ -262,11 +269,24 @@ def _model(label: str, entry: Any, where: str, relative_to: Path | None, shared:
         values.get("image_encoder_2") or values.get("offload") not in (None, "none")
     ):
         raise IdcraftError(
-            f"{where}: image_encoder_2 and offload are for the FLUX methods (instantcharacter, infiniteyou on FLUX.1) only."
+            f"{where}: image_encoder_2 and offload are for the FLUX methods (instantcharacter, infiniteyou, "
+            "pulid-flux on FLUX.1) only."
         )
     if values.get("model_version") and method != "infiniteyou":
         raise IdcraftError(f"{where}: model_version is for infiniteyou only.")
-    for key in ("base", "adapter", "image_encoder", "image_encoder_2", "face_models"):
+    if get_method(method).family not in ("pulid", "pulid-flux") and (
+        values.get("eva_clip") or values.get("face_parser")
+    ):
+        raise IdcraftError(f"{where}: eva_clip and face_parser are for pulid only (pulid, pulid-flux).")
+    for key in (
+        "base",
+        "adapter",
+        "image_encoder",
+        "image_encoder_2",
+        "face_models",
+        "eva_clip",
+        "face_parser",
+    ):
         values[key] = config_path(values.get(key), relative_to)
     controlnet = values.get("controlnet")
     if isinstance(controlnet, (list, tuple)):
@@ -409,6 +429,8 @@ def load_engines(
                 model_version=entry.model_version,
                 width=entry.width,
                 height=entry.height,
+                **({"eva_clip": entry.eva_clip} if entry.eva_clip else {}),
+                **({"face_parser": entry.face_parser} if entry.face_parser else {}),
             ).pipeline()
         groups.setdefault((entry.face_backend, entry.face_models), {})[entry.label] = pipe
     engines = {}

@@ -19,7 +19,9 @@ Uncond = Literal["zero-embeds", "zero-image", "same-tokens"]
 Inputs = Literal["image", "face", "face+image"]
 Combine = Literal["side-by-side", "average"]
 Base = Literal["sd", "flux"]
-Family = Literal["ip-adapter", "faceid", "instantid", "instantcharacter", "infiniteyou", "none"]
+Family = Literal[
+    "ip-adapter", "faceid", "instantid", "instantcharacter", "infiniteyou", "pulid", "pulid-flux", "none"
+]
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,31 @@ METHODS: dict[str, Method] = {
             checkpoints=("image_proj_model.bin", "InfuseNetModel"),
             aliases=("infinite-you", "infu", "infu_flux", "infu-flux"),
         ),
+        Method(
+            name="pulid",
+            family="pulid",
+            projection="idformer",
+            feature=None,
+            uncond="zero-embeds",
+            inputs="face+image",
+            description="PuLID v1.1 (SDXL): raw antelopev2 embedding + EVA02-CLIP of the parsed, aligned face -> "
+            "32 ID tokens (IDFormer) in an ID cross-attention beside every attn2 (ortho v2, zero tokens).",
+            checkpoints=("pulid_v1.1.safetensors",),
+            aliases=("pulid_v1.1", "pulid-sdxl", "pulid-v1.1"),
+        ),
+        Method(
+            name="pulid-flux",
+            family="pulid-flux",
+            projection="idformer",
+            feature=None,
+            uncond="zero-embeds",
+            inputs="face",
+            base="flux",
+            description="PuLID-FLUX: raw antelopev2 embedding + EVA02-CLIP of the parsed, aligned face -> 32 ID "
+            "tokens (IDFormer), cross-attended after every 2nd double and 4th single FLUX block.",
+            checkpoints=("pulid_flux_v0.9.0.safetensors", "pulid_flux_v0.9.1.safetensors"),
+            aliases=("pulid_flux", "pulidflux", "pulid_flux_v0.9.0", "pulid_flux_v0.9.1"),
+        ),
     )
 }
 
@@ -312,6 +339,37 @@ def detect_method(
         if named:
             return max(named, key=lambda m: max(len(a) for a in (m.name, *m.aliases) if stem.startswith(a)))
     return candidates[0]
+
+
+def pulid_kind(keys) -> str | None:
+    """``"pulid-flux"`` (``pulid_encoder.*`` + ``pulid_ca.*``), ``"pulid"`` (SDXL v1.1: ``id_adapter.*`` +
+    ``id_adapter_attn_layers.*``) or ``None`` (not a PuLID release), from tensor names alone."""
+    tops = {str(k).split(".", 1)[0] for k in keys}
+    if "pulid_ca" in tops or "pulid_encoder" in tops:
+        return "pulid-flux"
+    if "id_adapter_attn_layers" in tops or "id_adapter" in tops:
+        return "pulid"
+    return None
+
+
+def safetensors_keys(path) -> list[str] | None:
+    """The tensor names in a ``.safetensors`` file's header (no weights read, no torch imported); ``None``
+    when ``path`` is not a readable safetensors file."""
+    import json
+    import struct
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 1024**2:
+                return None
+            return [k for k in json.loads(f.read(length)) if k != "__metadata__"]
+    except (OSError, ValueError, struct.error):
+        return None
 
 
 def resolve_method(

@@ -31,6 +31,12 @@ METHOD_OPTIONS: dict[str, Any] = {
     "true_cfg": 1.0,
     "infusenet_start": 0.0,
     "infusenet_end": 1.0,
+    "start_step": 0,
+    "aligned_faces": None,
+    "face_parsings": None,
+    "num_zero": None,
+    "ortho": None,
+    "sampler": None,
 }
 
 
@@ -210,8 +216,50 @@ class GenerationRequest:
     true_cfg: float = field(
         default=1.0,
         metadata={
-            "help": "instantcharacter: true classifier-free guidance scale with --negative-prompt (a second pass "
-            "per step); 1 = off, as in the official pipeline"
+            "help": "instantcharacter, pulid-flux: true classifier-free guidance scale with --negative-prompt (a "
+            "second pass per step; pulid-flux's from step 1, with the unconditional ID tokens); 1 = off, as in "
+            "the official pipelines"
+        },
+    )
+    start_step: int = field(
+        default=0,
+        metadata={
+            "help": "pulid-flux: the first denoising step that sees the identity (official advice: 0-1 for "
+            "stylised images, up to 4 for photos; later = more editable, less like the face)"
+        },
+    )
+    aligned_faces: Sequence[Any] | None = field(
+        default=None,
+        metadata={
+            "help": "pulid: a 512x512 face already aligned as facexlib does, one per face (skips detection and "
+            "alignment; give --face-embedding with it)",
+            "flag": "aligned-face",
+            "metavar": "IMAGE",
+            "repeat": str,
+        },
+    )
+    face_parsings: Sequence[Any] | None = field(
+        default=None,
+        metadata={
+            "help": "pulid: the aligned face's CelebAMask-HQ label map (512x512 one-channel PNG), one per face "
+            "(skips BiSeNet)",
+            "flag": "face-parsing",
+            "metavar": "LABELS.png",
+            "repeat": str,
+        },
+    )
+    num_zero: int | None = field(
+        default=None, metadata={"help": "pulid: zero tokens appended to the ID tokens. Default: 20"}
+    )
+    ortho: str | None = field(
+        default=None,
+        metadata={"help": "pulid: how ID and text attention combine: off, v1 or v2. Default: v2"},
+    )
+    sampler: str | None = field(
+        default=None,
+        metadata={
+            "help": "pulid: dpmpp_2m (Karras sigmas, for ordinary SDXL bases) or dpmpp_sde (Lightning bases, "
+            "guidance ~2). Default: dpmpp_2m"
         },
     )
     infusenet_start: float = field(
@@ -270,6 +318,8 @@ class GenerationRequest:
         ):
             raise IdcraftError(f"--seed must be a whole number from 0 to 2**64-1, got {self.seed!r}.")
         _count("--steps", self.steps, limits.max_steps)
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
+            raise IdcraftError(f"--start-step must be a whole number, 0 or more, got {self.start_step!r}.")
         _count("--num-images", self.num_images, limits.max_images)
         if not isinstance(self.face_index, int) or self.face_index < 0:
             raise IdcraftError(
@@ -307,6 +357,12 @@ class GenerationRequest:
                 check_keypoints_inside(self.keypoints, (self.width, self.height), "the output")
         if self.width is not None and self.height is not None and self.steps is not None:
             limits.check_cost(self.width, self.height, self.steps, self.num_images)
+        if self.num_zero is not None and (not isinstance(self.num_zero, int) or self.num_zero < 0):
+            raise IdcraftError(f"--num-zero must be a whole number, 0 or more, got {self.num_zero!r}.")
+        if self.ortho is not None and self.ortho not in ("off", "v1", "v2"):
+            raise IdcraftError(f"--ortho must be off, v1 or v2, got {self.ortho!r}.")
+        if self.sampler is not None and self.sampler not in ("dpmpp_2m", "dpmpp_sde"):
+            raise IdcraftError(f"--sampler must be dpmpp_2m or dpmpp_sde, got {self.sampler!r}.")
 
 
 @dataclass

@@ -24,14 +24,18 @@ MODEL_FLAGS: dict[str, dict] = {
     "--image-encoder-2": {"metavar": "DIR", "help": "instantcharacter: the DINOv2 encoder folder"},
     "--controlnet": {"action": "append", "default": [], "metavar": "DIR", "help": "ControlNet folder, "
                      "repeatable; for instantid the first is IdentityNet (its keypoint image is drawn for you)"},
+    "--eva-clip": {"metavar": "FILE", "help": "pulid: EVA02-CLIP-L-14-336 checkpoint (EVA02_CLIP_L_336_psz14_s6B.pt; "
+                   "an eva_clip config FILE.json beside it is read)"},
+    "--face-parser": {"metavar": "FILE", "help": "pulid: BiSeNet face parser (facexlib's parsing_bisenet.pth)"},
     "--face-backend": {"default": "insightface", "help": "face analysis for face methods' --reference photos"},
     "--face-models": {"metavar": "DIR", "help": "insightface model pack folder (antelopev2, buffalo_l)"},
     "--device": {"default": "auto", "help": "cpu, cuda, cuda:1, mps or auto"},
     "--dtype": {"default": "auto", "choices": ["auto", "float32", "float16", "bfloat16"],
                 "help": "auto = float16 on GPU (bfloat16 for FLUX), float32 on CPU"},
     "--offload": {"choices": ["none", "model", "sequential"], "default": "none",
-                  "help": "instantcharacter: keep weights in RAM, move them to the GPU per model or layer"},
-    "--skip-memory-check": {"action": "store_true", "help": "instantcharacter: run even if it may not fit"},
+                  "help": "instantcharacter, pulid-flux: keep weights in RAM, move them to the GPU per model or "
+                  "layer"},
+    "--skip-memory-check": {"action": "store_true", "help": "FLUX methods: run even if it may not fit"},
     "--output": {"default": "idcraft.png", "help": "image path, format from the extension (.png, .jpg, "
                  ".webp); several images are numbered NAME-0.png, NAME-1.png ..."},
     "--overwrite": {"action": "store_true", "help": "replace existing output files"},
@@ -73,6 +77,12 @@ def request_from_args(args: argparse.Namespace, *, read_files: bool = True):
             values["face_embeddings"] = [load_embedding(f) for f in values["face_embeddings"]]
         if values["keypoints"]:
             values["keypoints"] = load_keypoints(values["keypoints"])
+        if values.get("aligned_faces"):
+            values["aligned_faces"] = [load_image(a) for a in values["aligned_faces"]]
+        if values.get("face_parsings"):
+            from ..pulid.preprocess import read_label_map
+
+            values["face_parsings"] = [read_label_map(p) for p in values["face_parsings"]]
     return GenerationRequest(**values, progress=sys.stderr.isatty())
 
 
@@ -91,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     flags = request_from_args(args, read_files=False)
     replace(flags, keypoints=None).validate()  # keypoints are still a file name here
     check_device(args.device)
-    method = args.method or _implied_method(args)
+    from ..engine import method_from_files
+
+    method = args.method or method_from_files(args.adapter, args.base, args.image_encoder_2)
     text_only = is_text_only(method)
     if method is not None:
         chosen = TEXT_ONLY if text_only else get_method(method)
@@ -146,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         report=lambda text: print(text, file=sys.stderr),
         face_backend=args.face_backend,
         face_models=args.face_models,
+        eva_clip=args.eva_clip,
+        face_parser=args.face_parser,
     )
     from ..cancel import CancelToken
     from ..errors import Cancelled
@@ -162,15 +176,6 @@ def run(args: argparse.Namespace) -> int:
         atomic_save_image(image, path, overwrite=args.overwrite)
         print(path)
     return 0
-
-
-def _implied_method(args: argparse.Namespace) -> str | None:
-    """The method the files imply when --method is left out (as the engine will choose it)."""
-    from ..infiniteyou.release import is_release
-
-    if args.adapter and not args.image_encoder_2 and is_release(args.adapter):
-        return "infiniteyou"
-    return "instantcharacter" if args.image_encoder_2 or _flux_folder(args.base) else None
 
 
 def _loras(values: list[str]) -> list[tuple[str, float]]:
@@ -194,15 +199,3 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _flux_folder(base: str) -> bool:
-    """Whether ``base`` is a local FLUX pipeline folder (read from its model_index.json, no imports)."""
-    import json
-    from pathlib import Path
-
-    try:
-        index = json.loads((Path(base) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return str(index.get("_class_name", "")).startswith("Flux")

@@ -27,6 +27,7 @@ TRAINABLE = (
     "instantid",
     "instantcharacter",
     "infiniteyou",
+    "pulid-flux",
 )
 
 
@@ -48,12 +49,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--image-encoder",
         dest="image_encoder",
-        help="CLIP image encoder folder or hub id (instantcharacter: SigLIP, google/siglip-so400m-patch14-384)",
+        help="CLIP image encoder folder or hub id (instantcharacter: SigLIP, google/siglip-so400m-patch14-384; "
+        "pulid-flux: the EVA02-CLIP checkpoint EVA02_CLIP_L_336_psz14_s6B.pt)",
     )
     p.add_argument(
         "--image-encoder-2",
         dest="image_encoder_2",
-        help="instantcharacter: the DINOv2 encoder folder or hub id (facebook/dinov2-giant)",
+        help="instantcharacter: the DINOv2 encoder folder or hub id (facebook/dinov2-giant); pulid-flux: "
+        "facexlib's BiSeNet parsing_bisenet.pth",
     )
     p.add_argument(
         "--stage",

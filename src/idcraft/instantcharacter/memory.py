@@ -167,6 +167,15 @@ class MemoryEstimate:
     alternatives: dict[str, int] = field(default_factory=dict)  # offload mode -> GPU bytes
     labels: dict[str, str] = field(default_factory=dict)  # a method's own names for its parts
 
+    #: Components that stay on the GPU when offloading (small, used at every step).
+    RESIDENT = ("resampler",)
+    #: Components that visit the GPU whole, once per reference, when offloading.
+    VISITING = ("siglip", "dinov2", "projector")
+    #: Components that go to the GPU together with the FLUX transformer (the adapter's per-block layers).
+    WITH_TRANSFORMER = ("attention",)
+    #: Groups that pass through RAM together on their way to the GPU (no offload), beside each FLUX component.
+    RAM_GROUPS = (("siglip", "dinov2"), ("projector", "resampler", "attention"))
+
     @property
     def bytes_per_param(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
@@ -187,11 +196,11 @@ class MemoryEstimate:
         """Peak GPU memory (0 on CPU)."""
         if not self.on_gpu:
             return 0
-        resident = self._bytes("resampler") + self.activations + BASELINE_GPU
-        visiting = max(self._bytes(n) for n in ("siglip", "dinov2", "projector"))
+        resident = self._bytes(*self.RESIDENT) + self.activations + BASELINE_GPU
+        visiting = max(self._bytes(n) for n in self.VISITING)
         if self.offload == "model":
             largest = max(
-                self._bytes("transformer", "attention"),
+                self._bytes("transformer", *self.WITH_TRANSFORMER),
                 self._bytes("text_encoder_2"),
                 self._bytes("text_encoder"),
                 visiting,
@@ -210,10 +219,7 @@ class MemoryEstimate:
             return self._bytes(*self.params) + self.activations + BASELINE_RAM
         if self.offload in ("model", "sequential"):
             return self._bytes(*self.params) + BASELINE_RAM
-        groups = [(n,) for n in FLUX_COMPONENTS] + [
-            ("siglip", "dinov2"),
-            ("projector", "resampler", "attention"),
-        ]
+        groups = [(n,) for n in FLUX_COMPONENTS] + list(self.RAM_GROUPS)
         return max(self._bytes(*group) for group in groups) + BASELINE_RAM
 
     def summary(self) -> str:

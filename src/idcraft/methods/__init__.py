@@ -8,6 +8,8 @@
 | :mod:`.instantcharacter` | InstantCharacter | instantcharacter |
 | :mod:`.text_only` | none (the base model alone) | none |
 | :mod:`.infiniteyou` | InfiniteYou | infiniteyou |
+| :mod:`.pulid` | PuLID (SDXL) | pulid |
+| :mod:`.pulid_flux` | PuLID-FLUX | pulid-flux |
 
 Each module defines ``FAMILY``, a :class:`~.base.Family`: load from official files, make fresh for
 training, references -> conditioning, run the pipeline. :class:`idcraft.engine.Engine` dispatches through
@@ -31,6 +33,8 @@ FAMILY_MODULES = {
     "instantcharacter": "instantcharacter",
     "none": "text_only",
     "infiniteyou": "infiniteyou",
+    "pulid": "pulid",
+    "pulid-flux": "pulid_flux",
 }
 
 

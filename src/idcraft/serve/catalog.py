@@ -134,6 +134,10 @@ API_OPTIONS = {
     "true_cfg": "true_cfg",
     "infusenet_start": "infusenet_start",
     "infusenet_end": "infusenet_end",
+    "start_step": "start_step",
+    "num_zero": "num_zero",
+    "ortho": "ortho",
+    "sampler": "sampler",
 }
 
 

@@ -44,6 +44,12 @@ class ImageRequest(BaseModel):
     #: infiniteyou: the InfuseNet guidance window, fractions of the steps
     infusenet_start: float = 0.0
     infusenet_end: float = 1.0
+    #: pulid-flux: the first denoising step that sees the identity
+    start_step: int = 0
+    #: pulid: zero tokens, ortho rule (off/v1/v2), sampler (dpmpp_2m/dpmpp_sde); left out: the method's defaults
+    num_zero: int | None = None
+    ortho: str | None = None
+    sampler: str | None = None
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None
     #: OpenAI's ``quality`` and ``style`` (sent by many wrappers): accepted, ignored, with a warning

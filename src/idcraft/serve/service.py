@@ -430,6 +430,10 @@ class Service:
             controlnet_scales=None if body.identitynet_scale is None else [body.identitynet_scale],
             infusenet_start=body.infusenet_start,
             infusenet_end=body.infusenet_end,
+            start_step=body.start_step,
+            num_zero=body.num_zero if body.num_zero is not None else defaults.get("num_zero"),
+            ortho=body.ortho if body.ortho is not None else defaults.get("ortho"),
+            sampler=body.sampler if body.sampler is not None else defaults.get("sampler"),
         )
 
     def _notes(self, body: ImageRequest, served: Served) -> list[str]:

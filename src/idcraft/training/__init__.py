@@ -29,7 +29,7 @@ _EXPORTS = {
     "register_recipe": ".recipe",
 }
 #: The modules that register the built-in families' recipes.
-RECIPE_MODULES = (".faceid", ".infiniteyou", ".instantcharacter", ".instantid", ".ip_adapter")
+RECIPE_MODULES = (".faceid", ".infiniteyou", ".instantcharacter", ".instantid", ".ip_adapter", ".pulid_flux")
 
 
 def register_builtin_recipes() -> None:
