@@ -45,7 +45,6 @@ from torch import nn
 
 from ..errors import IdcraftError
 from ..registry import get_method
-from .diffusion import draw_drops, latent_weights, weighted_mse
 from .instantcharacter import InstantCharacterRecipe
 from .recipe import export_tensors, register_recipe
 
@@ -245,53 +244,26 @@ class InfiniteYouRecipe(InstantCharacterRecipe):
         return FluxPipeline._pack_latents(latents, count, channels, height, width)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        from diffusers import FluxPipeline
-
-        config = self.config
-        count = len(batch["caption"])
-        drop_image, drop_text = draw_drops(
-            count, (config.drop_image, config.drop_text, config.drop_both), generator
-        )
-        drop_control = torch.rand(count, generator=generator) < self.control_drop
-        captions = ["" if d else t for t, d in zip(batch["caption"], drop_text.tolist(), strict=True)]
-
-        latents = self.encode_latents(batch["pixels"], generator)
-        noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
-        sigmas = self.draw_sigmas(count, generator).to(self.device)
+        drop_image, captions = self.caption_drops(batch, generator)
+        drop_control = torch.rand(len(captions), generator=generator) < self.control_drop
+        latents, noise, sigmas = self.noised_latents(batch, generator)
         control = self.encode_control(batch["control"], drop_control, generator)
-        s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
-        noisy = (1 - s) * latents + s * noise
-        _, channels, height, width = latents.shape
-        packed = FluxPipeline._pack_latents(noisy, count, channels, height, width)
-        target = FluxPipeline._pack_latents(noise - latents, count, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(
-            count, height // 2, width // 2, self.device, self.weight_dtype
-        )
-        text, pooled, text_ids = self.encode_text(captions)
-        guidance = None
-        if self.pipe.transformer.config.guidance_embeds:
-            value = float(config.extra.get("guidance", 3.5))
-            guidance = torch.full((count,), value, device=self.device, dtype=torch.float32)
+        flow = self.flow_inputs(latents, noise, sigmas, captions)
         embeds = batch["face_embeds"].to(self.device)[:, 0]
         keep = ~drop_image.to(self.device)
         prediction = model(
-            packed,
+            flow.packed,
             sigmas.to(self.weight_dtype),
-            text,
-            pooled,
-            text_ids,
-            image_ids,
-            guidance,
+            flow.text,
+            flow.pooled,
+            flow.text_ids,
+            flow.image_ids,
+            flow.guidance,
             embeds,
             control,
             keep,
         )
-        weights = latent_weights(batch, (height, width))
-        if weights is not None:
-            weights = FluxPipeline._pack_latents(
-                weights.expand(-1, channels, -1, -1), count, channels, height, width
-            )
-        return weighted_mse(prediction, target, weights)
+        return self.flow_loss(prediction, flow, batch)
 
     # ------------------------------------------------------------------ results
     def export(

@@ -123,6 +123,21 @@ class SubjectPreprocess:
         return self(load_image(path))
 
 
+@dataclasses.dataclass
+class FlowInputs:
+    """One flow-matching training step's transformer inputs and target (see
+    :meth:`InstantCharacterRecipe.flow_inputs`); the FLUX recipes share it."""
+
+    latent_shape: tuple[int, int, int, int]
+    packed: torch.Tensor
+    target: torch.Tensor
+    image_ids: torch.Tensor
+    text: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    guidance: torch.Tensor | None
+
+
 class PerSampleScale:
     """The subject branch's scale per sample (1 kept, 0 dropped), standing in for the shared state's float
     ``scale`` while the whole batch goes through the transformer in one call.
@@ -386,44 +401,85 @@ class InstantCharacterRecipe(TrainingRecipe):
         indices = (u * steps).long().clamp(max=steps - 1)
         return self.scheduler.sigmas[:steps][indices].float()
 
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        from diffusers import FluxPipeline
-
+    def caption_drops(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """Which samples lose their reference, and the captions with the dropped texts emptied (the
+        classifier-free guidance drops, drawn first from ``generator``)."""
         config = self.config
-        count = len(batch["caption"])
         drop_image, drop_text = draw_drops(
-            count, (config.drop_image, config.drop_text, config.drop_both), generator
+            len(batch["caption"]), (config.drop_image, config.drop_text, config.drop_both), generator
         )
         captions = ["" if d else t for t, d in zip(batch["caption"], drop_text.tolist(), strict=True)]
+        return drop_image, captions
 
+    def noised_latents(
+        self, batch: dict, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The images' latents, their noise and a noise level per sample, drawn in that order."""
         latents = self.encode_latents(batch["pixels"], generator)
         noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
-        sigmas = self.draw_sigmas(count, generator).to(self.device)
+        sigmas = self.draw_sigmas(len(batch["caption"]), generator).to(self.device)
+        return latents, noise, sigmas
+
+    def flow_inputs(
+        self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, captions: list[str]
+    ) -> FlowInputs:
+        """The flow-matching step's transformer inputs and target: the noisy latents packed into FLUX's
+        2x2 tokens, the velocity ``noise - latents`` packed the same way, image ids, the encoded text and
+        the guidance embedding's value (``extra.guidance``)."""
+        from diffusers import FluxPipeline
+
+        count, channels, height, width = latents.shape
         s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
         noisy = (1 - s) * latents + s * noise
-        _, channels, height, width = latents.shape
-        packed = FluxPipeline._pack_latents(noisy, count, channels, height, width)
-        target = FluxPipeline._pack_latents(noise - latents, count, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(
-            count, height // 2, width // 2, self.device, self.weight_dtype
-        )
-
         text, pooled, text_ids = self.encode_text(captions)
         guidance = None
         if self.pipe.transformer.config.guidance_embeds:
-            value = float(config.extra.get("guidance", DEFAULT_GUIDANCE))
+            value = float(self.config.extra.get("guidance", DEFAULT_GUIDANCE))
             guidance = torch.full((count,), value, device=self.device, dtype=torch.float32)
-        features = batch["features"].to(self.device) if "features" in batch else self.encode_references(batch)
-        keep = ~drop_image.to(self.device)
-        prediction = model(
-            packed, sigmas.to(self.weight_dtype), text, pooled, text_ids, image_ids, guidance, features, keep
+        return FlowInputs(
+            latent_shape=tuple(latents.shape),
+            packed=FluxPipeline._pack_latents(noisy, count, channels, height, width),
+            target=FluxPipeline._pack_latents(noise - latents, count, channels, height, width),
+            image_ids=FluxPipeline._prepare_latent_image_ids(
+                count, height // 2, width // 2, self.device, self.weight_dtype
+            ),
+            text=text,
+            pooled=pooled,
+            text_ids=text_ids,
+            guidance=guidance,
         )
+
+    def flow_loss(self, prediction: torch.Tensor, flow: FlowInputs, batch: dict) -> torch.Tensor:
+        """The (masked) mean squared error against the velocity, the loss weights packed into 2x2 tokens
+        exactly as the latents are."""
+        from diffusers import FluxPipeline
+
+        count, channels, height, width = flow.latent_shape
         weights = latent_weights(batch, (height, width))
-        if weights is not None:  # packed into 2x2 tokens exactly as the latents are
+        if weights is not None:
             weights = FluxPipeline._pack_latents(
                 weights.expand(-1, channels, -1, -1), count, channels, height, width
             )
-        return weighted_mse(prediction, target, weights)
+        return weighted_mse(prediction, flow.target, weights)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        drop_image, captions = self.caption_drops(batch, generator)
+        latents, noise, sigmas = self.noised_latents(batch, generator)
+        flow = self.flow_inputs(latents, noise, sigmas, captions)
+        features = batch["features"].to(self.device) if "features" in batch else self.encode_references(batch)
+        keep = ~drop_image.to(self.device)
+        prediction = model(
+            flow.packed,
+            sigmas.to(self.weight_dtype),
+            flow.text,
+            flow.pooled,
+            flow.text_ids,
+            flow.image_ids,
+            flow.guidance,
+            features,
+            keep,
+        )
+        return self.flow_loss(prediction, flow, batch)
 
     # ------------------------------------------------------------------ results
     def export(

@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FaceError, IdcraftError
-from .diffusion import draw_drops, latent_weights, weighted_mse
-from .instantcharacter import DEFAULT_GUIDANCE, InstantCharacterRecipe
+from .instantcharacter import InstantCharacterRecipe
 from .recipe import export_tensors, register_recipe
 
 SETTINGS = (
@@ -358,56 +357,29 @@ class PulidFluxRecipe(InstantCharacterRecipe):
         return text.to(self.weight_dtype), pooled.to(self.weight_dtype), text_ids
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        from diffusers import FluxPipeline
-
-        config = self.config
-        count = len(batch["caption"])
-        drop_image, drop_text = draw_drops(
-            count, (config.drop_image, config.drop_text, config.drop_both), generator
-        )
-        captions = ["" if d else t for t, d in zip(batch["caption"], drop_text.tolist(), strict=True)]
-
-        latents = self.encode_latents(batch["pixels"], generator)
-        noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
-        sigmas = self.draw_sigmas(count, generator).to(self.device)
-        s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
-        noisy = (1 - s) * latents + s * noise
-        _, channels, height, width = latents.shape
-        packed = FluxPipeline._pack_latents(noisy, count, channels, height, width)
-        target = FluxPipeline._pack_latents(noise - latents, count, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(
-            count, height // 2, width // 2, self.device, self.weight_dtype
-        )
-
-        text, pooled, text_ids = self.encode_text(captions)
-        guidance = None
-        if self.pipe.transformer.config.guidance_embeds:
-            value = float(config.extra.get("guidance", DEFAULT_GUIDANCE))
-            guidance = torch.full((count,), value, device=self.device, dtype=torch.float32)
+        extra = self.config.extra
+        drop_image, captions = self.caption_drops(batch, generator)
+        latents, noise, sigmas = self.noised_latents(batch, generator)
+        flow = self.flow_inputs(latents, noise, sigmas, captions)
         features = batch["features"].to(self.device) if "features" in batch else self.encode_references(batch)
         id_cond, hidden = self._unpack(features)
         keep = ~drop_image.to(self.device)
-        sem_weight = float(config.extra.get("align_sem", ALIGN_SEM))
-        layout_weight = float(config.extra.get("align_layout", ALIGN_LAYOUT))
+        sem_weight = float(extra.get("align_sem", ALIGN_SEM))
+        layout_weight = float(extra.get("align_layout", ALIGN_LAYOUT))
         prediction, sem, layout = model(
-            packed,
+            flow.packed,
             sigmas.to(self.weight_dtype),
-            text,
-            pooled,
-            text_ids,
-            image_ids,
-            guidance,
+            flow.text,
+            flow.pooled,
+            flow.text_ids,
+            flow.image_ids,
+            flow.guidance,
             id_cond,
             hidden,
             keep,
             sem_weight > 0 or layout_weight > 0,
         )
-        weights = latent_weights(batch, (height, width))
-        if weights is not None:
-            weights = FluxPipeline._pack_latents(
-                weights.expand(-1, channels, -1, -1), count, channels, height, width
-            )
-        return weighted_mse(prediction, target, weights) + sem_weight * sem + layout_weight * layout
+        return self.flow_loss(prediction, flow, batch) + sem_weight * sem + layout_weight * layout
 
     # ------------------------------------------------------------------ results
     def export(
