@@ -128,12 +128,9 @@ class InfiniteYouRecipe(InstantCharacterRecipe):
 
     # ------------------------------------------------------------------ modules
     def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         from ..infiniteyou.fresh import fresh_models
         from ..infiniteyou.pipeline import check_compatible, check_flux_base
         from ..infiniteyou.release import load_image_proj, load_infusenet, locate_release
-        from ..instantcharacter.pipeline import load_flux_pipeline
         from .faceid import FacePreprocess, FaceTable
 
         config = self.config
@@ -147,28 +144,12 @@ class InfiniteYouRecipe(InstantCharacterRecipe):
                 "infiniteyou stage 2 (aes) fine-tunes a stage-1 model: pass --init-from RUN/sim_stage1 "
                 "(or a released model folder)."
             )
-        self.device, self.weight_dtype = device, weight_dtype
-        self.density = str(config.extra.get("timestep_density", "uniform"))
-        if self.density not in ("uniform", "logit_normal"):
-            raise IdcraftError(f"timestep_density must be uniform or logit_normal (got {self.density!r}).")
         self.control_drop = float(config.extra.get("control_drop", 0.5))
         if not 0 <= self.control_drop <= 1:
             raise IdcraftError(f"control_drop must be from 0 to 1 (got {self.control_drop}).")
         check_flux_base(config.base)
-        pipe = load_flux_pipeline(config.base, dtype=weight_dtype, device=device)
-        pipe.set_progress_bar_config(disable=True)
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-            getattr(pipe, name).requires_grad_(False).eval()
-        self.pipe = pipe
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        multiple = pipe.vae_scale_factor * 2
-        if self.resolution % multiple:
-            raise IdcraftError(
-                f"resolution {self.resolution} is not a multiple of {multiple} (the VAE's downsampling "
-                "times FLUX's 2x2 latent patches)."
-            )
-        if config.gradient_checkpointing:
-            pipe.transformer.enable_gradient_checkpointing()
+        self.load_frozen_flux(device, weight_dtype)
+        pipe = self.pipe
         if config.init_from:
             paths = locate_release(config.init_from)
             infusenet = load_infusenet(paths.infusenet, torch.float32)

@@ -224,12 +224,39 @@ class InstantCharacterRecipe(TrainingRecipe):
     methods = ("instantcharacter",)
 
     # ------------------------------------------------------------------ modules
-    def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+    def load_frozen_flux(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """The frozen FLUX.1 base every FLUX recipe trains beside: the pipeline in ``weight_dtype``
+        (transformer, VAE and text encoders frozen, no progress bars), a flow-matching scheduler for the
+        noise levels, the noise-level density (``extra.timestep_density``) and the resolution checked
+        against the VAE's downsampling times FLUX's 2x2 latent patches."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        from ..instantcharacter.pipeline import load_flux_pipeline
+
+        config = self.config
+        self.device, self.weight_dtype = device, weight_dtype
+        self.density = str(config.extra.get("timestep_density", "uniform"))
+        if self.density not in ("uniform", "logit_normal"):
+            raise IdcraftError(f"timestep_density must be uniform or logit_normal (got {self.density!r}).")
+        pipe = load_flux_pipeline(config.base, dtype=weight_dtype, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            getattr(pipe, name).requires_grad_(False).eval()
+        self.pipe = pipe
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        multiple = pipe.vae_scale_factor * 2
+        if self.resolution % multiple:
+            raise IdcraftError(
+                f"resolution {self.resolution} is not a multiple of {multiple} (the VAE's downsampling "
+                "times FLUX's 2x2 latent patches)."
+            )
+        if config.gradient_checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+
+    def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         from ..instantcharacter.adapter import InstantCharacterAdapter
         from ..instantcharacter.encoders import SubjectEncoder
-        from ..instantcharacter.pipeline import flux_index, load_flux_pipeline
+        from ..instantcharacter.pipeline import flux_index
 
         config = self.config
         unknown = sorted(set(config.extra) - set(SETTINGS))
@@ -243,28 +270,12 @@ class InstantCharacterRecipe(TrainingRecipe):
                 "instantcharacter training needs --image-encoder (SigLIP, google/siglip-so400m-patch14-384) "
                 "and --image-encoder-2 (DINOv2, facebook/dinov2-giant)."
             )
-        self.device, self.weight_dtype = device, weight_dtype
-        self.density = str(config.extra.get("timestep_density", "uniform"))
-        if self.density not in ("uniform", "logit_normal"):
-            raise IdcraftError(f"timestep_density must be uniform or logit_normal (got {self.density!r}).")
         flux_index(config.base)
         self.encoder = SubjectEncoder.from_pretrained(
             config.image_encoder, config.image_encoder_2, device=device, dtype=weight_dtype
         )
-        pipe = load_flux_pipeline(config.base, dtype=weight_dtype, device=device)
-        pipe.set_progress_bar_config(disable=True)
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-            getattr(pipe, name).requires_grad_(False).eval()
-        self.pipe = pipe
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        multiple = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 packing
-        if self.resolution % multiple:
-            raise IdcraftError(
-                f"resolution {self.resolution} is not a multiple of {multiple} (the VAE's downsampling "
-                "times FLUX's 2x2 latent patches)."
-            )
-        if config.gradient_checkpointing:
-            pipe.transformer.enable_gradient_checkpointing()
+        self.load_frozen_flux(device, weight_dtype)
+        pipe = self.pipe
 
         if config.init_from:
             checkpoint = load_checkpoint(config.init_from)

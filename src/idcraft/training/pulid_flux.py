@@ -198,9 +198,6 @@ class PulidFluxRecipe(InstantCharacterRecipe):
 
     # ------------------------------------------------------------------ modules
     def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from ..instantcharacter.pipeline import load_flux_pipeline
         from ..pulid.encoder import PulidEncoder
         from ..pulid.eva_clip import load_eva_tower
         from ..pulid.flux_pipeline import _is_sd_base
@@ -218,10 +215,6 @@ class PulidFluxRecipe(InstantCharacterRecipe):
         sd_class = _is_sd_base(config.base)
         if sd_class is not None:
             raise IdcraftError(f"pulid-flux trains on FLUX.1; base model {config.base} is a {sd_class}.")
-        self.device, self.weight_dtype = device, weight_dtype
-        self.density = str(config.extra.get("timestep_density", "uniform"))
-        if self.density not in ("uniform", "logit_normal"):
-            raise IdcraftError(f"timestep_density must be uniform or logit_normal (got {self.density!r}).")
         self.parsing = str(config.extra.get("face_parsing", "bisenet"))
         if self.parsing not in ("bisenet", "none"):
             raise IdcraftError(f"face_parsing must be bisenet or none (got {self.parsing!r}).")
@@ -243,20 +236,8 @@ class PulidFluxRecipe(InstantCharacterRecipe):
                 load_bisenet(config.image_encoder_2).to(device, weight_dtype).requires_grad_(False).eval()
             )
 
-        pipe = load_flux_pipeline(config.base, dtype=weight_dtype, device=device)
-        pipe.set_progress_bar_config(disable=True)
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-            getattr(pipe, name).requires_grad_(False).eval()
-        self.pipe = pipe
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        multiple = pipe.vae_scale_factor * 2
-        if self.resolution % multiple:
-            raise IdcraftError(
-                f"resolution {self.resolution} is not a multiple of {multiple} (the VAE's downsampling "
-                "times FLUX's 2x2 latent patches)."
-            )
-        if config.gradient_checkpointing:
-            pipe.transformer.enable_gradient_checkpointing()
+        self.load_frozen_flux(device, weight_dtype)
+        pipe = self.pipe
 
         adapter = self._adapter(eva)
         adapter.pulid_ca.check_compatible(pipe.transformer, f"base model {config.base}")
