@@ -114,7 +114,8 @@ def error_response(exc: BaseException, metrics=None, log=None):
     answer = answer_for(exc)
     if metrics is not None:
         metrics.error(answer.kind, answer.status)
-    if answer.status >= 500 and not isinstance(exc, ApiError) and log is not None:
+    if answer.status >= 500 and not isinstance(exc, (ApiError, Cancelled)) and log is not None:
+        # a cancelled generation (shutdown, timeout) is an outcome the server chose, not a fault
         log.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return JSONResponse(
         error_body(answer.kind, answer.message), status_code=answer.status, headers=answer.headers
