@@ -89,6 +89,17 @@ def test_generate_refuses_cuda_without_cuda_before_any_model_loads(tmp_path):
     assert run.stdout.split() == ["['torch']", "2"], (run.stdout, run.stderr)  # torch asked, diffusers never
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["serve", "batch"])
+def test_serve_and_batch_refuse_cuda_without_cuda_before_any_model_loads(tmp_path, command):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"reference": str(ASTRONAUT), "prompt": "p"}) + "\n")
+    extra = ["--port", "0"] if command == "serve" else ["--requests", str(jobs), "--output", str(tmp_path / "out")]
+    run = _cli(command, "--device", "cuda", *extra)
+    assert "--device cuda: this machine has no CUDA GPU" in run.stderr, run.stderr
+    assert "diffusers" not in run.stdout, (run.stdout, run.stderr)  # refused before any model loads
+
+
 @pytest.mark.parametrize(
     ("files", "message"),
     [

@@ -47,6 +47,9 @@ def run(args) -> int:
         from ..world.models_config import world_models_config
 
         config = world_models_config()
+    from ..prechecks import check_device_available
+
+    check_device_available(args.device)  # --device cuda on a machine without one: now, not after loading
     summary = run_batch(
         jobs,
         config,

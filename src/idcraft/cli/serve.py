@@ -56,6 +56,9 @@ def run(args) -> int:
 
     config = load_config(args.config)
     if args.device is not None:
+        from ..prechecks import check_device_available
+
+        check_device_available(args.device)  # --device cuda on a machine without one: now, not after loading
         config.world.device = args.device
         if args.device == "cpu":
             config.ray.num_gpus = 0  # with --ray: replicas that ask for no GPU
