@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import load_torch_file
 from ..instantcharacter.memory import (
     MemoryEstimate,
     _count,
@@ -43,7 +44,7 @@ def estimate_memory(
     params = flux_params(base)
     # "attention" is where the estimator places weights that run beside the transformer every step.
     params["attention"] = folder_params(release.infusenet, FluxControlNetModel)
-    state = torch.load(release.image_proj, map_location="cpu", weights_only=True, mmap=True)
+    state = load_torch_file(release.image_proj, mmap=True)
     params["resampler"] = _count(tuple(t.shape) for t in state.get("image_proj", {}).values())
     transformer_config = json.loads((Path(base) / "transformer" / "config.json").read_text())
     vae_config = json.loads((Path(base) / "vae" / "config.json").read_text())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints import load_torch_file
 from ..errors import CheckpointError, IdcraftError
 
 WEIGHTS_FILE = "recognition_arcface_ir_se50.pth"
@@ -111,7 +112,7 @@ def find_weights(models: str | os.PathLike | None) -> Path:
 def load_recogniser(path: str | os.PathLike) -> ArcFaceIRSE:
     """The IR-SE-50 recogniser with the weights of ``path`` (strict, ``weights_only=True``)."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_torch_file(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read as a torch file ({exc}).") from exc
     model = ArcFaceIRSE()

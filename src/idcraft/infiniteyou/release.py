@@ -103,10 +103,11 @@ def load_image_proj(path: str | os.PathLike):
     """The identity Resampler of ``image_proj_model.bin``, shaped by its tensors (float32, CPU)."""
     import torch
 
+    from ..checkpoints import load_torch_file
     from ..projections import Resampler
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_torch_file(str(path))
     except Exception as exc:  # a pickle torch refuses, a truncated file
         raise CheckpointError(f"{path}: cannot be read as a torch file ({exc}).") from exc
     if not isinstance(state, dict) or "image_proj" not in state:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import load_torch_file
 from ..errors import CheckpointError
 
 
@@ -164,7 +165,7 @@ def load_bisenet(path: str | os.PathLike) -> BiSeNet:
     if not path.is_file():
         raise CheckpointError(f"--face-parser {path}: no such file (facexlib's parsing_bisenet.pth).")
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = load_torch_file(str(path))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
         raise CheckpointError(f"--face-parser {path}: cannot read it ({exc}).") from exc
     if not isinstance(sd, dict):

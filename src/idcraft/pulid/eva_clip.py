@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import load_torch_file
 from ..errors import CheckpointError
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -271,7 +272,7 @@ def load_eva_tower(path: str | os.PathLike) -> EvaVisionTower:
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_torch_file(str(path))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
         raise CheckpointError(f"--eva-clip {path}: cannot read it as a checkpoint ({exc}).") from exc
     for key in ("model", "module", "state_dict"):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import load_torch_file
 from ..errors import IdcraftError
 from ..instantcharacter.memory import (
     LABELS,
@@ -52,7 +53,7 @@ def release_params(path: str | os.PathLike) -> dict[str, ParamCount]:
     if path.suffix == ".safetensors":
         shapes = _shapes_from_safetensors([path])
     else:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = load_torch_file(path, mmap=True)
         shapes = {k: tuple(t.shape) for k, t in data.items() if isinstance(t, torch.Tensor)}
     encoder = [s for k, s in shapes.items() if k.startswith("pulid_encoder.")]
     attention = [s for k, s in shapes.items() if k.startswith("pulid_ca.")]

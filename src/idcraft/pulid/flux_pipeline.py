@@ -35,6 +35,7 @@ from PIL import Image
 from torch import nn
 
 from ..cancel import StepHook
+from ..checkpoints import load_torch_file
 from ..errors import CheckpointError, IdcraftError, IncompatibleAdapterError
 from ..models import resolve_device
 from ..pipeline import request_view, text_lock
@@ -63,7 +64,7 @@ def read_release(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_torch_file(path)
     except Exception as exc:  # safetensors and torch raise many types for a damaged file
         raise CheckpointError(
             f"{path}: cannot be read as a PuLID file ({type(exc).__name__}: {exc})."

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..checkpoints import load_torch_file
 from ..errors import CheckpointError, IdcraftError
 from ..registry import get_method
 from .encoder import FaceStages, IdTokens, PulidEncoder
@@ -38,30 +39,12 @@ def read_release(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_torch_file(str(path))
     except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input error
         raise CheckpointError(f"--adapter {path}: cannot read it ({exc}).") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"--adapter {path}: not a flat state dict of tensors.")
     return state
-
-
-def release_method(path: str | os.PathLike) -> str | None:
-    """``"pulid"`` / ``"pulid-flux"`` when ``path`` is a PuLID release (read from a safetensors header's
-    key names alone), else ``None``."""
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception:  # noqa: BLE001 - not readable here: the method's own loader reports it
-        return None
-    if any(k.startswith("pulid_encoder.") for k in keys):
-        return "pulid-flux"
-    return "pulid" if is_pulid_sdxl(keys) else None
 
 
 def is_pulid_sdxl(keys) -> bool:
