@@ -134,11 +134,7 @@ class InfiniteYouRecipe(InstantCharacterRecipe):
         from .faceid import FacePreprocess, FaceTable
 
         config = self.config
-        unknown = sorted(set(config.extra) - set(SETTINGS))
-        if unknown:
-            raise IdcraftError(
-                f"infiniteyou training: unknown extra setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}."
-            )
+        self.check_extra(SETTINGS)
         if config.stage == 2 and not config.init_from:
             raise IdcraftError(
                 "infiniteyou stage 2 (aes) fine-tunes a stage-1 model: pass --init-from RUN/sim_stage1 "

@@ -224,6 +224,15 @@ class InstantCharacterRecipe(TrainingRecipe):
     methods = ("instantcharacter",)
 
     # ------------------------------------------------------------------ modules
+    def check_extra(self, known) -> None:
+        """Refuse ``extra`` settings this recipe does not read (a misspelt one would silently do nothing)."""
+        unknown = sorted(set(self.config.extra) - set(known))
+        if unknown:
+            raise IdcraftError(
+                f"{self.methods[0]} training: unknown extra setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(known)}."
+            )
+
     def load_frozen_flux(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """The frozen FLUX.1 base every FLUX recipe trains beside: the pipeline in ``weight_dtype``
         (transformer, VAE and text encoders frozen, no progress bars), a flow-matching scheduler for the
@@ -259,12 +268,7 @@ class InstantCharacterRecipe(TrainingRecipe):
         from ..instantcharacter.pipeline import flux_index
 
         config = self.config
-        unknown = sorted(set(config.extra) - set(SETTINGS))
-        if unknown:
-            raise IdcraftError(
-                f"instantcharacter training: unknown extra setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(SETTINGS)}."
-            )
+        self.check_extra(SETTINGS)
         if not config.image_encoder or not config.image_encoder_2:
             raise IdcraftError(
                 "instantcharacter training needs --image-encoder (SigLIP, google/siglip-so400m-patch14-384) "

@@ -203,11 +203,7 @@ class PulidFluxRecipe(InstantCharacterRecipe):
         from ..pulid.flux_pipeline import _is_sd_base
 
         config = self.config
-        unknown = sorted(set(config.extra) - set(SETTINGS))
-        if unknown:
-            raise IdcraftError(
-                f"pulid-flux training: unknown extra setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}."
-            )
+        self.check_extra(SETTINGS)
         if not config.image_encoder:
             raise IdcraftError(
                 "pulid-flux training needs --image-encoder EVA02_CLIP_L_336_psz14_s6B.pt (the EVA02-CLIP tower)."
