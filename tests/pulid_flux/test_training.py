@@ -136,7 +136,7 @@ def test_only_the_adapter_trains_and_alignment_loss_behaves(data, tmp_path):
     loader = SampleLoader(list_records(config.data)[0], recipe.resolution, recipe.reference_preprocessor())
     batch = collate([loader[i] for i in range(2)])
     features = recipe.encode_references(batch)
-    id_cond, hidden = recipe._unpack(features)
+    id_cond, hidden = recipe.unpack_features(features)
     assert id_cond.shape == (2, 512 + 24) and len(hidden) == 5
     assert torch.allclose(id_cond[:, :512], batch["embedding"])
     # the alignment terms: zero when no sample keeps its identity, positive when they do
@@ -166,3 +166,16 @@ def _model_inputs(recipe, batch):
     sigmas = torch.full((count,), 0.6)
     guidance = torch.full((count,), 3.5)
     return packed, sigmas, text, pooled, text_ids, ids, guidance
+
+
+def test_gradient_checkpointing_trains_the_same_weights(data, tmp_path):
+    """The ID tokens reach the blocks through a context variable; a checkpointed block recomputed in
+    backward() must see them (idcraft.training.checkpointing), or torch stops / the gradients are wrong."""
+    from safetensors.torch import load_file
+
+    Trainer(_config(data, tmp_path / "plain", max_steps=1)).run()
+    trainer = Trainer(_config(data, tmp_path / "gc", max_steps=1, gradient_checkpointing=True))
+    trainer.run()
+    assert trainer.recipe.pipe.transformer.is_gradient_checkpointing
+    a, b = (load_file(str(tmp_path / n / "adapter.safetensors")) for n in ("plain", "gc"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -27,6 +27,7 @@ TRAINABLE = (
     "instantid",
     "instantcharacter",
     "infiniteyou",
+    "pulid",
     "pulid-flux",
 )
 
@@ -50,12 +51,12 @@ def register(subparsers) -> None:
         "--image-encoder",
         dest="image_encoder",
         help="CLIP image encoder folder or hub id (instantcharacter: SigLIP, google/siglip-so400m-patch14-384; "
-        "pulid-flux: the EVA02-CLIP checkpoint EVA02_CLIP_L_336_psz14_s6B.pt)",
+        "pulid, pulid-flux: the EVA02-CLIP checkpoint EVA02_CLIP_L_336_psz14_s6B.pt)",
     )
     p.add_argument(
         "--image-encoder-2",
         dest="image_encoder_2",
-        help="instantcharacter: the DINOv2 encoder folder or hub id (facebook/dinov2-giant); pulid-flux: "
+        help="instantcharacter: the DINOv2 encoder folder or hub id (facebook/dinov2-giant); pulid, pulid-flux: "
         "facexlib's BiSeNet parsing_bisenet.pth",
     )
     p.add_argument(

@@ -224,14 +224,16 @@ class InstantCharacterAdapter(nn.Module):
         the subject tokens for the call's timestep (kept on the call, never on the adapter)."""
         call = active_subject_call()
         if call is None or call.owner is not self.state:
-            return  # training sets the state itself; another adapter's call is not ours
+            return  # another adapter's call is not ours
         names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
         inputs = dict(zip(names, args, strict=False))
         inputs.update(kwargs)
         call.text_len = inputs["encoder_hidden_states"].shape[1]
-        if call.prepared is None or call.scale == 0:
+        if call.scale == 0:
             call.tokens = None
             return
+        if call.prepared is None:
+            return  # no reference (no tokens), or tokens given with the call (training)
         latents = inputs["hidden_states"]
         source = call.timestep_source() if call.timestep_source is not None else None
         if source is None:  # a direct call: the pipeline passes timestep / 1000

@@ -81,7 +81,7 @@ def active_subject_call() -> SubjectCall | None:
 
 def current_state(state: SubjectState) -> SubjectState | SubjectCall:
     """What the processors of the adapter owning ``state`` read now: the active call when it is this
-    adapter's, else the adapter's own state (training sets it directly; idle, it has no tokens)."""
+    adapter's, else the adapter's own state (idle: no tokens)."""
     call = _SUBJECT_CALL.get()
     return call if call is not None and call.owner is state else state
 

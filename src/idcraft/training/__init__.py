@@ -29,7 +29,15 @@ _EXPORTS = {
     "register_recipe": ".recipe",
 }
 #: The modules that register the built-in families' recipes.
-RECIPE_MODULES = (".faceid", ".infiniteyou", ".instantcharacter", ".instantid", ".ip_adapter", ".pulid_flux")
+RECIPE_MODULES = (
+    ".faceid",
+    ".infiniteyou",
+    ".instantcharacter",
+    ".instantid",
+    ".ip_adapter",
+    ".pulid",
+    ".pulid_flux",
+)
 
 
 def register_builtin_recipes() -> None:

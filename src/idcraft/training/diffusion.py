@@ -20,12 +20,15 @@ same numbers on any device, and a resumed run continues the exact sequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IdcraftError
 from ..models import load_base_pipeline
+from .checkpointing import enable_gradient_checkpointing
 from .recipe import TrainingRecipe
 
 
@@ -61,6 +64,19 @@ def weighted_mse(
     return (error * weights).sum() / weights.sum().clamp_min(1e-8)
 
 
+@dataclass
+class DiffusionInputs:
+    """One batch's noised training inputs (:meth:`UNetDiffusionRecipe.diffusion_inputs`)."""
+
+    drop_image: torch.Tensor  # [B] bool: the sample trains without its reference
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+    text: torch.Tensor
+    added: dict | None  # SDXL's pooled text and time ids
+
+
 class UNetDiffusionRecipe(TrainingRecipe):
     """Loads and freezes an SD1.x/SDXL pipeline and implements the denoising loss around a subclass's
     conditioning. Subclasses build the trainable modules and :meth:`condition`."""
@@ -91,7 +107,7 @@ class UNetDiffusionRecipe(TrainingRecipe):
                 f"the base scheduler predicts {prediction!r}; training supports epsilon and v_prediction."
             )
         if self.config.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(pipe.unet)
 
     @property
     def unet(self) -> nn.Module:
@@ -140,7 +156,9 @@ class UNetDiffusionRecipe(TrainingRecipe):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the loss
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def diffusion_inputs(self, batch: dict, generator: torch.Generator) -> DiffusionInputs:
+        """Steps 1-3 of the module docstring: drops, noised latents, text and added conditions, drawn from
+        ``generator`` in a fixed order."""
         config = self.config
         count = len(batch["caption"])
         drop_image, drop_text = draw_drops(
@@ -159,13 +177,21 @@ class UNetDiffusionRecipe(TrainingRecipe):
         )
         timesteps = timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-
         text, pooled = self.encode_text(captions)
-        added = self.added_conditions(batch, pooled)
-        image = self.condition(batch, drop_image)
-        prediction = model(noisy, timesteps, text, image, added)
+        return DiffusionInputs(
+            drop_image, latents, noise, timesteps, noisy, text, self.added_conditions(batch, pooled)
+        )
+
+    def prediction_loss(self, prediction: torch.Tensor, inputs: DiffusionInputs, batch: dict) -> torch.Tensor:
+        """Step 4's MSE against the noise or velocity, weighted by the batch's loss masks."""
         if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+            target = self.noise_scheduler.get_velocity(inputs.latents, inputs.noise, inputs.timesteps)
         else:
-            target = noise
-        return weighted_mse(prediction, target, latent_weights(batch, latents.shape[-2:]))
+            target = inputs.noise
+        return weighted_mse(prediction, target, latent_weights(batch, inputs.latents.shape[-2:]))
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        inputs = self.diffusion_inputs(batch, generator)
+        image = self.condition(batch, inputs.drop_image)
+        prediction = model(inputs.noisy, inputs.timesteps, inputs.text, image, inputs.added)
+        return self.prediction_loss(prediction, inputs, batch)

@@ -45,6 +45,7 @@ from torch import nn
 
 from ..errors import IdcraftError
 from ..registry import get_method
+from .checkpointing import enable_gradient_checkpointing
 from .instantcharacter import InstantCharacterRecipe
 from .recipe import export_tensors, register_recipe
 
@@ -162,7 +163,7 @@ class InfiniteYouRecipe(InstantCharacterRecipe):
         for module in (infusenet, resampler):
             module.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         if config.gradient_checkpointing:
-            infusenet.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(infusenet)
         self.infusenet, self.resampler = infusenet, resampler
         self.model = InfuseDenoiser(pipe.transformer, infusenet, resampler)
         self.method = get_method("infiniteyou")

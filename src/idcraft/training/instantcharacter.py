@@ -65,6 +65,8 @@ from torch import nn
 from ..checkpoints import AdapterCheckpoint, load_checkpoint
 from ..errors import IdcraftError
 from ..images import load_image
+from ..instantcharacter.processors import SubjectCall, subject_call
+from .checkpointing import enable_gradient_checkpointing
 from .diffusion import draw_drops, latent_weights, weighted_mse
 from .recipe import (
     TrainingRecipe,
@@ -191,12 +193,16 @@ class SubjectDenoiser(nn.Module):
         shallow, deep, high = split_features(features.to(dtype))
         prepared = projector.prepare(shallow, deep, high)
         tokens = projector.tokens(prepared, sigmas.to(dtype) * 1000)
-        state.tokens, state.scale, state.text_len = (
-            tokens.to(latents.dtype),
-            PerSampleScale(keep),
-            text.shape[1],
+        # The tokens travel in the call's context (as at inference), so a checkpointed block recomputed in
+        # backward() sees them too (training.checkpointing).
+        call = SubjectCall(
+            owner=state,
+            prepared=None,
+            scale=PerSampleScale(keep),
+            tokens=tokens.to(latents.dtype),
+            text_len=text.shape[1],
         )
-        try:
+        with subject_call(call):
             return self.transformer(
                 hidden_states=latents,
                 encoder_hidden_states=text,
@@ -207,8 +213,6 @@ class SubjectDenoiser(nn.Module):
                 guidance=guidance,
                 return_dict=False,
             )[0]
-        finally:
-            state.tokens, state.scale = None, 1.0
 
 
 def split_features(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,15 +228,6 @@ class InstantCharacterRecipe(TrainingRecipe):
     methods = ("instantcharacter",)
 
     # ------------------------------------------------------------------ modules
-    def check_extra(self, known) -> None:
-        """Refuse ``extra`` settings this recipe does not read (a misspelt one would silently do nothing)."""
-        unknown = sorted(set(self.config.extra) - set(known))
-        if unknown:
-            raise IdcraftError(
-                f"{self.methods[0]} training: unknown extra setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(known)}."
-            )
-
     def load_frozen_flux(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """The frozen FLUX.1 base every FLUX recipe trains beside: the pipeline in ``weight_dtype``
         (transformer, VAE and text encoders frozen, no progress bars), a flow-matching scheduler for the
@@ -260,7 +255,7 @@ class InstantCharacterRecipe(TrainingRecipe):
                 "times FLUX's 2x2 latent patches)."
             )
         if config.gradient_checkpointing:
-            pipe.transformer.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(pipe.transformer)
 
     def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         from ..instantcharacter.adapter import InstantCharacterAdapter

@@ -33,6 +33,7 @@ from torch import nn
 from ..adapter import IPAdapter
 from ..errors import IdcraftError
 from ..registry import FACE_EMBEDDING_DIM, get_method
+from .checkpointing import enable_gradient_checkpointing
 from .faceid import FacePreprocess, FaceRecipeBase
 from .ip_adapter import adapter_from_file, preview_images
 from .recipe import export_tensors, register_adapter, register_recipe
@@ -111,7 +112,7 @@ class InstantIDRecipe(FaceRecipeBase):
             load_identitynet(controlnet, self.config.init_controlnet, self.config.base)
         controlnet.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         if self.config.gradient_checkpointing:
-            controlnet.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(controlnet)
         adapter.attach(self.unet, [controlnet])
         self.adapter, self.controlnet = adapter, controlnet
         self.model = IdentityNetDenoiser(self.unet, adapter, controlnet)

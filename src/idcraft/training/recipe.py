@@ -61,6 +61,15 @@ class TrainingRecipe(ABC):
         self.config = config
         self.model: nn.Module | None = None
 
+    def check_extra(self, known) -> None:
+        """Refuse ``extra`` settings this recipe does not read (a misspelt one would silently do nothing)."""
+        unknown = sorted(set(self.config.extra) - set(known))
+        if unknown:
+            raise IdcraftError(
+                f"{self.methods[0]} training: unknown extra setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(known)}."
+            )
+
     # ------------------------------------------------------------------ modules
     @abstractmethod
     def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
