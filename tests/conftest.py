@@ -58,3 +58,17 @@ def reference_image():
     img = np.stack([x * 2 % 256, y * 2 % 256, (x + y) % 256], -1).astype(np.uint8)
     img[30:60, 40:80] = rng.integers(0, 255, size=(30, 40, 3))
     return Image.fromarray(img)
+
+
+@pytest.fixture(scope="session")
+def tiny_face_pack(tmp_path_factory) -> Path:
+    """An antelopev2-like pack of tiny ONNX models (detector + ArcFace recogniser); the tiny detector reads
+    a white square as a face (:func:`tests.faces.tiny_onnx.tiny_face_photo`)."""
+    for module in ("cv2", "onnxruntime", "onnx"):
+        pytest.importorskip(module)
+    from .faces.tiny_onnx import build_arcface, build_scrfd
+
+    folder = tmp_path_factory.mktemp("pack") / "antelopev2"
+    build_scrfd(folder / "scrfd_10g_bnkps.onnx")
+    build_arcface(folder / "glintr100.onnx")
+    return folder

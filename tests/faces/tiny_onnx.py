@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 STRIDES = (8, 16, 32)
 
@@ -133,3 +134,12 @@ def white_cell_image(width: int, height: int, box: tuple[int, int, int, int]) ->
     x1, y1, x2, y2 = box
     image[y1:y2, x1:x2] = 255
     return image
+
+
+def tiny_face_photo(path: Path, seed: int = 5) -> Path:
+    """A 64x64 photo the tiny detector finds one face in: dark noise with a white 20 px square."""
+    image = np.random.default_rng(seed).integers(0, 110, (64, 64, 3)).astype(np.uint8)
+    image[16:36, 18:38] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path

@@ -18,6 +18,8 @@ from idcraft.cli import main
 from idcraft.errors import IdcraftError
 from idcraft.training import TrainConfig, Trainer
 
+from ..faces.tiny_onnx import tiny_face_photo
+
 CASE = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-sdxl"
 FLUX_RELEASE = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-flux" / "pulid_flux_tiny.safetensors"
 #: The fixture release's IDFormer (reads the tiny EVA tower: class token 24, width 16).
@@ -80,13 +82,24 @@ def _config(data, output, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def test_train_save_load_generate(data, tmp_path):
-    """The official preprocessing (BiSeNet labels), then `idcraft generate` on the written release."""
-    config = _config(data, tmp_path / "run", image_encoder_2=str(data / "bisenet.pth"), drop_image=0.3)
+def test_train_save_load_generate(data, tiny_face_pack, tmp_path):
+    """The official preprocessing (BiSeNet labels) and a preview through the engine at the last step, then
+    `idcraft generate` on the written release."""
+    config = _config(
+        data,
+        tmp_path / "run",
+        image_encoder_2=str(data / "bisenet.pth"),
+        drop_image=0.3,
+        sample_every=STEPS,
+        sample_reference=str(tiny_face_photo(tmp_path / "me.png")),
+        sample_steps=2,
+        face_models=str(tiny_face_pack),
+    )
     config.extra.pop("face_parsing")
     result = Trainer(config).run()
     release = tmp_path / "run" / "adapter.safetensors"
     assert release in result.files and result.step == STEPS
+    assert list((tmp_path / "run" / "samples").glob(f"step-{STEPS:08d}-*.png"))
     assert np.isfinite(result.losses).all()
     ours, official = load_file(str(release)), load_file(str(CASE / "pulid_tiny.safetensors"))
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in official.items()}

@@ -12,6 +12,7 @@ from PIL import Image
 
 from idcraft.training import TrainConfig, Trainer
 
+from ..faces.tiny_onnx import tiny_face_photo
 from .conftest import CASE, EVA
 
 STEPS = 3
@@ -83,12 +84,21 @@ def _config(data, output, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def test_train_save_load_generate(data, tmp_path):
-    config = _config(data, tmp_path / "run", image_encoder_2=str(data / "bisenet.pth"))
+def test_train_save_load_generate(data, tiny_face_pack, tmp_path):
+    config = _config(
+        data,
+        tmp_path / "run",
+        image_encoder_2=str(data / "bisenet.pth"),
+        sample_every=STEPS,  # a preview through the engine at the last step
+        sample_reference=str(tiny_face_photo(tmp_path / "me.png")),
+        sample_steps=2,
+        face_models=str(tiny_face_pack),
+    )
     config.extra.pop("face_parsing")  # the official preprocessing: BiSeNet labels
     result = Trainer(config).run()
     release = tmp_path / "run" / "adapter.safetensors"
     assert release in result.files and result.step == STEPS
+    assert list((tmp_path / "run" / "samples").glob(f"step-{STEPS:08d}-*.png"))
     assert len(result.losses) == STEPS and np.isfinite(result.losses).all()
     from safetensors.torch import load_file
 

@@ -263,7 +263,8 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
     def sample(
         self, prompt: str, reference: str, *, seed: int, steps: int, guidance: float
     ) -> list[Image.Image]:
-        """Generate through the engine as a user would, with copies of the trained modules in a
+        """Generate through the engine as a user would (the reference's face found with the run's face
+        backend, ``--face-models``), with copies of the trained modules in a
         :class:`~idcraft.pulid.pipeline.PulidSDXLPipeline` on the frozen base; the trained ID attention is
         attached again afterwards."""
         from ..engine import Engine, GenerationRequest
@@ -289,6 +290,9 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
                 width=self.resolution,
                 height=self.resolution,
             )
-            return Engine([pipeline]).generate(request).images
+            engine = Engine(
+                [pipeline], face_backend=self.config.face_backend, face_models=self.config.face_models
+            )
+            return engine.generate(request).images
         finally:
             self.adapter.attention.attach(unet)

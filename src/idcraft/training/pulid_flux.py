@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from ..errors import IdcraftError
@@ -249,3 +250,39 @@ class PulidFluxRecipe(PulidFaceInputs, InstantCharacterRecipe):
                 torch.save(release, buffer)
                 written.append(atomic_write_bytes(Path(directory) / "adapter.bin", buffer.getvalue()))
         return written
+
+    @torch.no_grad()
+    def sample(
+        self, prompt: str, reference: str, *, seed: int, steps: int, guidance: float
+    ) -> list[Image.Image]:
+        """Generate through the engine as a user would (the reference's face found with the run's face
+        backend), with a copy of the trained adapter in a :class:`PulidFluxPipeline` on the frozen FLUX; the
+        trained ID cross-attention is attached again afterwards."""
+        import copy
+
+        from ..engine import Engine, GenerationRequest
+        from ..pulid.encoder import PulidEncoder
+        from ..pulid.flux_pipeline import PulidFluxPipeline
+
+        transformer = self.pipe.transformer
+        preview = copy.deepcopy(self.adapter).to(transformer.dtype).eval()
+        try:
+            faces = self.face_encoder
+            encoder = PulidEncoder(preview.pulid_encoder, faces.eva, faces.parser)
+            pipeline = PulidFluxPipeline(self.pipe, preview, encoder, device=self.device)
+            request = GenerationRequest(
+                prompt,
+                references=[reference],
+                seed=seed,
+                steps=steps,
+                guidance=guidance,
+                width=self.resolution,
+                height=self.resolution,
+            )
+            engine = Engine(
+                [pipeline], face_backend=self.config.face_backend, face_models=self.config.face_models
+            )
+            return engine.generate(request).images
+        finally:
+            preview.pulid_ca.detach()
+            self.adapter.pulid_ca.attach(transformer)
