@@ -47,7 +47,7 @@ from ..errors import IdcraftError
 from ..registry import get_method
 from .checkpointing import enable_gradient_checkpointing
 from .instantcharacter import InstantCharacterRecipe
-from .recipe import export_tensors, register_recipe
+from .recipe import engine_preview, export_tensors, register_recipe
 
 SETTINGS = (
     "guidance",
@@ -273,25 +273,12 @@ class InfiniteYouRecipe(InstantCharacterRecipe):
     ) -> list[Image.Image]:
         """Generate through :class:`InfiniteYouPipeline` with copies of the trained modules (the reference's
         face found with the run's face backend, embedded with facexlib's ArcFace from ``--face-models``)."""
-        from ..engine import Engine, GenerationRequest
         from ..infiniteyou.pipeline import InfiniteYouPipeline
 
         net = _copy_with(self.infusenet, self.infusenet.state_dict())
         proj = _copy_with(self.resampler, self.resampler.state_dict())
         pipeline = InfiniteYouPipeline(self.pipe, net, proj, device=self.device)
-        request = GenerationRequest(
-            prompt,
-            references=[reference],
-            seed=seed,
-            steps=steps,
-            guidance=guidance,
-            width=self.resolution,
-            height=self.resolution,
-        )
-        engine = Engine(
-            [pipeline], face_backend=self.config.face_backend, face_models=self.config.face_models
-        )
-        return engine.generate(request).images
+        return engine_preview(self, pipeline, prompt, reference, seed=seed, steps=steps, guidance=guidance)
 
 
 def _copy_with(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:

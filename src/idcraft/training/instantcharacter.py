@@ -71,6 +71,7 @@ from .diffusion import draw_drops, latent_weights, weighted_mse
 from .recipe import (
     TrainingRecipe,
     adapter_checkpoint,
+    engine_preview,
     export_tensors,
     register_adapter,
     register_recipe,
@@ -510,7 +511,6 @@ class InstantCharacterRecipe(TrainingRecipe):
     ) -> list[Image.Image]:
         """Generate through :class:`InstantCharacterPipeline` with a copy of the adapter (the pipeline attaches
         its own; detaching it puts the trained processors back)."""
-        from ..engine import Engine, GenerationRequest
         from ..instantcharacter.adapter import InstantCharacterAdapter
         from ..instantcharacter.pipeline import InstantCharacterPipeline
 
@@ -520,15 +520,8 @@ class InstantCharacterRecipe(TrainingRecipe):
         )
         pipeline = InstantCharacterPipeline(self.pipe, preview, self.encoder, device=self.device)
         try:
-            request = GenerationRequest(
-                prompt,
-                references=[reference],
-                seed=seed,
-                steps=steps,
-                guidance=guidance,
-                width=self.resolution,
-                height=self.resolution,
+            return engine_preview(
+                self, pipeline, prompt, reference, seed=seed, steps=steps, guidance=guidance
             )
-            return Engine([pipeline]).generate(request).images
         finally:
             preview.detach()

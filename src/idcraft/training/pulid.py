@@ -27,7 +27,6 @@ The result is ``OUTPUT/adapter.safetensors`` in the release layout of ``pulid_v1
 from __future__ import annotations
 
 import copy
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from torch import nn
 from ..errors import CheckpointError, IdcraftError
 from .diffusion import UNetDiffusionRecipe
 from .pulid_faces import FACE_SETTINGS, PulidFaceInputs, alignment_losses
-from .recipe import export_tensors, register_adapter, register_recipe
+from .recipe import engine_preview, export_tensors, register_adapter, register_recipe, write_flat_release
 
 SETTINGS = ("id_scale", "num_zero", "ortho", *FACE_SETTINGS)
 
@@ -236,10 +235,6 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
         state: Mapping[str, torch.Tensor] | None = None,
     ) -> list[Path]:
         """``adapter.safetensors`` (and ``adapter.bin``) in the layout of ``pulid_v1.1.safetensors``."""
-        from safetensors.torch import save
-
-        from ..outputs import atomic_write_bytes
-
         state = self.trainable_state_dict() if state is None else state
         release = export_tensors(state, self.config.export_dtype)
         unknown = [k for k in release if not k.startswith(("id_adapter.", "id_adapter_attn_layers."))]
@@ -247,17 +242,7 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
             raise IdcraftError(
                 f"unexpected trained tensors {unknown[:3]} (not id_adapter.* or id_adapter_attn_layers.*)."
             )
-        info = {"method": "pulid", **{k: str(v) for k, v in metadata.items()}}
-        written = []
-        for fmt in formats:
-            if fmt == "safetensors":
-                data = save(release, metadata=info)
-                written.append(atomic_write_bytes(Path(directory) / "adapter.safetensors", data))
-            else:
-                buffer = io.BytesIO()
-                torch.save(release, buffer)
-                written.append(atomic_write_bytes(Path(directory) / "adapter.bin", buffer.getvalue()))
-        return written
+        return write_flat_release(release, directory, formats, {"method": "pulid", **metadata})
 
     @torch.no_grad()
     def sample(
@@ -267,7 +252,6 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
         backend, ``--face-models``), with copies of the trained modules in a
         :class:`~idcraft.pulid.pipeline.PulidSDXLPipeline` on the frozen base; the trained ID attention is
         attached again afterwards."""
-        from ..engine import Engine, GenerationRequest
         from ..pulid.encoder import PulidEncoder
         from ..pulid.pipeline import PulidSDXLPipeline
 
@@ -281,18 +265,8 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
         attention = copy.deepcopy(self.adapter.attention).to(dtype)
         try:
             pipeline = PulidSDXLPipeline(self.pipe, encoder, attention)
-            request = GenerationRequest(
-                prompt,
-                references=[reference],
-                seed=seed,
-                steps=steps,
-                guidance=guidance,
-                width=self.resolution,
-                height=self.resolution,
+            return engine_preview(
+                self, pipeline, prompt, reference, seed=seed, steps=steps, guidance=guidance
             )
-            engine = Engine(
-                [pipeline], face_backend=self.config.face_backend, face_models=self.config.face_models
-            )
-            return engine.generate(request).images
         finally:
             self.adapter.attention.attach(unet)

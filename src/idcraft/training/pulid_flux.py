@@ -18,7 +18,6 @@ which ``idcraft generate --method pulid-flux`` loads. ``--init-from`` starts fro
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import nn
 from ..errors import IdcraftError
 from .instantcharacter import InstantCharacterRecipe
 from .pulid_faces import FACE_SETTINGS, PulidFaceInputs, alignment_losses
-from .recipe import export_tensors, register_recipe
+from .recipe import engine_preview, export_tensors, register_recipe, write_flat_release
 
 SETTINGS = (
     "guidance",
@@ -225,10 +224,6 @@ class PulidFluxRecipe(PulidFaceInputs, InstantCharacterRecipe):
     ) -> list[Path]:
         """``adapter.safetensors`` (and ``adapter.bin``) in the release layout: ``pulid_encoder.*`` then
         ``pulid_ca.{i}.*``."""
-        from safetensors.torch import save
-
-        from ..outputs import atomic_write_bytes
-
         state = self.trainable_state_dict() if state is None else state
         tensors = export_tensors(state, self.config.export_dtype)
         release = {}
@@ -239,17 +234,7 @@ class PulidFluxRecipe(PulidFaceInputs, InstantCharacterRecipe):
                 release[key] = tensor
             else:
                 raise IdcraftError(f"unexpected trained tensor {key!r} (not pulid_encoder.* or pulid_ca.*).")
-        info = {"method": "pulid-flux", **{k: str(v) for k, v in metadata.items()}}
-        written = []
-        for fmt in formats:
-            if fmt == "safetensors":
-                data = save(release, metadata=info)
-                written.append(atomic_write_bytes(Path(directory) / "adapter.safetensors", data))
-            else:
-                buffer = io.BytesIO()
-                torch.save(release, buffer)
-                written.append(atomic_write_bytes(Path(directory) / "adapter.bin", buffer.getvalue()))
-        return written
+        return write_flat_release(release, directory, formats, {"method": "pulid-flux", **metadata})
 
     @torch.no_grad()
     def sample(
@@ -260,7 +245,6 @@ class PulidFluxRecipe(PulidFaceInputs, InstantCharacterRecipe):
         trained ID cross-attention is attached again afterwards."""
         import copy
 
-        from ..engine import Engine, GenerationRequest
         from ..pulid.encoder import PulidEncoder
         from ..pulid.flux_pipeline import PulidFluxPipeline
 
@@ -270,19 +254,9 @@ class PulidFluxRecipe(PulidFaceInputs, InstantCharacterRecipe):
             faces = self.face_encoder
             encoder = PulidEncoder(preview.pulid_encoder, faces.eva, faces.parser)
             pipeline = PulidFluxPipeline(self.pipe, preview, encoder, device=self.device)
-            request = GenerationRequest(
-                prompt,
-                references=[reference],
-                seed=seed,
-                steps=steps,
-                guidance=guidance,
-                width=self.resolution,
-                height=self.resolution,
+            return engine_preview(
+                self, pipeline, prompt, reference, seed=seed, steps=steps, guidance=guidance
             )
-            engine = Engine(
-                [pipeline], face_backend=self.config.face_backend, face_models=self.config.face_models
-            )
-            return engine.generate(request).images
         finally:
             preview.pulid_ca.detach()
             self.adapter.pulid_ca.attach(transformer)

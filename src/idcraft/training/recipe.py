@@ -226,6 +226,44 @@ def write_adapter(
     return [save_checkpoint(checkpoint, Path(directory) / f"adapter{SUFFIXES[f]}") for f in formats]
 
 
+def write_flat_release(
+    tensors: Mapping[str, torch.Tensor], directory: Path, formats: Sequence[str], metadata: Mapping[str, str]
+) -> list[Path]:
+    """``directory/adapter.<suffix>`` per format for a release that is one flat state dict (PuLID's): the
+    tensors as they are, ``metadata`` in the safetensors header; written atomically."""
+    import io
+
+    from safetensors.torch import save
+
+    from ..outputs import atomic_write_bytes
+
+    written = []
+    for fmt in formats:
+        if fmt == "safetensors":
+            data = save(dict(tensors), metadata={k: str(v) for k, v in metadata.items()})
+        else:
+            buffer = io.BytesIO()
+            torch.save(dict(tensors), buffer)
+            data = buffer.getvalue()
+        written.append(atomic_write_bytes(Path(directory) / f"adapter{SUFFIXES[fmt]}", data))
+    return written
+
+
+def engine_preview(
+    recipe: TrainingRecipe, pipeline, prompt: str, reference: str, **settings
+) -> list[Image.Image]:
+    """Preview images as a user would generate them: ``pipeline`` (built on copies of the trained modules)
+    in an :class:`~idcraft.engine.Engine` with the run's face backend, at the training resolution;
+    ``settings`` are ``seed``, ``steps`` and ``guidance``."""
+    from ..engine import Engine, GenerationRequest
+
+    size = recipe.resolution
+    request = GenerationRequest(prompt, references=[reference], width=size, height=size, **settings)
+    config = recipe.config
+    engine = Engine([pipeline], face_backend=config.face_backend, face_models=config.face_models)
+    return engine.generate(request).images
+
+
 RECIPES: dict[str, type[TrainingRecipe]] = {}
 
 
