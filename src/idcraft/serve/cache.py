@@ -80,7 +80,7 @@ def identity_key(
     reference_hashes: Sequence[str],
     *,
     s_scale: float = 1.0,
-    face_index: int = 0,
+    face_index: int | None = None,
     multi_person: bool = False,
     models: str = "",
 ) -> str:
@@ -93,7 +93,7 @@ def identity_key(
         "models": models,
         "references": list(reference_hashes),
         "s_scale": float(s_scale),
-        "face_index": int(face_index),
+        "face_index": None if face_index is None else int(face_index),  # None (one face only) is not 0
         "multi_person": bool(multi_person),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -36,7 +36,8 @@ class ImageRequest(BaseModel):
     guidance: float | None = None
     keypoints: Any = None
     multi_person: bool = False
-    face_index: int = 0
+    #: which face of each reference (0 = largest); left out, a photo with several faces is refused (422)
+    face_index: int | None = None
     s_scale: float | None = None
     #: InstantID: weight of IdentityNet (its ControlNet: where the face goes and how it is drawn); 1.0 default
     identitynet_scale: float | None = None
