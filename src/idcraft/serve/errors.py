@@ -73,7 +73,14 @@ def answer_for(exc: BaseException) -> Answer:
 
 
 #: idcraft's messages name command-line flags; over HTTP they name the API's fields.
-API_FIELDS = {"num-images": "n", "width": "width (from size)", "height": "height (from size)"}
+API_FIELDS = {
+    "num-images": "n",
+    "width": "width (from size)",
+    "height": "height (from size)",
+    "face-embedding": "face_embeddings",
+    "aligned-face": "aligned_faces",
+    "face-parsing": "face_parsings",
+}
 FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 
 

@@ -51,6 +51,12 @@ class ImageRequest(BaseModel):
     num_zero: int | None = None
     ortho: str | None = None
     sampler: str | None = None
+    #: pulid, pulid-flux (and the face methods' embeddings): PuLID's stage inputs, one per face in reference
+    #: order (see .stages): embeddings as base64 .npy or a list of 512 numbers; aligned faces (512x512) and
+    #: label maps as base64 PNGs or ids from ``POST /v1/references``
+    face_embeddings: list[str | list[float]] | None = None
+    aligned_faces: list[str] | None = None
+    face_parsings: list[str] | None = None
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None
     #: OpenAI's ``quality`` and ``style`` (sent by many wrappers): accepted, ignored, with a warning
