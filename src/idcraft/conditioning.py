@@ -167,7 +167,7 @@ def identities_from_photos(
     *,
     face_backend: str = "insightface",
     face_models: str | None = None,
-    face_index: int = 0,
+    face_index: int | None = None,
     every_face: bool = False,
     resize: bool = True,
 ) -> list[Identity]:
@@ -184,7 +184,7 @@ def identities_from_photos(
     would blow a reference up far past the model's size).
 
     ``every_face``: one photo with several people gives one identity per face (largest first) instead of
-    the face at ``face_index``.
+    the face at ``face_index`` (``None``: each photo must show one face).
     """
     from .faces import require_arcface, resize_img
 
@@ -225,7 +225,7 @@ def identities_from_photos(
 
 
 def _faces_of(
-    photo, backend: str, models: str | None, face_index: int, every_face: bool, embed: bool
+    photo, backend: str, models: str | None, face_index: int | None, every_face: bool, embed: bool
 ) -> list:
     from .faces import analyse_reference, shared_face_analyser
 

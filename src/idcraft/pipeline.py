@@ -146,7 +146,6 @@ class IPAdapterPipeline:
     def method(self):
         return self.adapter.method
 
-
     def encode_references(
         self,
         references: Sequence[ImageInput] = (),
@@ -155,7 +154,7 @@ class IPAdapterPipeline:
         s_scale: float = 1.0,
         face_backend: str = "insightface",
         face_models: str | None = None,
-        face_index: int = 0,
+        face_index: int | None = None,
         multi_person: bool = False,
     ) -> ReferenceTokens:
         """References -> image tokens, as the method needs them.
@@ -414,7 +413,9 @@ class IPAdapterPipeline:
         canvas = (width or frames[0][0], height or frames[0][1])
         if len({i.photo for i in identities}) > 1:
             return place_faces([i.kps for i in identities], frames, canvas), canvas
-        if canvas == frames[0]:  # the reference's own keypoints, unchanged (dtype too), as InstantID draws them
+        if (
+            canvas == frames[0]
+        ):  # the reference's own keypoints, unchanged (dtype too), as InstantID draws them
             return [np.asarray(i.kps) for i in identities], canvas
         scale = np.array([canvas[0] / frames[0][0], canvas[1] / frames[0][1]])
         return [np.asarray(i.kps) * scale for i in identities], canvas

@@ -27,7 +27,7 @@ METHOD_OPTIONS: dict[str, Any] = {
     "controlnet_scales": None,
     "keypoints": None,
     "multi_person": False,
-    "face_index": 0,
+    "face_index": None,
     "true_cfg": 1.0,
     "infusenet_start": 0.0,
     "infusenet_end": 1.0,
@@ -212,7 +212,13 @@ class GenerationRequest:
             "its own region of the output; without it several photos are one person"
         },
     )
-    face_index: int = field(default=0, metadata={"help": "which face of each photo: 0 = largest"})
+    face_index: int | None = field(
+        default=None,
+        metadata={
+            "help": "which face of each reference photo, largest first: 0 = the largest, 1 = the next... "
+            "Left out, a photo with several faces is refused (say which, or crop it)"
+        },
+    )
     true_cfg: float = field(
         default=1.0,
         metadata={
@@ -303,7 +309,9 @@ class GenerationRequest:
         for name in ("infusenet_start", "infusenet_end"):
             value = getattr(self, name)
             if not _finite(value) or not 0 <= value <= 1:
-                raise IdcraftError(f"{_flag(name)} must be a fraction of the steps from 0 to 1, got {value!r}.")
+                raise IdcraftError(
+                    f"{_flag(name)} must be a fraction of the steps from 0 to 1, got {value!r}."
+                )
         if self.infusenet_start > self.infusenet_end:
             raise IdcraftError(
                 f"--infusenet-start {self.infusenet_start:g} is after --infusenet-end {self.infusenet_end:g}."
@@ -321,7 +329,7 @@ class GenerationRequest:
         if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
             raise IdcraftError(f"--start-step must be a whole number, 0 or more, got {self.start_step!r}.")
         _count("--num-images", self.num_images, limits.max_images)
-        if not isinstance(self.face_index, int) or self.face_index < 0:
+        if self.face_index is not None and (not isinstance(self.face_index, int) or self.face_index < 0):
             raise IdcraftError(
                 f"--face-index must be 0 or more (0 = the largest face), got {self.face_index!r}."
             )
@@ -462,7 +470,7 @@ _FIELD_TYPES: dict[str, tuple[str, bool]] = {
     "width": (_WHOLE, True),
     "height": (_WHOLE, True),
     "num_images": (_WHOLE, False),
-    "face_index": (_WHOLE, False),
+    "face_index": (_WHOLE, True),
     "multi_person": ("True or False", False),
     "progress": ("True or False", False),
 }

@@ -11,6 +11,7 @@ from idcraft.errors import FaceError, ImageError
 from idcraft.faces import (
     DLIB_RESNET,
     NoFaceError,
+    SeveralFacesError,
     analyse_reference,
     cosine_similarity,
     require_arcface,
@@ -109,7 +110,9 @@ def test_several_faces_largest_first_and_face_index(default_analyser, astronaut_
     faces = default_analyser.detect(canvas)
     assert len(faces) == 2
     assert faces[0].area > faces[1].area and faces[0].bbox[0] > 256
-    assert analyse_reference(canvas, default_analyser).bbox[0] > 256
+    with pytest.raises(SeveralFacesError, match=r"2 faces found.*--face-index 0 for the largest.*crop"):
+        analyse_reference(canvas, default_analyser)  # no index: the photo must show one face
+    assert analyse_reference(canvas, default_analyser, face_index=0).bbox[0] > 256
     assert analyse_reference(canvas, default_analyser, face_index=1).bbox[0] < 256
     with pytest.raises(NoFaceError, match=r"face index 2 requested but 2 face\(s\) found"):
         analyse_reference(canvas, default_analyser, face_index=2)

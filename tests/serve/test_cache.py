@@ -43,27 +43,30 @@ def test_second_prompt_on_a_known_reference_calls_no_encoder(client, references,
     assert encoder_calls["ip-adapter"] == 1
     # another method encodes the same picture its own way
     assert generate(method="faceid")["cache"] == "miss"
-    # and what changes a face method's encoding (which face) is part of the key
+    # and what changes a face method's encoding (which face) is part of the key: face_index 0 (the
+    # largest of several) is not "left out" (the photo must show one face)
+    assert generate(method="faceid", face_index=0)["cache"] == "miss"
     assert generate(method="faceid", face_index=0)["cache"] == "hit"
-    assert encoder_calls == {"ip-adapter": 1, "ip-adapter-plus": 0, "faceid": 1, "instantid": 0}
+    assert encoder_calls == {"ip-adapter": 1, "ip-adapter-plus": 0, "faceid": 2, "instantid": 0}
     metrics = client.get("/metrics").text
     assert "idcraft_identity_cache_hits_total 5" in metrics
-    assert "idcraft_identity_cache_misses_total 2" in metrics
-    assert "idcraft_encode_calls_total 2" in metrics
+    assert "idcraft_identity_cache_misses_total 3" in metrics
+    assert "idcraft_encode_calls_total 3" in metrics
 
 
 def test_identity_key_reads_what_changes_encoding():
     base = identity_key("faceid", ["a"])
-    assert base == identity_key("faceid", ["a"], s_scale=1, face_index=0, multi_person=False)
+    assert base == identity_key("faceid", ["a"], s_scale=1, face_index=None, multi_person=False)
     others = {
         identity_key("faceid-plusv2", ["a"]),
         identity_key("faceid", ["b"]),
         identity_key("faceid", ["a", "a"]),
         identity_key("faceid", ["a"], s_scale=0.5),
+        identity_key("faceid", ["a"], face_index=0),
         identity_key("faceid", ["a"], face_index=1),
         identity_key("faceid", ["a"], multi_person=True),
     }
-    assert base not in others and len(others) == 6
+    assert base not in others and len(others) == 7
     assert identity_key("x", ["a", "b"]) != identity_key("x", ["b", "a"])  # order places the tokens
 
 

@@ -28,7 +28,16 @@ from .analyser import (
 from .draw import KPS_COLORS, annotate_faces, draw_kps
 from .embeddings import ARCFACE_DIM, average_embeddings, cosine_similarity, require_arcface
 from .resize import resize_img
-from .types import ARCFACE, DLIB_RESNET, KEYPOINT_NAMES, Face, FaceAnalyser, NoFaceError, l2_normalize
+from .types import (
+    ARCFACE,
+    DLIB_RESNET,
+    KEYPOINT_NAMES,
+    Face,
+    FaceAnalyser,
+    NoFaceError,
+    SeveralFacesError,
+    l2_normalize,
+)
 
 __all__ = [
     "ARCFACE",
@@ -44,6 +53,7 @@ __all__ = [
     "FaceAnalyser",
     "FaceError",
     "NoFaceError",
+    "SeveralFacesError",
     "analyse_reference",
     "analyse_references",
     "annotate_faces",

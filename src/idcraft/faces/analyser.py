@@ -2,6 +2,8 @@
 
 Generation code calls :func:`analyse_reference` (one photo, one face) and never deals with backends'
 details; ``idcraft faces`` uses :func:`get_face_analyser` and :func:`select_face` to list everything.
+A photo with several faces and no face index is refused (:class:`SeveralFacesError`) rather than read as
+its largest face: a group photo given as one person's reference is more likely a mistake than a choice.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from PIL import Image
 
 from ..errors import FaceError
 from ..images import ImageInput, load_image
-from .types import Face, FaceAnalyser, NoFaceError
+from .types import Face, FaceAnalyser, NoFaceError, SeveralFacesError
 
 #: Backends built into the library; others register themselves (:func:`register_face_backend`) or are
 #: found through the ``idcraft.face_backends`` entry-point group (the offline world's ``"world"`` is).
@@ -52,6 +54,7 @@ def backend_names() -> tuple[str, ...]:
 
     names = [*BUILTIN_BACKENDS, *_registered, *(e.name for e in entry_points(group=ENTRY_POINT_GROUP))]
     return tuple(dict.fromkeys(names))
+
 
 _shared: dict[tuple[Any, ...], FaceAnalyser] = {}
 _shared_lock = threading.Lock()
@@ -125,16 +128,32 @@ def image_name(source: ImageInput) -> str:
 
 
 def select_face(
-    faces: Sequence[Face], face_index: int, *, name: str, analyser: FaceAnalyser, image_size: tuple[int, int]
+    faces: Sequence[Face],
+    face_index: int | None,
+    *,
+    name: str,
+    analyser: FaceAnalyser,
+    image_size: tuple[int, int],
 ) -> Face:
-    """``faces[face_index]`` (0 = largest), or a :class:`NoFaceError` naming the image and what was
-    searched."""
+    """``faces[face_index]`` (0 = largest), or the only face when ``face_index`` is ``None``.
+
+    Raises :class:`NoFaceError` naming the image and what was searched when there is no (such) face, and
+    :class:`SeveralFacesError` when ``face_index`` is ``None`` and the photo shows more than one face.
+    """
     if not faces:
         width, height = image_size
         raise NoFaceError(
             f"{name}: no face found. {analyser.search_limits(width, height)}. Use a photo where the face is "
             "clearly visible and roughly frontal, or crop closer to it."
         )
+    if face_index is None:
+        if len(faces) > 1:
+            raise SeveralFacesError(
+                f"{name}: {len(faces)} faces found, and the identity must be one of them: pass --face-index 0 "
+                f"for the largest, 1 for the next, and so on (up to {len(faces) - 1}); or crop the photo "
+                "to one face."
+            )
+        return faces[0]
     if not 0 <= face_index < len(faces):
         raise NoFaceError(
             f"{name}: face index {face_index} requested but {len(faces)} face(s) found "
@@ -146,19 +165,23 @@ def select_face(
 def analyse_reference(
     source: ImageInput,
     backend: str | FaceAnalyser = "default",
-    face_index: int = 0,
+    face_index: int | None = None,
     *,
     models_dir: str | os.PathLike | None = None,
     providers: Sequence[str] | str | None = None,
     embed: bool = True,
+    name: str | None = None,
     **options: Any,
 ) -> Face:
-    """The face of a reference photo: the largest one, or ``face_index`` in largest-first order.
+    """The face of a reference photo: its only face, or ``face_index`` in largest-first order (0 = the
+    largest; ``None`` refuses a photo with several faces, see :func:`select_face`).
 
     ``backend`` is a backend name (the analyser is built once and reused, see :func:`shared_face_analyser`)
-    or an analyser. Raises :class:`~idcraft.errors.ImageError` for unreadable images and
-    :class:`NoFaceError` (a :class:`~idcraft.errors.FaceError`) when there is no such face. Methods that
-    need ArcFace embeddings must still check with :func:`~idcraft.faces.require_arcface`.
+    or an analyser; ``name`` is how errors name the photo (default: its path or file name). Raises
+    :class:`~idcraft.errors.ImageError` for unreadable images, :class:`NoFaceError` (a
+    :class:`~idcraft.errors.FaceError`) when there is no such face and :class:`SeveralFacesError` for an
+    unchosen face of a group photo. Methods that need ArcFace embeddings must still check with
+    :func:`~idcraft.faces.require_arcface`.
     """
     analyser = (
         backend
@@ -167,11 +190,16 @@ def analyse_reference(
     )
     image = load_image(source)
     faces = analyser.detect(image, embed=embed)
-    return select_face(faces, face_index, name=image_name(source), analyser=analyser, image_size=image.size)
+    return select_face(
+        faces, face_index, name=name or image_name(source), analyser=analyser, image_size=image.size
+    )
 
 
 def analyse_references(
-    sources: Sequence[ImageInput], backend: str | FaceAnalyser = "default", face_index: int = 0, **kwargs: Any
+    sources: Sequence[ImageInput],
+    backend: str | FaceAnalyser = "default",
+    face_index: int | None = None,
+    **kwargs: Any,
 ) -> list[Face]:
     """:func:`analyse_reference` for several photos of one person (average them with
     :func:`~idcraft.faces.average_embeddings`)."""

@@ -34,6 +34,11 @@ class NoFaceError(FaceError):
     """An image was readable but no face was found in it (or not the requested one)."""
 
 
+class SeveralFacesError(FaceError):
+    """A reference photo shows several faces and no face index said which one is the identity: taking
+    the largest silently could give the wrong person, so generation asks instead."""
+
+
 @dataclass(eq=False)
 class Face:
     """One detected face.

@@ -150,9 +150,9 @@ def embed_face(recogniser: ArcFaceIRSE, rgb: np.ndarray, kps: np.ndarray) -> np.
         return recogniser(pixels.to(param.device, param.dtype))[0].float().cpu().numpy()
 
 
-def identity_embedding(reference, backend: str, models, face_index: int = 0) -> np.ndarray:
-    """Find the face of ``reference`` with the engine's face backend (largest, or ``face_index``) and embed
-    it as the official code does."""
+def identity_embedding(reference, backend: str, models, face_index: int | None = None) -> np.ndarray:
+    """Find the face of ``reference`` with the engine's face backend (its only face, or ``face_index`` in
+    largest-first order) and embed it as the official code does."""
     from ..faces import analyse_reference
     from ..images import load_image
 

@@ -138,12 +138,15 @@ def face_stages(request: GenerationRequest, faces: FaceSettings) -> list:
     return stages
 
 
-def _detect(stage, photo, face_index: int, faces: FaceSettings) -> None:
+def _detect(stage, photo, face_index: int | None, faces: FaceSettings) -> None:
     """Fill the embedding (antelopev2, raw) and the photo + keypoints for alignment from face analysis."""
     from ..faces import analyse_reference, require_arcface
+    from ..faces.analyser import image_name
 
     image = _image_array(photo)
-    face = analyse_reference(image, faces.backend, face_index, models_dir=faces.models)
+    face = analyse_reference(
+        image, faces.backend, face_index, models_dir=faces.models, name=image_name(photo)
+    )
     if stage.embedding is None:
         stage.embedding = require_arcface(face, "pulid")
     stage.photo, stage.kps = image, face.kps

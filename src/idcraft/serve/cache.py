@@ -14,7 +14,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -80,22 +80,26 @@ def identity_key(
     reference_hashes: Sequence[str],
     *,
     s_scale: float = 1.0,
-    face_index: int = 0,
+    face_index: int | None = None,
     multi_person: bool = False,
     models: str = "",
+    stages: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """The cache key of one request's conditioning: everything :meth:`Engine.encode` reads (the method,
     the fingerprint of the models it encodes with, each reference's content hash in order, and the
-    options that change encoding), hashed. Replicas with the same models make the same keys, so a shared
+    options that change encoding, and the content hashes of PuLID's stage inputs, ``stages``: field ->
+    one hash per face), hashed. Replicas with the same models make the same keys, so a shared
     store turns one replica's encoding into another's hit."""
-    payload = {
+    payload: dict[str, Any] = {
         "method": method,
         "models": models,
         "references": list(reference_hashes),
         "s_scale": float(s_scale),
-        "face_index": int(face_index),
+        "face_index": None if face_index is None else int(face_index),  # None (one face only) is not 0
         "multi_person": bool(multi_person),
     }
+    if stages:
+        payload["stages"] = {name: list(hashes) for name, hashes in stages.items() if hashes}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -125,7 +125,7 @@ class Served:
         )
 
 
-#: Request options exposed by the HTTP API (control images and saved embeddings are not).
+#: Request options exposed by the HTTP API (control images are not).
 API_OPTIONS = {
     "s_scale": "s_scale",
     "keypoints": "keypoints",
@@ -138,6 +138,9 @@ API_OPTIONS = {
     "num_zero": "num_zero",
     "ortho": "ortho",
     "sampler": "sampler",
+    "face_embeddings": "face_embeddings",
+    "aligned_faces": "aligned_faces",
+    "face_parsings": "face_parsings",
 }
 
 

@@ -20,7 +20,7 @@ from ..errors import (
     ModelLoadError,
     OutputError,
 )
-from ..faces.types import NoFaceError
+from ..faces.types import NoFaceError, SeveralFacesError
 
 
 class ApiError(Exception):
@@ -47,6 +47,7 @@ STATUS_OF: tuple[tuple[type[BaseException], int, str], ...] = (
     # stopped on purpose (shutdown, a deadline): the server's doing, said as it is
     (Cancelled, 503, "cancelled"),
     (NoFaceError, 422, "no_face"),
+    (SeveralFacesError, 422, "several_faces"),
     (FaceError, 422, "face_error"),
     (ImageError, 400, "invalid_image"),
     # the server's models are its own: a loading problem during a request is a fault, not bad input
@@ -72,7 +73,14 @@ def answer_for(exc: BaseException) -> Answer:
 
 
 #: idcraft's messages name command-line flags; over HTTP they name the API's fields.
-API_FIELDS = {"num-images": "n", "width": "width (from size)", "height": "height (from size)"}
+API_FIELDS = {
+    "num-images": "n",
+    "width": "width (from size)",
+    "height": "height (from size)",
+    "face-embedding": "face_embeddings",
+    "aligned-face": "aligned_faces",
+    "face-parsing": "face_parsings",
+}
 FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 
 

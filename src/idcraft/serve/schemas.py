@@ -36,7 +36,8 @@ class ImageRequest(BaseModel):
     guidance: float | None = None
     keypoints: Any = None
     multi_person: bool = False
-    face_index: int = 0
+    #: which face of each reference (0 = largest); left out, a photo with several faces is refused (422)
+    face_index: int | None = None
     s_scale: float | None = None
     #: InstantID: weight of IdentityNet (its ControlNet: where the face goes and how it is drawn); 1.0 default
     identitynet_scale: float | None = None
@@ -50,6 +51,12 @@ class ImageRequest(BaseModel):
     num_zero: int | None = None
     ortho: str | None = None
     sampler: str | None = None
+    #: pulid, pulid-flux (and the face methods' embeddings): PuLID's stage inputs, one per face in reference
+    #: order (see .stages): embeddings as base64 .npy or a list of 512 numbers; aligned faces (512x512) and
+    #: label maps as base64 PNGs or ids from ``POST /v1/references``
+    face_embeddings: list[str | list[float]] | None = None
+    aligned_faces: list[str] | None = None
+    face_parsings: list[str] | None = None
     #: OpenAI's end-user id: accepted, not used
     user: str | None = None
     #: OpenAI's ``quality`` and ``style`` (sent by many wrappers): accepted, ignored, with a warning

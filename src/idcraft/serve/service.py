@@ -39,6 +39,7 @@ from .jobs import Job, JobStore, sse
 from .metrics import Metrics
 from .scheduler import Deadline, Scheduler, Ticket
 from .schemas import ImageRequest
+from .stages import StageInputs, given, read_stages
 from .stores import Stores, open_stores
 from .stores.fingerprint import catalog_fingerprints
 
@@ -226,12 +227,17 @@ class Service:
             raise too_large(f"the reference is {len(data):,} bytes, more than this server keeps.")
         return {"id": digest, "object": "reference", "bytes": len(data), "width": width, "height": height}
 
-    def _reference_bytes(self, id_: str, index: int) -> bytes:
+    def _item_bytes(self, item: str, what: str) -> bytes:
+        """The bytes of one image item of the body: an upload's id (as for references) or base64 data."""
+        id_ = reference_id(item)
+        return self._reference_bytes(id_, what=what) if id_ is not None else from_base64(item, what)
+
+    def _reference_bytes(self, id_: str, index: int = 0, *, what: str | None = None) -> bytes:
         data = self.references.get(id_) if REFERENCE_ID.fullmatch(id_) else None
         if data is None:
             kept = "in memory" if self.stores.kind == "memory" else f"in {self.stores.location}"
             raise not_found(
-                f"references[{index}]: no such reference {id_!r} here (ids are the 64 hex digits POST "
+                f"{what or f'references[{index}]'}: no such reference {id_!r} here (ids are the 64 hex digits POST "
                 f"/v1/references answers; uploads are kept {kept} and the oldest are dropped: upload it again)."
             )
         return data
@@ -255,7 +261,12 @@ class Service:
                 "use b64_json."
             )
         name = body.method or body.model
-        text_only = not body.references and self.catalog.text_only and (name is None or is_text_only(name))
+        text_only = (
+            not body.references
+            and not given(body)
+            and self.catalog.text_only
+            and (name is None or is_text_only(name))
+        )
         served = self.catalog.get(TEXT_ONLY.name if text_only else name)
         if body.identitynet_scale is not None and not lookup_method(served.method).identitynet:
             raise bad_request(
@@ -277,11 +288,16 @@ class Service:
         # a folder or Redis store reads off the event loop
         uploaded = any(id_ is not None for id_ in ids)
         refs = await asyncio.to_thread(resolve) if self.stores.kind != "memory" and uploaded else resolve()
-        request = self._request(body, served, width, height, refs)
+        stages = StageInputs()
+        if given(body):  # small images, decoded and checked off the event loop (and uploads read there)
+            stages = await asyncio.to_thread(read_stages, body, self._item_bytes, server.max_image_pixels)
+        request = self._request(body, served, width, height, refs, stages)
         _, prepared = served.engine.prepare(request)  # bad input is refused here, before it takes a place
         if text_only:
-            return self._place(Work(served, request, None, arrived, deadline, None, prepared.steps or 0, notes))
-        if not refs:
+            return self._place(
+                Work(served, request, None, arrived, deadline, None, prepared.steps or 0, notes)
+            )
+        if not refs and not stages:
             raise bad_request(
                 f"{served.method} needs at least one reference: base64 images, or ids from POST /v1/references."
             )
@@ -300,6 +316,7 @@ class Service:
             face_index=request.face_index,
             multi_person=request.multi_person,
             models=self.fingerprints.get(served.method, ""),
+            stages=stages.hashes,
         )
         return self._place(Work(served, request, key, arrived, deadline, None, prepared.steps or 0, notes))
 
@@ -405,8 +422,15 @@ class Service:
                 yield ": keep-alive\n\n"
 
     def _request(
-        self, body: ImageRequest, served: Served, width, height, refs: list[bytes]
+        self,
+        body: ImageRequest,
+        served: Served,
+        width,
+        height,
+        refs: list[bytes],
+        stages: StageInputs | None = None,
     ) -> GenerationRequest:
+        stages = stages or StageInputs()
         defaults = served.defaults
         return GenerationRequest(
             prompt=body.prompt,
@@ -434,6 +458,9 @@ class Service:
             num_zero=body.num_zero if body.num_zero is not None else defaults.get("num_zero"),
             ortho=body.ortho if body.ortho is not None else defaults.get("ortho"),
             sampler=body.sampler if body.sampler is not None else defaults.get("sampler"),
+            face_embeddings=stages.face_embeddings,
+            aligned_faces=stages.aligned_faces,
+            face_parsings=stages.face_parsings,
         )
 
     def _notes(self, body: ImageRequest, served: Served) -> list[str]:
@@ -484,9 +511,15 @@ class Service:
             self.cache.put(key, conditioning)
             deadline.check("encoding the references")
         self.metrics.cache(hit)
-        result = engine.generate(
-            replace(request, references=(), conditioning=conditioning), cancel=cancel, progress=progress
-        )
+        encoded = replace(
+            request,
+            references=(),
+            face_embeddings=None,
+            aligned_faces=None,
+            face_parsings=None,
+            conditioning=conditioning,
+        )  # everything the encoders read is in the conditioning
+        result = engine.generate(encoded, cancel=cancel, progress=progress)
         pngs = [to_png_base64(image) for image in result.images]
         timings = {
             "queue_s": started - work.arrived,

@@ -122,7 +122,7 @@ class FaceAnalysisCache:
         analyser = self.analyser()  # a wrong backend is the run's error, not each photo's
         for photo in missing:
             try:
-                face = analyse_reference(photo, analyser)
+                face = analyse_reference(photo, analyser, 0)  # a training photo: its largest face
                 arrays = {
                     "embedding": np.asarray(face.embedding, np.float32),
                     "kps": np.asarray(face.kps, np.float32),
