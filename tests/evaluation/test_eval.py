@@ -160,3 +160,43 @@ def test_the_world_evaluation_keeps_its_defaults(monkeypatch):
         DEFAULT_BATCH,
     )
     assert main(["eval", "--methods", "nope", "--output", "x"]) == 2
+
+
+def test_compare_runs_pulid_next_to_faceid(tiny_world, tmp_path, capsys):
+    """A pulid model config (tiny SDXL PuLID release, EVA tower and BiSeNet from the fidelity fixture) in
+    `idcraft compare` beside FaceID: both rows are drawn and scored from the same reference photo, the
+    face taken by --face-index."""
+    from pathlib import Path
+
+    import torch
+
+    from idcraft.pulid.bisenet import BiSeNet
+
+    case = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-sdxl"
+    torch.manual_seed(0)
+    torch.save(BiSeNet(width=8, context=16, fuse=24, aux=8).state_dict(), tmp_path / "bisenet.pth")
+    root = tiny_world["root"]
+    config = tmp_path / "models.yaml"
+    config.write_text(
+        "models:\n"
+        f"  faceid:\n    base: {root / 'sd15'}\n    adapter: {root / 'faceid.safetensors'}\n"
+        f"  pulid:\n    base: {case / 'base'}\n    adapter: {case / 'pulid_tiny.safetensors'}\n"
+        f"    eva_clip: {case / 'eva_tiny.pt'}\n    face_parser: {tmp_path / 'bisenet.pth'}\n"
+        "device: cpu\n"
+        "face_backend: insightface\n"
+        f"face_models: {tiny_world['pack']}\n"
+        f"scoring: {{clip: {tiny_world['clip']}, dino: {tiny_world['dino']}}}\n"
+    )
+    out = tmp_path / "compare"
+    argv = ["compare", "--config", str(config), "--reference", str(tiny_world["refs"] / "alice.png")]
+    argv += ["--prompt", PROMPTS[0], "--methods", "faceid", "pulid", "--scales", "0.8", "--steps", "2"]
+    argv += ["--recipes", "none", "--width", "64", "--height", "64", "--tile", "64", "--output", str(out)]
+    argv += ["--face-index", "0"]  # the tiny detector finds many overlapping "faces" in the photo
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| pulid |" in printed and "| faceid |" in printed
+    rows = {row["method"]: row for row in _rows(out)}
+    assert {"faceid", "pulid"} <= set(rows)
+    for method in ("faceid", "pulid"):
+        assert rows[method]["images"] == "1" and rows[method]["errors"] in ("", "0"), method
+        assert rows[method]["clip_t"] and rows[method]["face_rate"]  # scored like every method

@@ -81,6 +81,13 @@ def _grid_arguments(group) -> None:
     group.add_argument("--height", type=int, help="output height (default: each method's)")
     group.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
     group.add_argument(
+        "--face-index",
+        type=int,
+        default=None,
+        help="which face of each reference photo the face methods take (0 = largest); by default a photo "
+        "with several faces is an error for them",
+    )
+    group.add_argument(
         "--dtype", default=None, help="float16, bfloat16, float32 or auto (default: the config's)"
     )
 
@@ -159,6 +166,7 @@ def _grid(args, config, *, compare: bool = False):
         negative_prompt=args.negative_prompt,
         baselines=args.baselines,
         batch_size=args.batch_size,
+        face_index=args.face_index,
     )
 
 

@@ -52,6 +52,13 @@ def _safe(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- inputs
+def _reads_faces(method: str | None) -> bool:
+    """Whether ``method`` finds a face in its reference photos (and so reads ``face_index``)."""
+    from ..methods import family_of
+
+    return method is not None and "face_index" in family_of(method).options
+
+
 @dataclass(frozen=True)
 class Subject:
     """A reference photo, optionally a second photo of the same subject (the ground truth, never shown to
@@ -180,6 +187,9 @@ class GridSettings:
     baselines: list[str] = field(default_factory=lambda: ["copy"])
     batch_size: int = 4
     sample_columns: int = 6
+    #: Which face of each reference photo the face methods take (0 = largest); ``None``: each photo must
+    #: show one face, as for ``idcraft generate``.
+    face_index: int | None = None
 
     _KEYS = (
         "models",
@@ -194,6 +204,7 @@ class GridSettings:
         "baselines",
         "batch_size",
         "sample_columns",
+        "face_index",
         "references",
         "prompts",
     )
@@ -390,6 +401,8 @@ def run_eval(
                 fields = {"prompt": item.prompt, "references": [item.subject.reference], "seed": item.seed}
                 fields.update(scale=cell.scale, steps=cell.steps, guidance=cell.guidance)
                 fields.update(negative_prompt=grid.negative_prompt, width=grid.width, height=grid.height)
+                if grid.face_index is not None and _reads_faces(cell.method):
+                    fields["face_index"] = grid.face_index
                 fields = {k: v for k, v in fields.items() if v is not None}
                 jobs.append(Job(item.job_id(grid), index, cell.model, cell.recipe, fields))
             index += 1
