@@ -241,6 +241,38 @@ def test_differentiable_alignment_matches_norm_crop_and_embed_face(arcface):
     assert np.abs(moved - ours).max() > 5e-3
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fast_path_is_lightnings_euler_sampler(prediction_type):
+    """Lightning's trailing timesteps, and the update: the path gives what diffusers' EulerDiscreteScheduler
+    with trailing spacing (SDXL-Lightning's scheduler) gives for the same model and noise."""
+    from diffusers import EulerDiscreteScheduler
+
+    from idcraft.training.pulid_idloss import FastPath, sample_latents, trailing_timesteps
+
+    assert trailing_timesteps(4) == (999, 749, 499, 249) and trailing_timesteps(1) == (999,)
+    config = json.loads((CASE / "base" / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = EulerDiscreteScheduler.from_config(
+        {**config, "timestep_spacing": "trailing", "prediction_type": prediction_type}
+    )
+    weights = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) / 4
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # depends on x and t, like a UNet
+        return torch.einsum("oc,bchw->bohw", weights, x) + torch.cos(x) * t.float().view(-1, 1, 1, 1) / 1000
+
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    scheduler.set_timesteps(4)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(latents, t), t.expand(2))
+        latents = scheduler.step(out, t, latents).prev_sample
+    alphas = tuple(float(a) for a in scheduler.alphas_cumprod)
+    path = FastPath(
+        torch.arange(2), noise, torch.zeros(2, 1, 1), None, trailing_timesteps(4), alphas, prediction_type
+    )
+    assert [int(t) for t in scheduler.timesteps] == list(path.timesteps)
+    assert torch.allclose(sample_latents(model, path), latents, atol=1e-4)
+
+
 def _id_config(data, output, tiny_face_pack, **overrides) -> TrainConfig:
     return _config(data, output, id_loss=0.5, face_models=str(tiny_face_pack), **overrides)
 

@@ -144,10 +144,8 @@ class PulidDenoiser(nn.Module):
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with id_call(call):
-                return self.unet(
-                    x.to(dtype), t, encoder_hidden_states=fast.text, added_cond_kwargs=fast.added,
-                    return_dict=False,
-                )[0]  # fmt: skip
+                out = self.unet(x.to(dtype), t, encoder_hidden_states=fast.text, added_cond_kwargs=fast.added)
+                return out.sample
 
         return sample_latents(denoise, fast)
 

@@ -168,8 +168,9 @@ class IdentityLoss:
         analyser = shared_face_analyser(config.face_backend, **options)
         return cls(recogniser, analyser, float(config.id_loss), steps)
 
-    def path(self, noise: torch.Tensor, keep: torch.Tensor, text: torch.Tensor, added: dict | None,
-             scheduler) -> FastPath | None:  # fmt: skip
+    def path(
+        self, noise: torch.Tensor, keep: torch.Tensor, text: torch.Tensor, added: dict | None, scheduler
+    ) -> FastPath | None:
         """The fast path of the samples with ``keep`` (None when no sample keeps its identity)."""
         index = keep.nonzero().flatten()
         if index.numel() == 0:
