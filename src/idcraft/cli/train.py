@@ -68,6 +68,16 @@ def register(subparsers) -> None:
         "(pretraining), 2 = aes_stage2 (fine-tunes --init-from a stage-1 result)",
     )
     p.add_argument(
+        "--id-loss",
+        dest="id_loss",
+        type=float,
+        metavar="WEIGHT",
+        help="pulid (SDXL): add PuLID's accurate-ID loss with this weight (0: off): a few-step sampling path "
+        "from pure noise with the ID tokens, decoded, the generated face aligned and embedded with facexlib's "
+        "ArcFace (recognition_arcface_ir_se50.pth in --face-models or $IDCRAFT_ARCFACE); meant for an "
+        "SDXL-Lightning base, steps in --config extra id_loss_steps (4)",
+    )
+    p.add_argument(
         "--init-from",
         dest="init_from",
         metavar="FILE",

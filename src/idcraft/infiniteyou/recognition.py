@@ -11,6 +11,7 @@ and ``strict=True``; it is found in the ``--face-models`` folder (or ``$IDCRAFT_
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -109,13 +110,35 @@ def find_weights(models: str | os.PathLike | None) -> Path:
     )
 
 
+def stages_of(state: dict[str, torch.Tensor]) -> tuple[tuple[int, int, int], ...]:
+    """The ``(in, out, units)`` stages a state dict was saved from, read from its unit shapes: unit 0 and
+    every unit whose width changes (it has a convolution shortcut) start a stage. IR-SE-50's file gives
+    :data:`STAGES_50`; a narrower network of the same layout (tests build tiny ones) loads as what it is.
+    A file without units gives :data:`STAGES_50`, so the strict load names what is wrong with it."""
+    shapes = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"body\.(\d+)\.res_layer\.1\.weight", key)
+        if match and getattr(value, "ndim", 0) == 4:
+            shapes[int(match.group(1))] = (int(value.shape[1]), int(value.shape[0]))
+    if not shapes or sorted(shapes) != list(range(len(shapes))):
+        return STAGES_50
+    stages: list[list[int]] = []
+    for index in range(len(shapes)):
+        cin, cout = shapes[index]
+        if not stages or cin != cout:
+            stages.append([cin, cout, 1])
+        else:
+            stages[-1][2] += 1
+    return tuple((cin, cout, count) for cin, cout, count in stages)
+
+
 def load_recogniser(path: str | os.PathLike) -> ArcFaceIRSE:
     """The IR-SE-50 recogniser with the weights of ``path`` (strict, ``weights_only=True``)."""
     try:
         state = load_torch_file(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read as a torch file ({exc}).") from exc
-    model = ArcFaceIRSE()
+    model = ArcFaceIRSE(stages_of(state))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

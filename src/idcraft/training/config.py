@@ -40,6 +40,7 @@ RESUME_INVARIANT = (
     "lora_rank",
     "face_backend",
     "stage",
+    "id_loss",
     "learning_rate",
     "weight_decay",
     "adam_betas",
@@ -74,6 +75,7 @@ class TrainConfig:
     noise_offset: float = 0.0
     lora_rank: int = 128  # FaceID's LoRA on every attention layer (the official rank)
     stage: int | None = None  # a multi-stage recipe's stage (InstantCharacter: 1, 2, 3); sets its defaults
+    id_loss: float = 0.0  # pulid: weight of PuLID's accurate-ID loss through a fast sampling path (off)
     init_from: str | None = None  # start the trainable weights from this official-layout adapter file
     init_controlnet: str | None = None  # InstantID: start IdentityNet from this ControlNet folder
 
@@ -202,6 +204,12 @@ class TrainConfig:
                 )
         if self.stage is not None and self.canonical_method not in ("instantcharacter", "infiniteyou"):
             problems.append("stage (--stage) applies to instantcharacter and infiniteyou only")
+        if not self.id_loss >= 0:
+            problems.append(f"id_loss must be 0 or more (got {self.id_loss})")
+        elif self.id_loss and self.canonical_method != "pulid":
+            problems.append(
+                f"id_loss (--id-loss) applies to pulid (SDXL) only, not to {self.canonical_method}"
+            )
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
         if problems:

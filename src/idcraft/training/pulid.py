@@ -13,7 +13,9 @@ Objective, per batch:
    (the IDFormer of zeros), which is what the negative CFG branch gives the UNet at inference;
 2. the alignment loss at every cross-attention layer: ``K`` is the layer's keys of the prompt, ``Q_id`` /
    ``Q`` its output with / without the identity (the second UNet pass runs without ID attention and
-   without gradient); only samples that keep their reference count.
+   without gradient); only samples that keep their reference count;
+3. with ``--id-loss WEIGHT``, PuLID's accurate-ID loss: a few-step sampling path from pure noise with the
+   ID tokens, decoded, its face aligned and embedded with ArcFace (:mod:`idcraft.training.pulid_idloss`).
 
 The ID attention runs with the settings generation uses by default (ID scale 0.8, 20 zero tokens, ortho v2),
 so the trained weights fit the way they are used; ``extra`` ``id_scale``, ``num_zero``, ``ortho`` change that.
@@ -27,6 +29,7 @@ The result is ``OUTPUT/adapter.safetensors`` in the release layout of ``pulid_v1
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,11 +38,15 @@ from PIL import Image
 from torch import nn
 
 from ..errors import CheckpointError, IdcraftError
+from .checkpointing import enable_gradient_checkpointing
 from .diffusion import UNetDiffusionRecipe
 from .pulid_faces import FACE_SETTINGS, PulidFaceInputs, alignment_losses
+from .pulid_idloss import ID_LOSS_SETTINGS, FastPath, IdentityLoss, sample_latents
 from .recipe import engine_preview, export_tensors, register_adapter, register_recipe, write_flat_release
 
-SETTINGS = ("id_scale", "num_zero", "ortho", *FACE_SETTINGS)
+log = logging.getLogger(__name__)
+
+SETTINGS = ("id_scale", "num_zero", "ortho", *FACE_SETTINGS, *ID_LOSS_SETTINGS)
 
 
 class PulidAdapter(nn.Module):
@@ -91,9 +98,11 @@ class PulidDenoiser(nn.Module):
         hidden: list[torch.Tensor],
         keep: torch.Tensor,
         align: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(prediction, semantic alignment loss, layout alignment loss)``; the alignment terms are 0
-        when ``align`` is false."""
+        fast: FastPath | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(prediction, semantic alignment loss, layout alignment loss, generated latents)``; the
+        alignment terms are 0 when ``align`` is false; the latents are the ``x0`` of the accurate-ID loss's
+        fast path for ``fast.index``'s samples, run with their ID tokens (None without ``fast``)."""
         from ..pulid.sdxl import IdCall, id_call
 
         idformer = self.adapter.id_adapter
@@ -105,22 +114,40 @@ class PulidDenoiser(nn.Module):
             tokens = torch.where(keep.view(-1, 1, 1).to(tokens.device), tokens, uncond)
         inputs = dict(encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)
         self._captured, self._capturing, self._keys = [], align, False
+        without = []
         try:
             with id_call(IdCall(tokens, **self.call_settings)):
                 prediction = self.unet(noisy, timesteps, **inputs)[0]
             with_id, self._captured = self._captured, []
-            zero = prediction.new_zeros((), dtype=torch.float32)
-            if not align:
-                return prediction, zero, zero
-            self._keys = True
-            with torch.no_grad():
-                self.unet(noisy, timesteps, **inputs)  # no id_call: plain attention, the base model
-            without = self._captured
+            if align:
+                self._keys = True
+                with torch.no_grad():
+                    self.unet(noisy, timesteps, **inputs)  # no id_call: plain attention, the base model
+                without = self._captured
         finally:
             self._captured, self._capturing, self._keys = [], False, False
+        generated = None if fast is None else self._fast_path(tokens, fast)
+        zero = prediction.new_zeros((), dtype=torch.float32)
+        if not align:
+            return prediction, zero, zero, generated
         points = [(keys, q_id, q) for (_, q_id), (keys, q) in zip(with_id, without, strict=True)]
         sem, layout = alignment_losses(points, keep.to(prediction.device))
-        return prediction, sem, layout
+        return prediction, sem, layout, generated
+
+    def _fast_path(self, tokens: torch.Tensor, fast: FastPath) -> torch.Tensor:
+        """The accurate-ID loss's sampling path (:mod:`idcraft.training.pulid_idloss`) with the selected
+        samples' ID tokens, with gradient."""
+        from ..pulid.sdxl import IdCall, id_call
+
+        call = IdCall(tokens[fast.index.to(tokens.device)], **self.call_settings)
+        dtype = self.unet.dtype
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with id_call(call):
+                out = self.unet(x.to(dtype), t, encoder_hidden_states=fast.text, added_cond_kwargs=fast.added)
+                return out.sample
+
+        return sample_latents(denoise, fast)
 
 
 @register_recipe
@@ -129,6 +156,7 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
 
     methods = ("pulid",)
     method_name = "pulid"
+    identity: IdentityLoss | None = None  # the accurate-ID loss's frozen parts (``--id-loss``)
 
     # ------------------------------------------------------------------ modules
     def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -153,8 +181,11 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
             ortho=str(extra.get("ortho", FAMILY.defaults["ortho"])),
         )
         IdCall(None, **settings)  # checks ortho and num_zero before anything loads
+        self.identity = IdentityLoss.load(config, device) if config.id_loss else None
         self.load_face_models(device, weight_dtype)
         self.load_base(device, weight_dtype)
+        if self.identity is not None and config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.pipe.vae)  # the ID loss decodes with gradient
         adapter = self._adapter()
         adapter.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         adapter.attention.attach(self.unet)
@@ -200,7 +231,10 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
         return list(self.adapter.parameters())
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return {**self.base_modules(), **self.face_modules()}
+        frozen = {**self.base_modules(), **self.face_modules()}
+        if self.identity is not None:
+            frozen["arcface"] = self.identity.recogniser
+        return frozen
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.adapter.state_dict().items()}
@@ -214,7 +248,11 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
         id_cond, hidden = self.batch_features(batch)
         keep = ~inputs.drop_image.to(self.device)
         sem_weight, layout_weight = self.align_weights()
-        prediction, sem, layout = model(
+        fast = None
+        if self.identity is not None:
+            noise = torch.randn(inputs.latents.shape, generator=generator)  # always drawn: a fixed order
+            fast = self.identity.path(noise, keep, inputs.text, inputs.added, self.noise_scheduler)
+        prediction, sem, layout, generated = model(
             inputs.noisy,
             inputs.timesteps,
             inputs.text,
@@ -223,8 +261,31 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
             hidden,
             keep,
             sem_weight > 0 or layout_weight > 0,
+            fast,
         )
-        return self.prediction_loss(prediction, inputs, batch) + sem_weight * sem + layout_weight * layout
+        loss = self.prediction_loss(prediction, inputs, batch) + sem_weight * sem + layout_weight * layout
+        if generated is not None:
+            loss = loss + self.identity.weight * self.id_loss(generated, batch["face"][fast.index.cpu()])
+        return loss
+
+    def id_loss(self, latents: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """``mean(1 - cos)`` between the faces generated from ``latents`` (decoded with gradient) and the
+        references' aligned ``faces``; the counts of faces found are logged at debug level."""
+        images = self.decode(latents)
+        kps = self.identity.keypoints(images)
+        reference = self.identity.reference_embeddings(faces)
+        distance, found = self.identity.distance(images, reference, kps)
+        log.debug("id loss: a face in %d of %d generated image(s)", found, len(kps))
+        return distance
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] through the frozen VAE, differentiable in ``latents``."""
+        vae = self.pipe.vae
+        latents = latents / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            latents = latents + shift
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
     # ------------------------------------------------------------------ results
     def export(
