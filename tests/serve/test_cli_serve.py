@@ -20,8 +20,10 @@ from .processes import ServeProcess, serve_process, wait_for
 
 @pytest.fixture(scope="module")
 def servers():
-    """Two fresh ``idcraft serve`` processes (no config, no token), started at once; each test stops one."""
-    with serve_process() as idle, serve_process() as busy:
+    """Two fresh ``idcraft serve`` processes (no config, no token), started at once; each test stops one.
+    One torch thread each: two processes of two threads on two cores spin-wait on each other (measured
+    on a busy two-core machine: both ready in 24 s at one thread each, 28-50 s at two)."""
+    with serve_process(threads=1) as idle, serve_process(threads=1) as busy:
         yield {"idle": idle, "busy": busy}
 
 
