@@ -1,129 +1,88 @@
 """``idcraft serve`` as a user starts it: a subprocess on a free port serving the offline world with no
-config, answering a generation, and stopping cleanly on SIGTERM."""
+config, answering a generation, and stopping cleanly on SIGTERM (once when idle, twice when busy).
+
+Both tests' servers start together in one module fixture: each loads the world in its own process, and
+the two loads overlap instead of running one after the other (the start-up is most of these tests' time).
+"""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
+import threading
 import time
 
 import httpx
+import pytest
 
 from .conftest import STEPS
+from .processes import ServeProcess, serve_process, wait_for
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@pytest.fixture(scope="module")
+def servers():
+    """Two fresh ``idcraft serve`` processes (no config, no token), started at once; each test stops one.
+    One torch thread each: two processes of two threads on two cores spin-wait on each other (measured
+    on a busy two-core machine: both ready in 24 s at one thread each, 28-50 s at two)."""
+    with serve_process(threads=1) as idle, serve_process(threads=1) as busy:
+        yield {"idle": idle, "busy": busy}
 
 
-def test_idcraft_serve_starts_answers_and_stops_on_sigterm(references):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "IDCRAFT_API_TOKEN"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "idcraft", "serve", "--port", str(port), "--device", "cpu"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "idcraft serve did not come up in 120 s"
-            time.sleep(0.2)
-        body = {"prompt": "a portrait", "references": [references[0]], "steps": STEPS, "seed": 1}
-        answer = httpx.post(url + "/v1/images/generations", json=body, timeout=60)
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["method"] == "ip-adapter"
-        process.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal it caught: killed by SIGTERM, cleanly
-        assert process.wait(60) in (0, -signal.SIGTERM)
-        output = process.stdout.read()
-        assert f"on http://127.0.0.1:{port}/" in output and "Traceback" not in output
-        assert "Application shutdown complete" in output, output
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def test_idcraft_serve_starts_answers_and_stops_on_sigterm(servers, references):
+    server: ServeProcess = servers["idle"]
+    server.wait_ready()
+    body = {"prompt": "a portrait", "references": [references[0]], "steps": STEPS, "seed": 1}
+    answer = httpx.post(server.url + "/v1/images/generations", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["method"] == "ip-adapter"
+    server.process.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: killed by SIGTERM, cleanly
+    assert server.process.wait(60) in (0, -signal.SIGTERM)
+    output = server.output()
+    assert f"on http://127.0.0.1:{server.port}/" in output and "Traceback" not in output
+    assert "Application shutdown complete" in output, output
 
 
-def start_serve(port: int, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "IDCRAFT_API_TOKEN"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
-    return subprocess.Popen(
-        [sys.executable, "-m", "idcraft", "serve", "--port", str(port), "--device", "cpu", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-
-
-def wait_healthy(process: subprocess.Popen, url: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "idcraft serve did not come up"
-        time.sleep(0.2)
-
-
-def test_a_second_sigterm_stops_a_busy_server_at_once(references):
-    import threading
-
-    port = free_port()
-    process = start_serve(port)
-    url = f"http://127.0.0.1:{port}"
+def test_a_second_sigterm_stops_a_busy_server_at_once(servers, references):
+    server: ServeProcess = servers["busy"]
+    url, process = server.url, server.process
     answers: list = []
+    server.wait_ready()
+    job = httpx.post(url + "/v1/jobs", json={"prompt": "x", "references": [references[1]], "steps": 400})
+    assert job.status_code == 202, job.text
+    long = {"prompt": "a portrait", "references": [references[0]], "steps": 400, "seed": 1}
+
+    def post() -> None:
+        try:
+            answers.append(httpx.post(url + "/v1/images/generations", json=long, timeout=120))
+        except httpx.TransportError as exc:
+            answers.append(exc)
+
+    client = threading.Thread(target=post)
+    client.start()
+    wait_for(
+        lambda: httpx.get(url + "/healthz", timeout=5).json()["queue"]["waiting"] >= 1,
+        60,
+        "the generation never queued behind the job",
+    )
+    process.send_signal(signal.SIGTERM)
+    # the first SIGTERM is being handled (graceful shutdown begun: no new connections) before the second
+    wait_for(lambda: _refuses(url), 10, "the server kept accepting after the first SIGTERM")
+    stopped = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(30)
+    seconds = time.monotonic() - stopped
+    client.join(30)
+    output = server.output()
+    assert code in (0, -signal.SIGTERM), output
+    assert seconds < 15, f"took {seconds:.1f} s after the second SIGTERM"
+    assert "Traceback" not in output, output
+    # the waiting client was not left hanging: an error answer or a closed connection
+    assert answers and (isinstance(answers[0], Exception) or answers[0].status_code >= 500)
+
+
+def _refuses(url: str) -> bool:
     try:
-        wait_healthy(process, url)
-        job = httpx.post(url + "/v1/jobs", json={"prompt": "x", "references": [references[1]], "steps": 400})
-        assert job.status_code == 202, job.text
-        long = {"prompt": "a portrait", "references": [references[0]], "steps": 400, "seed": 1}
-
-        def post() -> None:
-            try:
-                answers.append(httpx.post(url + "/v1/images/generations", json=long, timeout=120))
-            except httpx.TransportError as exc:
-                answers.append(exc)
-
-        client = threading.Thread(target=post)
-        client.start()
-        deadline = time.monotonic() + 60
-        while httpx.get(url + "/healthz", timeout=5).json()["queue"]["waiting"] < 1:
-            assert time.monotonic() < deadline, "the generation never queued behind the job"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        stopped = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(30)
-        seconds = time.monotonic() - stopped
-        client.join(30)
-        output = process.stdout.read()
-        assert code in (0, -signal.SIGTERM), output
-        assert seconds < 15, f"took {seconds:.1f} s after the second SIGTERM"
-        assert "Traceback" not in output, output
-        # the waiting client was not left hanging: an error answer or a closed connection
-        assert answers and (isinstance(answers[0], Exception) or answers[0].status_code >= 500)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        httpx.get(url + "/healthz", timeout=1)
+    except httpx.TransportError:
+        return True
+    return False

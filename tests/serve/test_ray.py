@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from .conftest import STEPS
-from .redis_server import free_port, redis_server
+from .processes import free_port
+from .redis_server import redis_server
 from .test_stores_serve import portraits  # noqa: F401  (a fixture)
 
 ray = pytest.importorskip("ray", reason="the Ray tests need Ray Serve: pip install 'idcraft[ray]'")
@@ -110,5 +111,5 @@ def test_a_replica_killed_under_load_loses_no_request_and_comes_back(deployment,
         seen |= {a.headers["x-idcraft-replica"] for a in spread(url, reference, 4) if a.status_code == 200}
         if len(seen - {victim}) >= 2:
             break
-        time.sleep(1)
+        time.sleep(0.25)
     assert len(seen - {victim}) >= 2, f"no new replica came back (answered by {seen})"

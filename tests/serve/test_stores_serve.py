@@ -6,11 +6,7 @@ that could be given."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -18,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from .conftest import STEPS, pixels, png_b64
-from .redis_server import free_port, redis_server
+from .processes import serve_process
+from .redis_server import redis_server
 
 
 @pytest.fixture
@@ -109,30 +106,9 @@ def test_with_the_memory_store_a_restart_forgets_uploads(make_app, portraits):
 def test_two_server_processes_on_one_redis_share_references_and_encodings(
     redis, make_app, portraits, encoder_calls
 ):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "IDCRAFT_API_TOKEN"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = ["serve", "--port", str(port), "--device", "cpu", "--store", redis.url]
-    other = subprocess.Popen(
-        [sys.executable, "-m", "idcraft", *command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert other.poll() is None, other.stdout.read()
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "idcraft serve --store did not come up in 120 s"
-            time.sleep(0.2)
-        with httpx.Client(base_url=url, timeout=120) as there:
+    with serve_process("--store", redis.url, threads=1) as other:
+        other.wait_ready("/readyz")
+        with httpx.Client(base_url=other.url, timeout=120) as there:
             reference = upload(there, portraits[1])
             first = generate(there, reference, seed=5)
         assert first["cache"] == "miss"
@@ -145,12 +121,8 @@ def test_two_server_processes_on_one_redis_share_references_and_encodings(
             pixels(shared["data"][0]["b64_json"]).astype(int) - pixels(first["data"][0]["b64_json"])
         )
         assert difference.mean() < 1.0, difference.mean()
-        other.send_signal(signal.SIGTERM)
-        assert other.wait(60) in (0, -signal.SIGTERM)
-    finally:
-        if other.poll() is None:
-            other.kill()
-            other.wait()
+        other.process.send_signal(signal.SIGTERM)
+        assert other.process.wait(60) in (0, -signal.SIGTERM)
 
 
 def test_a_store_failing_while_serving_degrades_to_no_cache(
