@@ -31,6 +31,8 @@ def _jobs(world, path: Path, count: int = 6, bad: bool = True) -> Path:
             "references": [str(alice if k % 3 else bob)],
         }
         job.update(steps=2, width=64, height=64, scale=0.5 + 0.1 * (k % 2))
+        if model == "faceid":
+            job["face_index"] = 0  # the tiny detector reads the bright square as many faces: the largest
         if k == 4:
             job["recipe"] = "lcm"
             job.pop("steps")  # the recipe's own steps (2 in models.yaml) and guidance

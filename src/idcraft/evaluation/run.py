@@ -52,13 +52,6 @@ def _safe(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- inputs
-def _reads_faces(method: str | None) -> bool:
-    """Whether ``method`` finds a face in its reference photos (and so reads ``face_index``)."""
-    from ..methods import family_of
-
-    return method is not None and "face_index" in family_of(method).options
-
-
 @dataclass(frozen=True)
 class Subject:
     """A reference photo, optionally a second photo of the same subject (the ground truth, never shown to
@@ -384,6 +377,7 @@ def run_eval(
     from tqdm.auto import tqdm
 
     from ..batch import Job, distributed_context, read_manifest, run_batch
+    from ..methods import reads_faces
     from ..outputs import atomic_write_text
 
     start = time.perf_counter()
@@ -401,7 +395,7 @@ def run_eval(
                 fields = {"prompt": item.prompt, "references": [item.subject.reference], "seed": item.seed}
                 fields.update(scale=cell.scale, steps=cell.steps, guidance=cell.guidance)
                 fields.update(negative_prompt=grid.negative_prompt, width=grid.width, height=grid.height)
-                if grid.face_index is not None and _reads_faces(cell.method):
+                if grid.face_index is not None and reads_faces(cell.method):
                     fields["face_index"] = grid.face_index
                 fields = {k: v for k, v in fields.items() if v is not None}
                 jobs.append(Job(item.job_id(grid), index, cell.model, cell.recipe, fields))

@@ -42,3 +42,8 @@ def family_of(method: str | Method) -> Family:
     """The component that loads and runs ``method`` (a name, alias or :class:`Method`)."""
     method = get_method(method) if isinstance(method, str) else method
     return importlib.import_module(f"{__name__}.{FAMILY_MODULES[method.family]}").FAMILY
+
+
+def reads_faces(method: str | Method | None) -> bool:
+    """Whether ``method`` finds a face in its reference photos (and so reads ``face_index``)."""
+    return method is not None and "face_index" in family_of(method).options

@@ -256,6 +256,7 @@ def preview_images(
     the trained modules: it gets copies, and detaching the copy puts the trained processors back.
     """
     from ..engine import Engine, GenerationRequest
+    from ..methods import reads_faces
     from ..pipeline import IPAdapterPipeline
 
     preview = IPAdapter.from_checkpoint(adapter.to_checkpoint(), method=adapter.method.name)
@@ -264,6 +265,7 @@ def preview_images(
     pipeline = IPAdapterPipeline(pipe, preview, encoder, controlnet=controlnet)
     try:
         engine = Engine([pipeline], face_backend=face_backend, face_models=face_models)
+        faces = {"face_index": 0} if reads_faces(adapter.method) else {}  # a group photo: the largest face
         request = GenerationRequest(
             prompt,
             references=[reference],
@@ -272,6 +274,7 @@ def preview_images(
             guidance=guidance,
             width=resolution,
             height=resolution,
+            **faces,
         )
         return engine.generate(request).images
     finally:

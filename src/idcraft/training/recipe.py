@@ -253,11 +253,14 @@ def engine_preview(
     recipe: TrainingRecipe, pipeline, prompt: str, reference: str, **settings
 ) -> list[Image.Image]:
     """Preview images as a user would generate them: ``pipeline`` (built on copies of the trained modules)
-    in an :class:`~idcraft.engine.Engine` with the run's face backend, at the training resolution;
-    ``settings`` are ``seed``, ``steps`` and ``guidance``."""
+    in an :class:`~idcraft.engine.Engine` with the run's face backend (the largest face of the reference), at
+    the training resolution; ``settings`` are ``seed``, ``steps`` and ``guidance``."""
     from ..engine import Engine, GenerationRequest
+    from ..methods import reads_faces
 
     size = recipe.resolution
+    if reads_faces(getattr(pipeline, "method", None)):
+        settings["face_index"] = 0  # the largest face: a group photo must not stop a training run
     request = GenerationRequest(prompt, references=[reference], width=size, height=size, **settings)
     config = recipe.config
     engine = Engine([pipeline], face_backend=config.face_backend, face_models=config.face_models)
