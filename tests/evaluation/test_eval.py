@@ -170,13 +170,10 @@ def test_compare_runs_pulid_next_to_faceid(tiny_world, tmp_path, capsys):
     face taken by --face-index."""
     from pathlib import Path
 
-    import torch
-
-    from idcraft.pulid.bisenet import BiSeNet
+    from ..pulid.training_data import tiny_bisenet
 
     case = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-sdxl"
-    torch.manual_seed(0)
-    torch.save(BiSeNet(width=8, context=16, fuse=24, aux=8).state_dict(), tmp_path / "bisenet.pth")
+    tiny_bisenet(tmp_path / "bisenet.pth")
     root = tiny_world["root"]
     config = tmp_path / "models.yaml"
     config.write_text(

@@ -19,6 +19,7 @@ from idcraft.errors import IdcraftError
 from idcraft.training import TrainConfig, Trainer
 
 from ..faces.tiny_onnx import tiny_face_photo
+from .training_data import write_face_data
 
 CASE = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-sdxl"
 FLUX_RELEASE = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-flux" / "pulid_flux_tiny.safetensors"
@@ -30,32 +31,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Four captioned 32 px targets, each with a 512 aligned face (two given by keypoints in a larger
-    photo) and a raw embedding; and a tiny BiSeNet."""
-    root = tmp_path_factory.mktemp("pulid-sdxl-train")
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(4):
-        y, x = np.mgrid[0:32, 0:32]
-        target = np.stack([(x * (i + 3)) % 256, (y * (2 * i + 1)) % 256, rng.integers(0, 255, (32, 32))], -1)
-        Image.fromarray(target.astype(np.uint8)).save(root / f"img{i}.png")
-        np.save(root / f"emb{i}.npy", (rng.standard_normal(512) * 20).astype(np.float32))
-        line = {"image": f"img{i}.png", "text": "portrait of a person", "embedding": f"emb{i}.npy"}
-        if i % 2:
-            photo = rng.integers(0, 255, (600, 700, 3)).astype(np.uint8)
-            Image.fromarray(photo).save(root / f"photo{i}.png")
-            kps = [[280, 260], [400, 258], [340, 330], [292, 400], [392, 398]]
-            line |= {"reference": f"photo{i}.png", "kps": kps}
-        else:
-            Image.fromarray(rng.integers(0, 255, (512, 512, 3)).astype(np.uint8)).save(root / f"face{i}.png")
-            line["reference"] = f"face{i}.png"
-        lines.append(line)
-    (root / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    from idcraft.pulid.bisenet import BiSeNet
-
-    torch.manual_seed(0)
-    torch.save(BiSeNet(width=8, context=16, fuse=24, aux=8).state_dict(), root / "bisenet.pth")
-    return root
+    return write_face_data(tmp_path_factory.mktemp("pulid-sdxl-train"))
 
 
 def _config(data, output, **overrides) -> TrainConfig:
@@ -317,8 +293,6 @@ def test_id_loss_gradient_reaches_the_idformer_and_id_attention(
     assert all(p.grad is None for n, p in recipe.unet.named_parameters() if "id_to_" not in n)
     none, found = recipe.identity.distance(images, reference, [None])
     assert found == 0 and float(none) == 0
-
-    from ..faces.tiny_onnx import tiny_face_photo
 
     photo = np.asarray(Image.open(tiny_face_photo(tmp_path / "face.png")), dtype=np.float32)
     square = torch.from_numpy(photo).permute(2, 0, 1)[None] / 127.5 - 1

@@ -3,8 +3,6 @@ loss is zero without identity and positive with it, and the release written load
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ from PIL import Image
 from idcraft.training import TrainConfig, Trainer
 
 from ..faces.tiny_onnx import tiny_face_photo
+from ..pulid.training_data import write_face_data
 from .conftest import CASE, EVA
 
 STEPS = 3
@@ -20,31 +19,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Four captioned 32 px targets, each with an aligned 512 face and a raw embedding."""
-    root = tmp_path_factory.mktemp("pulid-train")
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(4):
-        y, x = np.mgrid[0:32, 0:32]
-        target = np.stack([(x * (i + 3)) % 256, (y * (2 * i + 1)) % 256, rng.integers(0, 255, (32, 32))], -1)
-        Image.fromarray(target.astype(np.uint8)).save(root / f"img{i}.png")
-        face = rng.integers(0, 255, (512, 512, 3)).astype(np.uint8)
-        Image.fromarray(face).save(root / f"face{i}.png")
-        np.save(root / f"emb{i}.npy", (rng.standard_normal(512) * 20).astype(np.float32))
-        lines.append(
-            {
-                "image": f"img{i}.png",
-                "text": "portrait of the cat",
-                "reference": f"face{i}.png",
-                "embedding": f"emb{i}.npy",
-            }
-        )
-    (root / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    from idcraft.pulid.bisenet import BiSeNet
-
-    torch.manual_seed(0)
-    torch.save(BiSeNet(width=8, context=16, fuse=24, aux=8).state_dict(), root / "bisenet.pth")
-    return root
+    return write_face_data(tmp_path_factory.mktemp("pulid-train"), "portrait of the cat")
 
 
 def _config(data, output, **overrides) -> TrainConfig:
