@@ -119,10 +119,10 @@ class InfiniteYouPipeline:
         offload: str | None = None,
         device: torch.device | str | None = None,
     ):
-        from ..instantcharacter.pipeline import _check_offload
+        from ..flux_base import check_offload
 
         device = torch.device(device) if device is not None else pipe.device
-        offload = _check_offload(offload, device)
+        offload = check_offload(offload, device)
         check_compatible(infusenet, resampler, pipe.transformer)
         dtype = pipe.transformer.dtype
         self.pipe = pipe
@@ -165,14 +165,14 @@ class InfiniteYouPipeline:
         release's optional realism / anti-blur LoRAs)."""
         from diffusers import FluxTransformer2DModel
 
-        from ..instantcharacter.pipeline import _check_offload, flux_dtype, is_flux_base, load_flux_pipeline
+        from ..flux_base import check_offload, flux_dtype, is_flux_base, load_flux_pipeline
         from .memory import estimate_memory
 
         check_flux_base(base)
         paths: ReleasePaths = locate_release(adapter, model_version, infusenet)
         dev = resolve_device(device)
         dt = flux_dtype(dtype, dev)
-        offload = _check_offload(offload, dev)
+        offload = check_offload(offload, dev)
         try:
             estimate = estimate_memory(
                 base, paths, device=dev, dtype=dt, offload=offload, width=width, height=height

@@ -23,26 +23,30 @@ before anything is loaded.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
 import logging
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from PIL import Image
-from torch import nn
 
 from ..cancel import StepHook, diffusers_callback
 from ..errors import IdcraftError
+from ..flux_base import (
+    check_offload,
+    flux_dtype,
+    flux_index,
+    is_flux_base,
+    load_flux_pipeline,
+    meta_transformer,
+    visiting,
+)
 from ..images import ImageInput
-from ..models import _unreachable, meta_model, resolve_device, resolve_dtype
+from ..models import resolve_device
 from ..pipeline import request_view, text_lock
 from .adapter import InstantCharacterAdapter
 from .encoders import SubjectEncoder, SubjectFeatures
-from .memory import FLUX_COMPONENTS, MemoryEstimate, estimate_memory
+from .memory import MemoryEstimate, estimate_memory
 from .processors import subject_call
 
 log = logging.getLogger(__name__)
@@ -51,80 +55,6 @@ log = logging.getLogger(__name__)
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_SCALE = 0.8
-OFFLOAD_MODES = ("none", "model", "sequential")
-
-
-def flux_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/``"auto"`` -> bfloat16 on an accelerator (FLUX's own dtype; float16 overflows in it),
-    float32 on the CPU; anything else as :func:`idcraft.models.resolve_dtype` reads it."""
-    if dtype in (None, "auto"):
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return resolve_dtype(dtype, device)
-
-
-def is_flux_base(base: str | os.PathLike) -> bool:
-    """Whether ``base`` is a local diffusers FLUX pipeline folder (``model_index.json`` says so)."""
-    index = Path(base) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return str(json.loads(index.read_text()).get("_class_name", "")).startswith("Flux")
-    except (OSError, ValueError):
-        return False
-
-
-def flux_index(base: str | os.PathLike) -> dict:
-    """The ``model_index.json`` of ``base``, which must be a FLUX pipeline (a clear error otherwise)."""
-    from diffusers import FluxPipeline
-
-    try:
-        index = FluxPipeline.load_config(str(base))
-    except Exception as exc:  # diffusers raises OSError, EnvironmentError or hub errors
-        raise _unreachable("base model", str(base), exc) from exc
-    if not str(index.get("_class_name", "")).startswith("Flux"):
-        raise IdcraftError(
-            f"base model {base} is a {index.get('_class_name', '?')}; InstantCharacter runs on FLUX.1 "
-            "(a FluxPipeline folder such as black-forest-labs/FLUX.1-dev)."
-        )
-    return index
-
-
-def load_flux_pipeline(base: str | os.PathLike, *, dtype: torch.dtype, device: torch.device):
-    """Load a ``FluxPipeline`` one component at a time, each moved to ``device`` before the next is read,
-    so that RAM holds at most one component (not the whole 33 GB pipeline) on its way to the GPU."""
-    from diffusers import FluxPipeline
-
-    index = flux_index(base)
-    components = {}
-    try:
-        for name in FLUX_COMPONENTS:
-            library, class_name = index[name]
-            cls = getattr(importlib.import_module(library), class_name)
-            kwargs = {"torch_dtype": dtype} if library == "diffusers" else {"dtype": dtype}
-            model = cls.from_pretrained(str(base), subfolder=name, **kwargs)
-            components[name] = model.to(device=device, dtype=dtype)  # dtype too: older transformers
-        pipe = FluxPipeline.from_pretrained(str(base), torch_dtype=dtype, **components)
-    except Exception as exc:
-        raise _unreachable("base model", str(base), exc) from exc
-    return pipe
-
-
-def _check_offload(offload: str | None, device: torch.device) -> str:
-    offload = offload or "none"
-    if offload not in OFFLOAD_MODES:
-        raise IdcraftError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}.")
-    if offload != "none" and device.type == "cpu":
-        raise IdcraftError(
-            f"--offload {offload} moves weights between RAM and a GPU, but the run is on the CPU: "
-            "use --device cuda, or leave --offload out."
-        )
-    return offload
-
-
-def _meta_transformer(base: str | os.PathLike):
-    from diffusers import FluxTransformer2DModel
-
-    return meta_model(FluxTransformer2DModel, base, "transformer")
 
 
 class InstantCharacterPipeline:
@@ -144,7 +74,7 @@ class InstantCharacterPipeline:
         device: torch.device | str | None = None,
     ):
         device = torch.device(device) if device is not None else pipe.device
-        offload = _check_offload(offload, device)
+        offload = check_offload(offload, device)
         adapter.check_compatible(pipe.transformer, encoder.width)
         dtype = pipe.transformer.dtype
         self.pipe = pipe
@@ -191,10 +121,10 @@ class InstantCharacterPipeline:
         that does not fit stops here with a message saying what would fit. ``width``/``height`` are only
         used for the estimate.
         """
-        flux_index(base)  # a wrong or unreachable base fails first, in milliseconds
+        flux_index(base, "InstantCharacter")  # a wrong or unreachable base fails first, in milliseconds
         dev = resolve_device(device)
         dt = flux_dtype(dtype, dev)
-        offload = _check_offload(offload, dev)
+        offload = check_offload(offload, dev)
         estimate = _estimate_or_none(
             base,
             adapter,
@@ -217,7 +147,7 @@ class InstantCharacterPipeline:
             "base_name": f"base model {base}",
             "encoder_name": f"image encoders {image_encoder}, {image_encoder_2}",
         }
-        meta = _meta_transformer(base) if is_flux_base(base) else None  # fail in milliseconds, before
+        meta = meta_transformer(base) if is_flux_base(base) else None  # fail in milliseconds, before
         ic.check_compatible(meta, **names)  # reading gigabytes
         encoder = SubjectEncoder.from_pretrained(image_encoder, image_encoder_2, dtype=dt)
         ic.check_compatible(meta, encoder.width, **names)
@@ -236,23 +166,9 @@ class InstantCharacterPipeline:
         """Where the computation runs (the GPU also when offloading)."""
         return self._device
 
-    @contextlib.contextmanager
-    def _visiting(self, modules: list[nn.Module]) -> Iterator[None]:
-        """With offloading: ``modules`` on the GPU for the duration, back in RAM after."""
-        if self.offload == "none":
-            yield
-            return
-        for module in modules:
-            module.to(self.device)
-        try:
-            yield
-        finally:
-            for module in modules:
-                module.to("cpu")
-
     def encode_reference(self, reference: ImageInput) -> SubjectFeatures:
         """The reference's SigLIP + DINOv2 features (reuse them across prompts, seeds and scales)."""
-        with self._visiting(self.encoder.models):
+        with visiting(self.offload, self.device, self.encoder.models):
             return self.encoder.encode(reference)
 
     # ----------------------------------------------------------------- generation
@@ -290,7 +206,7 @@ class InstantCharacterPipeline:
             features = self.encode_reference(reference)
         prepared = None
         if scale != 0:
-            with self._visiting(self.adapter.projector.heavy_modules):
+            with visiting(self.offload, self.device, self.adapter.projector.heavy_modules):
                 prepared = self.adapter.prepare(features)
             prepared = prepared.to(self.device)
         runner = request_view(self.pipe, progress=progress)

@@ -22,11 +22,10 @@ diffusers, step by step (checked against it on tiny random models, float32, with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from torch import nn
 from ..cancel import StepHook
 from ..checkpoints import load_torch_file
 from ..errors import CheckpointError, IdcraftError, IncompatibleAdapterError
+from ..flux_base import visiting
 from ..models import resolve_device
 from ..pipeline import request_view, text_lock
 from .encoder import FaceStages, IdTokens, PulidEncoder
@@ -181,10 +181,10 @@ class PulidFluxPipeline:
         offload: str | None = None,
         device: torch.device | str | None = None,
     ):
-        from ..instantcharacter.pipeline import _check_offload
+        from ..flux_base import check_offload
 
         device = torch.device(device) if device is not None else pipe.device
-        self.offload = _check_offload(offload, device)
+        self.offload = check_offload(offload, device)
         adapter.pulid_ca.check_compatible(pipe.transformer)
         if encoder is None and adapter.pulid_encoder is not None:
             encoder = PulidEncoder(adapter.pulid_encoder)
@@ -240,12 +240,7 @@ class PulidFluxPipeline:
         ``eva_clip`` is ``EVA02_CLIP_L_336_psz14_s6B.pt`` and ``face_parser`` facexlib's
         ``parsing_bisenet.pth``; each is needed only for the stages a request does not give (see
         :class:`~idcraft.pulid.encoder.FaceStages`)."""
-        from ..instantcharacter.pipeline import (
-            _check_offload,
-            _meta_transformer,
-            flux_dtype,
-            load_flux_pipeline,
-        )
+        from ..flux_base import check_offload, flux_dtype, load_flux_pipeline, meta_transformer
         from .flux_memory import estimate_or_none
 
         sd_class = _is_sd_base(base)
@@ -256,9 +251,9 @@ class PulidFluxPipeline:
             )
         dev = resolve_device(device)
         dt = flux_dtype(dtype, dev)
-        offload = _check_offload(offload, dev)
+        offload = check_offload(offload, dev)
         pulid = PulidFluxAdapter.from_file(adapter)
-        meta = _meta_transformer(base) if (Path(base) / "model_index.json").is_file() else None
+        meta = meta_transformer(base) if (Path(base) / "model_index.json").is_file() else None
         if meta is not None:
             pulid.pulid_ca.check_compatible(meta, f"base model {base}")
         encoder = _encoder(pulid, eva_clip, face_parser)
@@ -286,20 +281,6 @@ class PulidFluxPipeline:
         pipe = load_flux_pipeline(base, dtype=dt, device=dev if offload == "none" else torch.device("cpu"))
         return cls(pipe, pulid, encoder, offload=offload, device=dev)
 
-    @contextlib.contextmanager
-    def visiting(self, modules: list[nn.Module]) -> Iterator[None]:
-        """With offloading: ``modules`` on the GPU for the duration, back in RAM after."""
-        if self.offload == "none":
-            yield
-            return
-        for module in modules:
-            module.to(self.device)
-        try:
-            yield
-        finally:
-            for module in modules:
-                module.to("cpu")
-
     def encode(self, faces: list[FaceStages]) -> IdTokens:
         """The ID tokens (and unconditional tokens) of one identity's face(s); reuse them across prompts,
         seeds and settings."""
@@ -307,7 +288,7 @@ class PulidFluxPipeline:
             raise IdcraftError(
                 "this PuLID-FLUX file has no pulid_encoder.* (IDFormer) tensors: give the ID tokens as conditioning."
             )
-        with self.visiting([self.encoder]):
+        with visiting(self.offload, self.device, [self.encoder]):
             tokens = self.encoder(faces)
         return tokens.to(self.device)
 

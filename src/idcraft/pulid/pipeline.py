@@ -99,7 +99,7 @@ class PulidSDXLPipeline:
             raise CheckpointError(
                 f"{adapter} is not a PuLID SDXL release (no id_adapter.* + id_adapter_attn_layers.* tensors)."
             )
-        from ..instantcharacter.pipeline import is_flux_base
+        from ..flux_base import is_flux_base
 
         if is_flux_base(base):
             raise IdcraftError(

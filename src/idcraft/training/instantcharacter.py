@@ -236,7 +236,7 @@ class InstantCharacterRecipe(TrainingRecipe):
         against the VAE's downsampling times FLUX's 2x2 latent patches."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from ..instantcharacter.pipeline import load_flux_pipeline
+        from ..flux_base import load_flux_pipeline
 
         config = self.config
         self.device, self.weight_dtype = device, weight_dtype
@@ -259,9 +259,9 @@ class InstantCharacterRecipe(TrainingRecipe):
             enable_gradient_checkpointing(pipe.transformer)
 
     def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        from ..flux_base import flux_index
         from ..instantcharacter.adapter import InstantCharacterAdapter
         from ..instantcharacter.encoders import SubjectEncoder
-        from ..instantcharacter.pipeline import flux_index
 
         config = self.config
         self.check_extra(SETTINGS)
@@ -270,7 +270,7 @@ class InstantCharacterRecipe(TrainingRecipe):
                 "instantcharacter training needs --image-encoder (SigLIP, google/siglip-so400m-patch14-384) "
                 "and --image-encoder-2 (DINOv2, facebook/dinov2-giant)."
             )
-        flux_index(config.base)
+        flux_index(config.base, self.methods[0])
         self.encoder = SubjectEncoder.from_pretrained(
             config.image_encoder, config.image_encoder_2, device=device, dtype=weight_dtype
         )

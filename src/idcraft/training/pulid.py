@@ -160,7 +160,7 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
 
     # ------------------------------------------------------------------ modules
     def build(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        from ..instantcharacter.pipeline import is_flux_base
+        from ..flux_base import is_flux_base
         from ..methods.pulid import FAMILY
         from ..models import base_kind
         from ..pulid.sdxl import IdCall
