@@ -145,6 +145,13 @@ def test_only_the_adapter_trains_and_alignment_loss_behaves(data, tmp_path):
     )
 
 
+def test_bf16_mixed_precision_trains_float32_weights(data, tmp_path):
+    result = Trainer(_config(data, tmp_path / "bf16", max_steps=1, mixed_precision="bf16", cpu=True)).run()
+    assert np.isfinite(result.losses).all()
+    written = load_file(str(tmp_path / "bf16" / "adapter.safetensors"))
+    assert written and all(v.dtype == torch.float32 for v in written.values())
+
+
 def test_killed_and_resumed_equals_uninterrupted(data, tmp_path):
     """Kill + resume ends bit-identical to a run that never stopped (identity and text drops on: every
     random draw, and the unconditional ID tokens of dropped samples, cross the checkpoint)."""

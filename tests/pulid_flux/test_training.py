@@ -163,3 +163,12 @@ def _model_inputs(recipe, batch):
     sigmas = torch.full((count,), 0.6)
     guidance = torch.full((count,), 3.5)
     return packed, sigmas, text, pooled, text_ids, ids, guidance
+
+
+def test_bf16_mixed_precision_trains_float32_weights(data, tmp_path):
+    from safetensors.torch import load_file
+
+    result = Trainer(_config(data, tmp_path / "bf16", max_steps=1, mixed_precision="bf16", cpu=True)).run()
+    assert np.isfinite(result.losses).all()
+    written = load_file(str(tmp_path / "bf16" / "adapter.safetensors"))
+    assert written and all(v.dtype == torch.float32 for v in written.values())

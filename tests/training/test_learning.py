@@ -142,3 +142,12 @@ def test_gradient_checkpointing_and_bf16(models, data, tmp_path):
     c = load_file(str(tmp_path / "bf16" / "adapter.safetensors"))
     assert all(v.dtype == torch.float32 for v in c.values())
     assert all(torch.allclose(a[k], c[k], atol=0.02) for k in a)  # the same training, in lower precision
+
+
+def test_fp16_on_the_cpu_is_refused_before_loading(models, data, tmp_path):
+    """accelerate autocasts float16 only on accelerators: on the CPU the run would fail inside the model at
+    step one, so it is refused with what to use instead."""
+    from idcraft.errors import IdcraftError
+
+    with pytest.raises(IdcraftError, match="fp16 needs a GPU; on the CPU use --mixed-precision bf16"):
+        Trainer(config(models, data, tmp_path / "fp16", mixed_precision="fp16", cpu=True, max_steps=1)).run()

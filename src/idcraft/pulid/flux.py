@@ -273,11 +273,14 @@ class PulidFluxInjection(nn.Module):
                 return None
             # diffusers' double- and single-stream blocks both return (text, image) separately.
             text, image = output
-            tokens = call.tokens.to(device=image.device, dtype=image.dtype)
+            # In the module's own dtype: the image's at inference (the adapter is cast with the model), float32
+            # in training (master weights beside a half-precision base), then back to the image's.
+            dtype = module.to_q.weight.dtype
+            tokens = call.tokens.to(device=image.device, dtype=dtype)
             weight = call.weight
             if isinstance(weight, torch.Tensor):
                 weight = weight.to(device=image.device, dtype=image.dtype)
-            return text, image + weight * module(tokens, image)
+            return text, image + weight * module(tokens, image.to(dtype)).to(image.dtype)
 
         return after_block
 

@@ -208,6 +208,12 @@ class Trainer:
         accelerator = self.accelerator = self._accelerator()
         backend = _backend(accelerator, config)
         precision = accelerator.mixed_precision
+        if precision == "fp16" and accelerator.device.type == "cpu":
+            # accelerate autocasts float16 only on accelerators: on the CPU the trainable float32 layers
+            # would meet the float16 base unconverted and the first step would fail deep inside a model.
+            raise IdcraftError(
+                "--mixed-precision fp16 needs a GPU; on the CPU use --mixed-precision bf16 (or leave it out)."
+            )
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         if accelerator.is_main_process:
             config.output_dir.mkdir(parents=True, exist_ok=True)
