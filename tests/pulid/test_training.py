@@ -19,7 +19,7 @@ from idcraft.errors import IdcraftError
 from idcraft.training import TrainConfig, Trainer
 
 from ..faces.tiny_onnx import tiny_face_photo
-from .training_data import write_face_data
+from .training_data import TRAIN_SETTINGS, write_face_data
 
 CASE = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-sdxl"
 FLUX_RELEASE = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-flux" / "pulid_flux_tiny.safetensors"
@@ -41,17 +41,8 @@ def _config(data, output, **overrides) -> TrainConfig:
         image_encoder=str(CASE / "eva_tiny.pt"),
         data=str(data / "data.jsonl"),
         output=str(output),
-        resolution=32,
-        batch_size=2,
-        progress=False,
-        tensorboard=False,
-        checkpoint_every=1000,
-        drop_image=0.0,
-        drop_text=0.0,
-        drop_both=0.0,
-        seed=1,
+        **TRAIN_SETTINGS,
         max_steps=STEPS,
-        learning_rate=1e-3,
         extra={"face_parsing": "none", "idformer": dict(IDFORMER)},
     )
     settings.update(overrides)

@@ -11,7 +11,7 @@ from PIL import Image
 from idcraft.training import TrainConfig, Trainer
 
 from ..faces.tiny_onnx import tiny_face_photo
-from ..pulid.training_data import write_face_data
+from ..pulid.training_data import TRAIN_SETTINGS, write_face_data
 from .conftest import CASE, EVA
 
 STEPS = 3
@@ -29,17 +29,8 @@ def _config(data, output, **overrides) -> TrainConfig:
         image_encoder=str(EVA),
         data=str(data / "data.jsonl"),
         output=str(output),
-        resolution=32,
-        batch_size=2,
-        progress=False,
-        tensorboard=False,
-        checkpoint_every=1000,
-        drop_image=0.0,
-        drop_text=0.0,
-        drop_both=0.0,
-        seed=1,
+        **TRAIN_SETTINGS,
         max_steps=STEPS,
-        learning_rate=1e-3,
         extra={
             "max_sequence_length": 16,
             "face_parsing": "none",

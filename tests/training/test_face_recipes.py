@@ -29,16 +29,9 @@ WINDOW = 6
 
 
 @pytest.fixture(scope="module")
-def face_pack(tmp_path_factory) -> Path:
-    """An antelopev2-like pack of tiny ONNX models (detector + ArcFace recogniser)."""
-    for module in ("cv2", "onnxruntime", "onnx"):
-        pytest.importorskip(module)
-    from ..faces.tiny_onnx import build_arcface, build_scrfd
-
-    folder = tmp_path_factory.mktemp("pack") / "antelopev2"
-    build_scrfd(folder / "scrfd_10g_bnkps.onnx")
-    build_arcface(folder / "glintr100.onnx")
-    return folder
+def face_pack(tiny_face_pack) -> Path:
+    """The session's tiny antelopev2-like ONNX pack (tests/conftest.py)."""
+    return tiny_face_pack
 
 
 def face_photo(path: Path, seed: int, *, face: bool = True) -> Path:

@@ -457,20 +457,11 @@ class FaceIDRecipe(FaceRecipeBase):
         return self.encoder.features(zeros, "penultimate")
 
     # ------------------------------------------------------------------ parameters
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapter.parameters())
-
     def frozen_modules(self) -> dict[str, nn.Module]:
         frozen = self.base_modules()
         if self.encoder is not None:
             frozen["image_encoder"] = self.encoder.model
         return frozen
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.adapter.state_dict().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state, strict=True)
 
     # ------------------------------------------------------------------ data
     def reference_preprocessor(self) -> FacePreprocess:

@@ -183,21 +183,11 @@ class InfiniteYouRecipe(InstantCharacterRecipe):
     def resolution(self) -> int:
         return self.config.resolution or 1024
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.infusenet.parameters(), *self.resampler.parameters()]
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"infusenet": self.infusenet, "resampler": self.resampler}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {n: getattr(self.pipe, n) for n in ("transformer", "vae", "text_encoder", "text_encoder_2")}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"infusenet.{k}": v.detach() for k, v in self.infusenet.state_dict().items()}
-        state.update({f"resampler.{k}": v.detach() for k, v in self.resampler.state_dict().items()})
-        return state
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for prefix, module in (("infusenet.", self.infusenet), ("resampler.", self.resampler)):
-            part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-            module.load_state_dict(part, strict=True)
 
     # ------------------------------------------------------------------ data
     def reference_preprocessor(self):

@@ -325,9 +325,6 @@ class InstantCharacterRecipe(TrainingRecipe):
     def resolution(self) -> int:
         return self.config.resolution or STAGES[self.config.stage][0]
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapter.parameters())
-
     def frozen_modules(self) -> dict[str, nn.Module]:
         names = ("transformer", "vae", "text_encoder", "text_encoder_2")
         return {
@@ -335,12 +332,6 @@ class InstantCharacterRecipe(TrainingRecipe):
             "siglip": self.encoder.siglip,
             "dinov2": self.encoder.dinov2,
         }
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.adapter.state_dict().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state, strict=True)
 
     # ------------------------------------------------------------------ data
     def reference_preprocessor(self) -> SubjectPreprocess:

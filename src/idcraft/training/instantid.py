@@ -119,21 +119,11 @@ class InstantIDRecipe(FaceRecipeBase):
         self._load_faces(target_kps=True)
 
     # ------------------------------------------------------------------ parameters
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.adapter.parameters(), *self.controlnet.parameters()]
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"adapter": self.adapter, "controlnet": self.controlnet}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return self.base_modules()
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"adapter.{k}": v.detach() for k, v in self.adapter.state_dict().items()}
-        state.update({f"controlnet.{k}": v.detach() for k, v in self.controlnet.state_dict().items()})
-        return state
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for prefix, module in (("adapter.", self.adapter), ("controlnet.", self.controlnet)):
-            part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-            module.load_state_dict(part, strict=True)
 
     # ------------------------------------------------------------------ data
     def reference_preprocessor(self) -> FacePreprocess:

@@ -167,17 +167,8 @@ class IPAdapterRecipe(UNetDiffusionRecipe):
         return torch.zeros_like(features) if self.method.uncond == "zero-embeds" else features
 
     # ------------------------------------------------------------------ parameters
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapter.parameters())
-
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {**self.base_modules(), "image_encoder": self.encoder.model}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.adapter.state_dict().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state, strict=True)
 
     # ------------------------------------------------------------------ data
     def reference_preprocessor(self) -> ClipPreprocess:

@@ -227,20 +227,11 @@ class PulidRecipe(PulidFaceInputs, UNetDiffusionRecipe):
                 layer.id_to_v.weight.data.copy_(attn.to_v.weight.float())
         return PulidAdapter(idformer, attention)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapter.parameters())
-
     def frozen_modules(self) -> dict[str, nn.Module]:
         frozen = {**self.base_modules(), **self.face_modules()}
         if self.identity is not None:
             frozen["arcface"] = self.identity.recogniser
         return frozen
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.adapter.state_dict().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state, strict=True)
 
     # ------------------------------------------------------------------ objective
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:

@@ -170,18 +170,9 @@ class PulidFluxRecipe(PulidFaceInputs, InstantCharacterRecipe):
     def resolution(self) -> int:
         return self.config.resolution or 1024
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapter.parameters())
-
     def frozen_modules(self) -> dict[str, nn.Module]:
         names = ("transformer", "vae", "text_encoder", "text_encoder_2")
         return {**{n: getattr(self.pipe, n) for n in names}, **self.face_modules()}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.adapter.state_dict().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state, strict=True)
 
     # ------------------------------------------------------------------ objective
     @torch.no_grad()

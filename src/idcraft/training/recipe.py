@@ -82,21 +82,35 @@ class TrainingRecipe(ABC):
     def resolution(self) -> int:
         """Training image size after :meth:`build` (the config's, or the base model's native size)."""
 
-    @abstractmethod
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """The modules that train, by the key prefix their tensors get in :meth:`trainable_state_dict`
+        (``""``: none, for a single module). Default: ``self.adapter`` alone."""
+        return {"": self.adapter}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Exactly the parameters the optimizer updates."""
+        """Exactly the parameters the optimizer updates (default: those of :meth:`trained_modules`)."""
+        return [p for module in self.trained_modules().values() for p in module.parameters()]
 
     @abstractmethod
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Every frozen module by name (tests check that their weights never change)."""
 
-    @abstractmethod
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors, as saved in training checkpoints (exact dtypes, for bit-exact resume)."""
+        """The trainable tensors, as saved in training checkpoints (exact dtypes, for bit-exact resume):
+        each of :meth:`trained_modules`' state dicts, keys prefixed with its name."""
+        return {
+            f"{name}.{key}" if name else key: tensor.detach()
+            for name, module in self.trained_modules().items()
+            for key, tensor in module.state_dict().items()
+        }
 
-    @abstractmethod
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy checkpointed tensors into the existing parameters (in place: the optimizer keeps them)."""
+        for name, module in self.trained_modules().items():
+            prefix = f"{name}." if name else ""
+            module.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            )
 
     # ------------------------------------------------------------------ data
     @abstractmethod
