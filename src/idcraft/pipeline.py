@@ -413,9 +413,7 @@ class IPAdapterPipeline:
         canvas = (width or frames[0][0], height or frames[0][1])
         if len({i.photo for i in identities}) > 1:
             return place_faces([i.kps for i in identities], frames, canvas), canvas
-        if (
-            canvas == frames[0]
-        ):  # the reference's own keypoints, unchanged (dtype too), as InstantID draws them
+        if canvas == frames[0]:  # the reference's own keypoints, unchanged (dtype too), as InstantID draws them
             return [np.asarray(i.kps) for i in identities], canvas
         scale = np.array([canvas[0] / frames[0][0], canvas[1] / frames[0][1]])
         return [np.asarray(i.kps) * scale for i in identities], canvas

@@ -134,20 +134,10 @@ def test_killed_and_resumed_equals_uninterrupted(data, tmp_path):
     every random draw crosses the checkpoint)."""
     from safetensors.torch import load_file
 
-    from idcraft.training import train
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(info):
-        if info.step == 3:
-            raise Killed
+    from ..training.helpers import killed_and_resumed
 
     common = dict(max_steps=4, checkpoint_every=2, drop_image=0.3, drop_text=0.2, seed=5)
-    whole = train(_config(data, tmp_path / "whole", **common))
-    with pytest.raises(Killed):
-        train(_config(data, tmp_path / "killed", **common), [kill_at_3])
-    resumed = train(_config(data, tmp_path / "killed", resume=True, **common))
+    whole, resumed = killed_and_resumed(lambda out, **more: _config(data, out, **common, **more), tmp_path, 3)
     assert resumed.resumed_from.name == "step-00000002" and resumed.step == 4
     assert resumed.losses == whole.losses[2:]
     for run in ("whole", "killed"):

@@ -19,6 +19,7 @@ from idcraft.errors import IdcraftError
 from idcraft.training import TrainConfig, Trainer
 
 from ..faces.tiny_onnx import tiny_face_photo
+from ..training.helpers import killed_and_resumed
 from .training_data import TRAIN_SETTINGS, write_face_data
 
 CASE = Path(__file__).resolve().parents[1] / "fixtures" / "pulid-sdxl"
@@ -146,20 +147,8 @@ def test_bf16_mixed_precision_trains_float32_weights(data, tmp_path):
 def test_killed_and_resumed_equals_uninterrupted(data, tmp_path):
     """Kill + resume ends bit-identical to a run that never stopped (identity and text drops on: every
     random draw, and the unconditional ID tokens of dropped samples, cross the checkpoint)."""
-    from idcraft.training import train
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_2(info):
-        if info.step == 2:
-            raise Killed
-
     common = dict(max_steps=3, checkpoint_every=1, drop_image=0.4, drop_text=0.2, seed=5)
-    whole = train(_config(data, tmp_path / "whole", **common))
-    with pytest.raises(Killed):
-        train(_config(data, tmp_path / "killed", **common), [kill_at_2])
-    resumed = train(_config(data, tmp_path / "killed", resume=True, **common))
+    whole, resumed = killed_and_resumed(lambda out, **more: _config(data, out, **common, **more), tmp_path, 2)
     assert resumed.resumed_from.name == "step-00000002" and resumed.step == 3
     assert resumed.losses == whole.losses[2:]
     a, b = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("whole", "killed"))

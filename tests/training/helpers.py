@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +45,30 @@ def config(models, data, output, method="ip-adapter", base="sd15", **overrides):
     )
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+class Killed(Exception):
+    """Stands for the process dying (OOM, preemption) right after a step."""
+
+
+def kill_at(step: int):
+    """A training callback that kills the run right after ``step`` (its checkpoint, if due, is written)."""
+
+    def callback(info):
+        if info.step == step:
+            raise Killed(step)
+
+    return callback
+
+
+def killed_and_resumed(make_config: Callable, root: Path, step: int):
+    """``(whole, resumed)``: one run to the end in ``root/whole``; the same run in ``root/killed`` killed
+    after ``step`` and then resumed there. ``make_config(output, **changes)`` builds each run's config."""
+    import pytest
+
+    from idcraft.training import train
+
+    whole = train(make_config(root / "whole"))
+    with pytest.raises(Killed):
+        train(make_config(root / "killed"), [kill_at(step)])
+    return whole, train(make_config(root / "killed", resume=True))

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from idcraft.training import Trainer, train
 from idcraft.training.recipe import recipe_for
 
-from .helpers import FAST
+from .helpers import FAST, Killed, kill_at
 
 KPS = [[10.0, 12.0], [22.0, 12.0], [16.0, 18.0], [11.0, 24.0], [21.0, 24.0]]
 WINDOW = 6
@@ -311,13 +311,6 @@ def test_faceid_plusv2_killed_and_resumed_equals_uninterrupted(models, face_pack
     """Kill + resume is bit-identical (FaceID-PlusV2: identity + CLIP crops, drops on), and the face cache
     of the killed run is reused, not recomputed."""
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(info):
-        if info.step == 3:
-            raise Killed
-
     lines = [{"image": str(face_photo(tmp_path / f"p{i}.png", i)), "text": f"p {i}"} for i in range(3)]
     data = manifest(tmp_path, lines)
     common = dict(
@@ -332,7 +325,7 @@ def test_faceid_plusv2_killed_and_resumed_equals_uninterrupted(models, face_pack
     )
     whole = train(face_config(models, data, tmp_path / "whole", "faceid-plusv2", **common))
     with pytest.raises(Killed):
-        train(face_config(models, data, tmp_path / "killed", "faceid-plusv2", **common), [kill_at_3])
+        train(face_config(models, data, tmp_path / "killed", "faceid-plusv2", **common), [kill_at(3)])
     cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "killed" / "cache" / "faces").glob("*.npz")}
     assert len(cached) == 3
     resumed = train(face_config(models, data, tmp_path / "killed", "faceid-plusv2", resume=True, **common))

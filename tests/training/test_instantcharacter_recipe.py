@@ -177,14 +177,7 @@ def test_stage_defaults_and_cfg_drops(ic_models, tmp_path):
 def test_killed_and_resumed_equals_uninterrupted(ic_models, tmp_path):
     """Kill + --resume ends bit-identical to a run that never stopped (CFG drops on, logit-normal noise
     levels, a cosine schedule: every random draw and the schedule cross the checkpoint)."""
-    from idcraft.training import train
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(info):
-        if info.step == 3:
-            raise Killed
+    from .helpers import killed_and_resumed
 
     common = dict(
         max_steps=4,
@@ -197,10 +190,9 @@ def test_killed_and_resumed_equals_uninterrupted(ic_models, tmp_path):
         seed=5,
     )
     extra = {**_config(ic_models, tmp_path / "x").extra, "timestep_density": "logit_normal"}
-    whole = train(_config(ic_models, tmp_path / "whole", extra=extra, **common))
-    with pytest.raises(Killed):
-        train(_config(ic_models, tmp_path / "killed", extra=extra, **common), [kill_at_3])
-    resumed = train(_config(ic_models, tmp_path / "killed", extra=extra, resume=True, **common))
+    whole, resumed = killed_and_resumed(
+        lambda out, **more: _config(ic_models, out, extra=extra, **common, **more), tmp_path, 3
+    )
     assert resumed.resumed_from.name == "step-00000002" and resumed.step == 4
     assert resumed.losses == whole.losses[2:]
     a = load_file(str(tmp_path / "whole" / "adapter.safetensors"))

@@ -12,19 +12,7 @@ from idcraft.errors import IdcraftError
 from idcraft.training import train
 from idcraft.training.state import checkpoint_dirs
 
-from .helpers import config, make_images
-
-
-class Killed(Exception):
-    """Stands for the process dying (OOM, preemption) right after a step."""
-
-
-def _kill_at(step: int):
-    def callback(info):
-        if info.step == step:
-            raise Killed(step)
-
-    return callback
+from .helpers import Killed, config, kill_at, make_images
 
 
 def _adapter(folder):
@@ -66,7 +54,7 @@ def test_killed_and_resumed_equals_uninterrupted(models, odd_data, tmp_path, met
 
     run = tmp_path / "killed"
     with pytest.raises(Killed):
-        train(config(models, odd_data, run, **common), callbacks=[_kill_at(5)])
+        train(config(models, odd_data, run, **common), callbacks=[kill_at(5)])
     assert [p.name for p in checkpoint_dirs(run)] == ["step-00000002", "step-00000004"]
     assert not (run / "adapter.safetensors").exists()
     resumed = train(config(models, odd_data, run, resume=True, **common))

@@ -230,14 +230,14 @@ class Service:
     def _item_bytes(self, item: str, what: str) -> bytes:
         """The bytes of one image item of the body: an upload's id (as for references) or base64 data."""
         id_ = reference_id(item)
-        return self._reference_bytes(id_, what=what) if id_ is not None else from_base64(item, what)
+        return self._reference_bytes(id_, what) if id_ is not None else from_base64(item, what)
 
-    def _reference_bytes(self, id_: str, index: int = 0, *, what: str | None = None) -> bytes:
+    def _reference_bytes(self, id_: str, what: str) -> bytes:
         data = self.references.get(id_) if REFERENCE_ID.fullmatch(id_) else None
         if data is None:
             kept = "in memory" if self.stores.kind == "memory" else f"in {self.stores.location}"
             raise not_found(
-                f"{what or f'references[{index}]'}: no such reference {id_!r} here (ids are the 64 hex digits POST "
+                f"{what}: no such reference {id_!r} here (ids are the 64 hex digits POST "
                 f"/v1/references answers; uploads are kept {kept} and the oldest are dropped: upload it again)."
             )
         return data
@@ -280,10 +280,7 @@ class Service:
         ids = [reference_id(r) for r in body.references]
 
         def resolve() -> list[bytes]:
-            return [
-                self._reference_bytes(id_, i) if id_ is not None else from_base64(item, f"references[{i}]")
-                for i, (item, id_) in enumerate(zip(body.references, ids, strict=True))
-            ]
+            return [self._item_bytes(item, f"references[{i}]") for i, item in enumerate(body.references)]
 
         # a folder or Redis store reads off the event loop
         uploaded = any(id_ is not None for id_ in ids)
