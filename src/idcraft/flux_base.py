@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from .errors import IdcraftError
-from .instantcharacter.memory import FLUX_COMPONENTS
 from .models import _unreachable, meta_model, resolve_dtype
 
 OFFLOAD_MODES = ("none", "model", "sequential")
+#: Components of a FLUX pipeline folder that hold weights.
+FLUX_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 
 
 def flux_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 
 from ..errors import IdcraftError
+from ..flux_base import FLUX_COMPONENTS
 
 GiB = 1024**3
 #: Python, torch, CUDA context and allocator slack, per device.
 BASELINE_RAM = 2 * GiB
 BASELINE_GPU = int(0.75 * GiB)
-#: Components of a FLUX pipeline folder that hold weights.
-FLUX_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 LABELS = {
     "transformer": "FLUX transformer",
     "text_encoder": "CLIP text",

@@ -109,8 +109,8 @@ class PulidDenoiser(nn.Module):
         dtype = idformer.latents.dtype
         id_cond, hidden = id_cond.to(dtype), [h.to(dtype) for h in hidden]
         tokens = idformer(id_cond, hidden)
-        if not bool(keep.all()):
-            uncond = idformer.uncond_tokens(id_cond, hidden)
+        if not bool(keep.all()):  # the IDFormer of zeros: the same tokens for every sample, made once
+            uncond = idformer.uncond_tokens(id_cond[:1], [h[:1] for h in hidden])
             tokens = torch.where(keep.view(-1, 1, 1).to(tokens.device), tokens, uncond)
         inputs = dict(encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)
         self._captured, self._capturing, self._keys = [], align, False
